@@ -1,0 +1,88 @@
+# pep — build, run, test, bench.  See README.md.
+#
+# Every target first runs `deps`, which checks the Debian -dev packages named in
+# ../shared/DESIGN.md and installs the missing ones when run as root (otherwise it
+# prints the exact apt-get line and stops).
+
+BUILD      ?= build
+CC         ?= cc
+PKGS       := libmicrohttpd libjwt jansson libcrypto yaml-0.1 sqlite3 libcurl
+DEB_PKGS   := libmicrohttpd-dev libjwt-dev libjansson-dev libssl-dev libyaml-dev \
+              libsqlite3-dev libcurl4-openssl-dev libcmocka-dev pkg-config
+EXTRA_CFLAGS ?=
+CFLAGS     := -std=c11 -D_GNU_SOURCE -Wall -Wextra -Werror -O2 -g -pthread \
+              -I. $(EXTRA_CFLAGS) $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
+LDLIBS     := $(shell pkg-config --libs $(PKGS) 2>/dev/null) -pthread -lm
+TEST_LDLIBS := $(shell pkg-config --libs cmocka 2>/dev/null)
+
+LIB_SRC    := $(filter-out pep/main.c,$(wildcard pep/*.c)) $(wildcard audit/*.c)
+LIB_OBJ    := $(LIB_SRC:%.c=$(BUILD)/obj/%.o)
+HEADERS    := $(wildcard pep/*.h audit/*.h tests/integration/*.h)
+UNIT_SRC   := $(wildcard tests/unit/test_*.c)
+UNIT_BIN   := $(UNIT_SRC:tests/unit/%.c=$(BUILD)/tests/%)
+ITEST_SRC  := $(wildcard tests/integration/test_*.c)
+ITEST_BIN  := $(ITEST_SRC:tests/integration/%.c=$(BUILD)/tests/i%)
+TOOLS      := $(BUILD)/pep $(BUILD)/pepctl $(BUILD)/mockllm
+
+.PHONY: all deps run test unit integration test-one asan bench clean format lint
+all: deps $(TOOLS) $(UNIT_BIN) $(ITEST_BIN)
+
+deps:
+	@sh tools/deps.sh $(DEB_PKGS)
+
+$(BUILD)/obj/%.o: %.c $(HEADERS)
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -c $< -o $@
+
+$(BUILD)/libpep.a: $(LIB_OBJ)
+	@rm -f $@
+	ar rcs $@ $^
+
+$(BUILD)/pep: $(BUILD)/obj/pep/main.o $(BUILD)/libpep.a
+	$(CC) $(CFLAGS) -o $@ $^ $(LDLIBS)
+
+$(BUILD)/pepctl: tools/pepctl.c $(BUILD)/libpep.a $(HEADERS)
+	$(CC) $(CFLAGS) -o $@ tools/pepctl.c $(BUILD)/libpep.a $(LDLIBS)
+
+$(BUILD)/mockllm: tools/mockllm.c $(HEADERS)
+	$(CC) $(CFLAGS) -o $@ tools/mockllm.c $(LDLIBS)
+
+$(BUILD)/tests/test_%: tests/unit/test_%.c $(BUILD)/libpep.a $(HEADERS)
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -o $@ $< $(BUILD)/libpep.a $(LDLIBS) $(TEST_LDLIBS)
+
+$(BUILD)/tests/itest_%: tests/integration/test_%.c tests/integration/harness.c $(BUILD)/libpep.a $(HEADERS)
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -o $@ $< tests/integration/harness.c $(BUILD)/libpep.a $(LDLIBS) $(TEST_LDLIBS)
+
+# Runs every unit test, then every integration test, in this build dir; prints
+# cmocka's summary lines and a total.
+unit integration: all
+test-suite: all
+	@sh tests/run.sh $(BUILD)
+
+# make test: the whole suite, then again under ASan+UBSan in build-asan/.
+test: deps
+	@$(MAKE) --no-print-directory test-suite BUILD=build
+	@$(MAKE) --no-print-directory test-suite BUILD=build-asan \
+	    EXTRA_CFLAGS="-O1 -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=all"
+
+# make test-one T=policy   (runs build/tests/test_policy or build/tests/itest_policy)
+test-one: all
+	@sh tests/run.sh $(BUILD) $(T)
+
+run: all
+	@sh tools/run.sh $(BUILD)
+
+bench: all
+	@sh tools/bench/bench.sh $(BUILD)
+
+format:
+	clang-format -i pep/*.[ch] audit/*.[ch] tools/*.c tests/unit/*.c tests/integration/*.[ch]
+
+lint:
+	clang-format --dry-run --Werror pep/*.[ch] audit/*.[ch] tools/*.c tests/unit/*.c tests/integration/*.[ch]
+	cppcheck --quiet --error-exitcode=1 --enable=warning,portability --inline-suppr -I. pep audit tools
+
+clean:
+	rm -rf build build-asan

@@ -1,0 +1,102 @@
+/*
+ * token.h — issuing and verifying pep's JWTs (SPEC 3.1, 5).
+ *
+ * Issue: libjwt encodes and signs with the keyring's active ES256 key; header
+ * {"alg":"ES256","kid":…,"typ":"JWT"}.
+ *
+ * Verify, SECURITY: the algorithm is pinned before any key is used — the header is read
+ * first and anything but ES256 (none, HS*, RS* …) is refused; an unknown kid is refused;
+ * only then is the token decoded with that kid's public key, and the decoded algorithm
+ * checked again (libjwt otherwise lets the token choose: an HS256 token MAC'd with the
+ * public PEM would verify).  libjwt checks no claims, so iss, aud, exp, nbf, iat and the
+ * claim types are all checked here.
+ *
+ * Cost: an ES256 verify through libjwt is ~0.4 ms, so verified claims are cached, keyed by
+ * SHA-256 of the token bytes (bounded, LRU-ish, entries dropped once expired).  A cache
+ * hit still re-checks exp/nbf/iat against `now`; revocation, the agent's enabled flag and
+ * its current scopes are the caller's live checks (registry).  Failures are never cached.
+ *
+ * Threads: token_verify and token_issue may be called from any thread; the cache has one
+ * lock (cache_lock) held only for lookup/insert.
+ */
+#ifndef PEP_TOKEN_H
+#define PEP_TOKEN_H
+
+#include "pep/keys.h"
+
+#define TOKEN_MAX_SCOPES 64
+#define TOKEN_MAX_ROLES 16
+
+/* Verified claims.  Immutable and reference counted: a cache entry and its callers share
+ * one copy.  Release with token_claims_release. */
+struct token_claims {
+    char *sub;           /* agent or operator id */
+    char *jti;
+    char *iss;
+    char *aud;           /* "pep" or "pep-admin" */
+    int64_t iat, nbf, exp; /* seconds since the epoch; nbf defaults to iat when absent */
+    char **scopes;       /* from the space-separated `scope` claim */
+    size_t scopes_len;
+    char **roles;        /* operator tokens: `roles` array */
+    size_t roles_len;
+    char *acr;           /* NULL when absent */
+    int64_t auth_time;   /* 0 when absent */
+    int refcount;        /* atomic */
+};
+
+struct token_claims *token_claims_retain(struct token_claims *c);
+void token_claims_release(struct token_claims *c);
+
+/* What an issued token says.  aud is "pep" (agent: scopes) or "pep-admin" (operator:
+ * roles).  acr non-NULL adds acr and auth_time = now. */
+struct token_request {
+    const char *issuer;
+    const char *aud;
+    const char *sub;
+    const char *const *scopes;
+    size_t scopes_len;
+    const char *const *roles;
+    size_t roles_len;
+    const char *acr;
+    int64_t now_s;
+    int64_t ttl_s;
+};
+
+/* Issues a token.  Returns 0 with *token (malloc'd, caller frees) and jti_out filled (a
+ * random 128-bit id in base64url, NUL-terminated), or a negative code. */
+int token_issue(const struct keyring *k, const struct token_request *req, char **token,
+                char jti_out[32], struct pep_err *err);
+
+enum token_status {
+    TOKEN_OK = 0,
+    TOKEN_MALFORMED,     /* not three base64url parts / not JSON / wrong claim types */
+    TOKEN_BAD_ALG,       /* header alg is not ES256 */
+    TOKEN_UNKNOWN_KID,
+    TOKEN_BAD_SIGNATURE,
+    TOKEN_WRONG_ISSUER,
+    TOKEN_WRONG_AUDIENCE,
+    TOKEN_EXPIRED,
+    TOKEN_NOT_YET_VALID, /* nbf or iat in the future beyond skew */
+};
+
+/* A short static description of a status, safe to show to the caller (never the token). */
+const char *token_status_message(enum token_status st);
+
+struct token_verifier; /* the claims cache; one per service */
+
+/* capacity: max cached tokens (0 → 65536). */
+struct token_verifier *token_verifier_new(size_t capacity);
+void token_verifier_free(struct token_verifier *v);
+/* Drops every cached entry (key rotation, tests). */
+void token_verifier_flush(struct token_verifier *v);
+
+/*
+ * Verifies `token` (the bytes after "Bearer ") against keyring k, expecting issuer and
+ * audience, at `now_s` with `skew_s` tolerance.  On TOKEN_OK, *claims is a new reference
+ * the caller releases.  v may be NULL (no cache: tests).
+ */
+enum token_status token_verify(struct token_verifier *v, const struct keyring *k,
+                               const char *token, const char *issuer, const char *audience,
+                               int64_t now_s, int64_t skew_s, struct token_claims **claims);
+
+#endif

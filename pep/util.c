@@ -1,0 +1,384 @@
+/*
+ * util.c — clocks, time formats, durations, sizes, hashing and encodings.
+ *
+ * Encodings delegate to OpenSSL (SHA-256, base64, randomness); only the thin adaptations
+ * the JOSE specs require (url-safe alphabet, no padding) are done here.
+ */
+#include "pep/util.h"
+
+#include <ctype.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <openssl/evp.h>
+#include <openssl/rand.h>
+#include <openssl/sha.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+const char *pep_strerror(int code)
+{
+    switch (code) {
+#define PEP_X_CASE(name, value, msg)                                                              \
+    case (value):                                                                                  \
+        return msg;
+        PEP_ERRORS(PEP_X_CASE)
+#undef PEP_X_CASE
+    }
+    return "unknown error";
+}
+
+int pep_err_set(struct pep_err *err, int code, const char *fmt, ...)
+{
+    if (err) {
+        va_list ap;
+        va_start(ap, fmt);
+        err->code = code;
+        vsnprintf(err->msg, sizeof err->msg, fmt, ap);
+        va_end(ap);
+    }
+    return code;
+}
+
+int64_t pep_now_us(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
+}
+
+int64_t pep_mono_us(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
+}
+
+void pep_format_rfc3339_us(int64_t us, char out[32])
+{
+    time_t secs = (time_t)(us / 1000000);
+    long frac = (long)(us % 1000000);
+    if (frac < 0) {
+        frac += 1000000;
+        secs -= 1;
+    }
+    struct tm tm;
+    gmtime_r(&secs, &tm);
+    size_t n = strftime(out, 32, "%Y-%m-%dT%H:%M:%S", &tm);
+    snprintf(out + n, 32 - n, ".%06ldZ", frac % 1000000);
+}
+
+static int parse_digits(const char **p, int n, int *out)
+{
+    int v = 0;
+    for (int i = 0; i < n; i++) {
+        if (!isdigit((unsigned char)(*p)[i]))
+            return -1;
+        v = v * 10 + ((*p)[i] - '0');
+    }
+    *p += n;
+    *out = v;
+    return 0;
+}
+
+int pep_parse_rfc3339(const char *s, int64_t *out_us)
+{
+    int Y, M, D, h, m, sec;
+    const char *p = s;
+    if (parse_digits(&p, 4, &Y) || *p++ != '-' || parse_digits(&p, 2, &M) || *p++ != '-' ||
+        parse_digits(&p, 2, &D) || (*p != 'T' && *p != 't' && *p != ' '))
+        return PEP_EINVAL;
+    p++;
+    if (parse_digits(&p, 2, &h) || *p++ != ':' || parse_digits(&p, 2, &m) || *p++ != ':' ||
+        parse_digits(&p, 2, &sec))
+        return PEP_EINVAL;
+    if (M < 1 || M > 12 || D < 1 || D > 31 || h > 23 || m > 59 || sec > 60)
+        return PEP_EINVAL;
+    int64_t frac_us = 0;
+    if (*p == '.') {
+        p++;
+        int digits = 0;
+        while (isdigit((unsigned char)*p)) {
+            if (digits < 6) {
+                frac_us = frac_us * 10 + (*p - '0');
+                digits++;
+            }
+            p++;
+        }
+        if (digits == 0)
+            return PEP_EINVAL;
+        while (digits++ < 6)
+            frac_us *= 10;
+    }
+    int offset_s = 0;
+    if (*p == 'Z' || *p == 'z') {
+        p++;
+    } else if (*p == '+' || *p == '-') {
+        int sign = *p == '-' ? -1 : 1, oh, om;
+        p++;
+        if (parse_digits(&p, 2, &oh) || *p++ != ':' || parse_digits(&p, 2, &om) || oh > 23 ||
+            om > 59)
+            return PEP_EINVAL;
+        offset_s = sign * (oh * 3600 + om * 60);
+    } else {
+        return PEP_EINVAL;
+    }
+    if (*p != '\0')
+        return PEP_EINVAL;
+    struct tm tm = {.tm_year = Y - 1900, .tm_mon = M - 1, .tm_mday = D, .tm_hour = h,
+                    .tm_min = m, .tm_sec = sec};
+    time_t t = timegm(&tm);
+    *out_us = ((int64_t)t - offset_s) * 1000000 + frac_us;
+    return 0;
+}
+
+static int parse_number_unit(const char *s, uint64_t *num, const char **unit)
+{
+    if (!s || !isdigit((unsigned char)*s))
+        return PEP_EINVAL;
+    errno = 0;
+    char *end;
+    unsigned long long v = strtoull(s, &end, 10);
+    if (errno == ERANGE)
+        return PEP_EINVAL;
+    *num = v;
+    *unit = end;
+    return 0;
+}
+
+int pep_parse_duration_ms(const char *s, int64_t *out_ms)
+{
+    uint64_t n;
+    const char *unit;
+    if (parse_number_unit(s, &n, &unit))
+        return PEP_EINVAL;
+    static const struct {
+        const char *name;
+        uint64_t ms;
+    } units[] = {{"ms", 1}, {"s", 1000}, {"m", 60000}, {"h", 3600000}, {"d", 86400000}};
+    for (size_t i = 0; i < PEP_ARRAY_LEN(units); i++) {
+        if (strcmp(unit, units[i].name) == 0) {
+            if (n == 0 || n > (uint64_t)INT64_MAX / units[i].ms / 1000)
+                return PEP_EINVAL;
+            *out_ms = (int64_t)(n * units[i].ms);
+            return 0;
+        }
+    }
+    return PEP_EINVAL;
+}
+
+int pep_parse_size(const char *s, uint64_t *out_bytes)
+{
+    uint64_t n;
+    const char *unit;
+    if (parse_number_unit(s, &n, &unit))
+        return PEP_EINVAL;
+    static const struct {
+        const char *name;
+        uint64_t mult;
+    } units[] = {{"", 1},          {"B", 1},           {"KB", 1000},      {"KiB", 1024},
+                 {"MB", 1000000},  {"MiB", 1048576},   {"GB", 1000000000}, {"GiB", 1073741824}};
+    for (size_t i = 0; i < PEP_ARRAY_LEN(units); i++) {
+        if (strcmp(unit, units[i].name) == 0) {
+            if (n > UINT64_MAX / units[i].mult)
+                return PEP_EINVAL;
+            *out_bytes = n * units[i].mult;
+            return 0;
+        }
+    }
+    return PEP_EINVAL;
+}
+
+void pep_sha256(const void *data, size_t len, uint8_t out[32])
+{
+    SHA256(data, len, out);
+}
+
+void pep_hex(const uint8_t *data, size_t len, char *out)
+{
+    static const char digits[] = "0123456789abcdef";
+    for (size_t i = 0; i < len; i++) {
+        out[2 * i] = digits[data[i] >> 4];
+        out[2 * i + 1] = digits[data[i] & 15];
+    }
+    out[2 * len] = '\0';
+}
+
+static int hex_value(char c)
+{
+    if (c >= '0' && c <= '9')
+        return c - '0';
+    if (c >= 'a' && c <= 'f')
+        return c - 'a' + 10;
+    if (c >= 'A' && c <= 'F')
+        return c - 'A' + 10;
+    return -1;
+}
+
+int pep_unhex(const char *hex, uint8_t *out, size_t len)
+{
+    for (size_t i = 0; i < len; i++) {
+        int hi = hex_value(hex[2 * i]);
+        int lo = hi < 0 ? -1 : hex_value(hex[2 * i + 1]);
+        if (hi < 0 || lo < 0)
+            return PEP_EINVAL;
+        out[i] = (uint8_t)(hi << 4 | lo);
+    }
+    return hex[2 * len] == '\0' ? 0 : PEP_EINVAL;
+}
+
+char *pep_base64url_encode(const uint8_t *data, size_t len)
+{
+    size_t cap = 4 * ((len + 2) / 3) + 1;
+    char *out = malloc(cap);
+    if (!out)
+        return NULL;
+    int n = EVP_EncodeBlock((unsigned char *)out, data, (int)len);
+    while (n > 0 && out[n - 1] == '=')
+        n--;
+    out[n] = '\0';
+    for (char *p = out; *p; p++) {
+        if (*p == '+')
+            *p = '-';
+        else if (*p == '/')
+            *p = '_';
+    }
+    return out;
+}
+
+int pep_random_bytes(void *buf, size_t len)
+{
+    return RAND_bytes(buf, (int)len) == 1 ? 0 : PEP_ECRYPTO;
+}
+
+/* ULID state: the last millisecond used and the 80-bit random part, incremented within
+ * one millisecond so that ids stay strictly ordered.  Guarded by ulid_lock. */
+static pthread_mutex_t ulid_lock = PTHREAD_MUTEX_INITIALIZER;
+static uint64_t ulid_last_ms;
+static uint8_t ulid_rand[10];
+
+void pep_request_id(char out[27])
+{
+    static const char alphabet[] = "0123456789ABCDEFGHJKMNPQRSTVWXYZ";
+    uint8_t bytes[16];
+    uint64_t ms = (uint64_t)(pep_now_us() / 1000);
+
+    pthread_mutex_lock(&ulid_lock);
+    if (ms <= ulid_last_ms) {
+        ms = ulid_last_ms;
+        for (int i = 9; i >= 0 && ++ulid_rand[i] == 0; i--)
+            ;
+    } else {
+        ulid_last_ms = ms;
+        if (pep_random_bytes(ulid_rand, sizeof ulid_rand) != 0) {
+            /* No entropy: fall back to a counter reset, still unique by time order. */
+            memset(ulid_rand, 0, sizeof ulid_rand);
+        }
+        ulid_rand[0] &= 0x7f; /* headroom so increments within one ms do not wrap */
+    }
+    memcpy(bytes + 6, ulid_rand, 10);
+    pthread_mutex_unlock(&ulid_lock);
+
+    for (int i = 5; i >= 0; i--) {
+        bytes[i] = (uint8_t)(ms & 0xff);
+        ms >>= 8;
+    }
+    /* 128 bits → 26 base32 digits, most significant first (the first digit holds 3 bits). */
+    unsigned __int128 v = 0;
+    for (int i = 0; i < 16; i++)
+        v = (v << 8) | bytes[i];
+    for (int i = 25; i >= 0; i--) {
+        out[i] = alphabet[(unsigned)(v & 31)];
+        v >>= 5;
+    }
+    out[26] = '\0';
+}
+
+int pep_read_file(const char *path, size_t max_bytes, char **out, size_t *out_len)
+{
+    FILE *f = fopen(path, "rb");
+    if (!f)
+        return PEP_EIO;
+    size_t cap = 4096, len = 0;
+    char *buf = malloc(cap + 1);
+    int rc = 0;
+    if (!buf) {
+        fclose(f);
+        return PEP_ENOMEM;
+    }
+    for (;;) {
+        if (len == cap) {
+            if (cap > max_bytes) {
+                rc = PEP_EINVAL;
+                break;
+            }
+            cap *= 2;
+            char *n = realloc(buf, cap + 1);
+            if (!n) {
+                rc = PEP_ENOMEM;
+                break;
+            }
+            buf = n;
+        }
+        size_t got = fread(buf + len, 1, cap - len, f);
+        len += got;
+        if (got == 0) {
+            if (ferror(f))
+                rc = PEP_EIO;
+            break;
+        }
+        if (len > max_bytes) {
+            rc = PEP_EINVAL;
+            break;
+        }
+    }
+    fclose(f);
+    if (rc) {
+        free(buf);
+        return rc;
+    }
+    buf[len] = '\0';
+    *out = buf;
+    if (out_len)
+        *out_len = len;
+    return 0;
+}
+
+int pep_write_file_atomic(const char *path, const void *data, size_t len, unsigned mode)
+{
+    char tmp[PATH_MAX];
+    if (snprintf(tmp, sizeof tmp, "%s.tmp.%d", path, (int)getpid()) >= (int)sizeof tmp)
+        return PEP_EINVAL;
+    int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, mode);
+    if (fd < 0)
+        return PEP_EIO;
+    int rc = 0;
+    const char *p = data;
+    size_t left = len;
+    while (left > 0) {
+        ssize_t n = write(fd, p, left);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            rc = PEP_EIO;
+            break;
+        }
+        p += n;
+        left -= (size_t)n;
+    }
+    if (rc == 0 && (fchmod(fd, mode) != 0 || fsync(fd) != 0))
+        rc = PEP_EIO;
+    if (close(fd) != 0)
+        rc = PEP_EIO;
+    if (rc == 0 && rename(tmp, path) != 0)
+        rc = PEP_EIO;
+    if (rc)
+        unlink(tmp);
+    return rc;
+}
