@@ -10,7 +10,7 @@ PKGS       := libmicrohttpd libjwt jansson libcrypto yaml-0.1 sqlite3 libcurl
 DEB_PKGS   := libmicrohttpd-dev libjwt-dev libjansson-dev libssl-dev libyaml-dev \
               libsqlite3-dev libcurl4-openssl-dev libcmocka-dev pkg-config
 EXTRA_CFLAGS ?=
-CFLAGS     := -std=c11 -D_GNU_SOURCE -Wall -Wextra -Werror -O2 -g -pthread \
+CFLAGS     := -std=c11 -D_GNU_SOURCE -DPEP_LIBJWT_VERSION=\"$(shell pkg-config --modversion libjwt 2>/dev/null)\" -Wall -Wextra -Werror -O2 -g -pthread \
               -I. $(EXTRA_CFLAGS) $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
 LDLIBS     := $(shell pkg-config --libs $(PKGS) 2>/dev/null) -pthread -lm
 TEST_LDLIBS := $(shell pkg-config --libs cmocka 2>/dev/null)

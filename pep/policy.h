@@ -104,11 +104,12 @@ struct control {
     enum control_kind kind;
     char *deny_reason;   /* CONTROL_DENY */
     char *acr;           /* CONTROL_STEP_UP: required acr value */
-    int64_t max_age_ms;  /* CONTROL_STEP_UP: auth_time must be within this */
+    int64_t max_age_ms;  /* CONTROL_STEP_UP: auth_time must be within this; 0 (max_age
+                            not written) = any age */
     char **approvers;    /* CONTROL_REQUIRE_APPROVAL: operator roles that may decide */
     size_t approvers_len;
-    int64_t approval_ttl_ms;
-    bool distinct_from_owner;
+    int64_t approval_ttl_ms;  /* `ttl`, default 1h */
+    bool distinct_from_owner; /* default false */
     struct policy_loc loc;
 };
 
@@ -160,6 +161,9 @@ struct upstream {
 
 enum retry_jitter { RETRY_JITTER_NONE, RETRY_JITTER_FULL, RETRY_JITTER_EQUAL };
 
+/* Written as `retry:` in a chain or in a route's `forward:` (next to `upstream:`).
+ * When `on` is not written it defaults to [429, 500, 502, 503, 504, timeout,
+ * connect_error]; that default is filled in even when the whole `retry:` is absent. */
 struct retry_config {
     int *on_status;      /* HTTP statuses that are retryable */
     size_t on_status_len;
@@ -215,9 +219,9 @@ struct route {
     bool forwards;
     struct upstream *upstream;   /* forward: {upstream: X} */
     struct chain *chain;         /* forward: {chain: X} */
-    char *forward_path;  /* rewrite, NULL = same path + query */
-    bool retry_safe;
-    struct retry_config retry; /* route-level `retry:` for a one-upstream forward */
+    char *forward_path;  /* rewrite, NULL = same path + query; in normal form (SPEC 3.3) */
+    bool retry_safe;     /* forward.retry_safe, default false */
+    struct retry_config retry; /* forward.retry, only with forward.upstream */
     struct policy_loc loc;
 };
 
@@ -288,8 +292,10 @@ struct policy_load_options {
 /*
  * Loads and compiles `path`.  On success returns 0 and *out (refcount 1; release with
  * policy_release).  On failure returns PEP_EINVAL (or PEP_EIO when the file cannot be
- * read) and fills errs with every error found; the caller frees errs with
- * policy_errors_free.  opts may be NULL.
+ * read; then errs holds "FILE: cannot read: <reason>") and fills errs with every error
+ * found.  errs is overwritten (not appended to) and may be NULL; the caller frees it with
+ * policy_errors_free, also after a success (it is then empty).  PEP_ENOMEM when memory
+ * ran out.  opts may be NULL.
  */
 int policy_load(const char *path, const struct policy_load_options *opts, struct policy **out,
                 struct policy_errors *errs);
@@ -308,5 +314,7 @@ void policy_release(struct policy *p);
 /* Lookups by name (linear; the lists are small and these run at load or on admin calls). */
 struct action *policy_find_action(const struct policy *p, const char *name);
 struct upstream *policy_find_upstream(const struct policy *p, const char *name);
+struct chain *policy_find_chain(const struct policy *p, const char *name);
+struct policy_agent *policy_find_agent(const struct policy *p, const char *id);
 
 #endif

@@ -1,0 +1,419 @@
+/*
+ * forward.c — the forwarder thread (see forward.h).
+ *
+ * Invariant: a job is in exactly one place — the submit queue (guarded by queue_lock),
+ * or the multi handle (touched only by the forwarder thread) — until its done callback
+ * runs, after which the forwarder never touches it again.
+ */
+#include "pep/forward.h"
+#include "pep/util.h"
+
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+
+struct forwarder {
+    pthread_t thread;
+    CURLM *multi;              /* forwarder thread only (curl_multi_wakeup excepted) */
+    pthread_mutex_t queue_lock; /* guards queue_head/tail, stopping, cancel_requested */
+    struct forward_job *queue_head, *queue_tail;
+    bool stopping;
+    bool cancel_requested;
+    struct forward_job *running; /* jobs added to multi (forwarder thread only) */
+    CURL *idle_easy[64];         /* reusable easy handles (forwarder thread only) */
+    size_t idle_easy_len;
+};
+
+static const char *const hop_by_hop[] = {
+    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection",
+    "te",         "trailer",    "transfer-encoding",  "upgrade",
+};
+
+static bool in_list(const char *name, const char *const *list, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        if (strcasecmp(name, list[i]) == 0)
+            return true;
+    return false;
+}
+
+/* True when the comma-separated Connection header value names `name`. */
+static bool connection_names(const char *tokens, const char *name)
+{
+    size_t n = strlen(name);
+    for (const char *p = tokens; p && *p;) {
+        while (*p == ' ' || *p == '\t' || *p == ',')
+            p++;
+        const char *end = p;
+        while (*end && *end != ',' && *end != ' ' && *end != '\t')
+            end++;
+        if ((size_t)(end - p) == n && strncasecmp(p, name, n) == 0)
+            return true;
+        p = end;
+    }
+    return false;
+}
+
+bool forward_header_allowed(const char *name, const char *connection_tokens)
+{
+    /* SECURITY: the agent's credentials (Authorization, Cookie) and pep's own control
+     * headers stop here; framing headers are curl's to set (no smuggling through us). */
+    static const char *const never[] = {"authorization", "cookie", "content-length", "host",
+                                        "expect",        "x-request-id"};
+    if (strncasecmp(name, "pep-", 4) == 0)
+        return false;
+    if (in_list(name, never, PEP_ARRAY_LEN(never)) ||
+        in_list(name, hop_by_hop, PEP_ARRAY_LEN(hop_by_hop)))
+        return false;
+    return !connection_names(connection_tokens, name);
+}
+
+bool forward_response_header_relayable(const char *name)
+{
+    static const char *const never[] = {"content-length", "date", "server"};
+    if (strncasecmp(name, "pep-", 4) == 0)
+        return false;
+    return !in_list(name, never, PEP_ARRAY_LEN(never)) &&
+           !in_list(name, hop_by_hop, PEP_ARRAY_LEN(hop_by_hop));
+}
+
+const char *forward_error_name(enum forward_error e)
+{
+    switch (e) {
+    case FORWARD_OK:
+        return "ok";
+    case FORWARD_TIMEOUT:
+        return "timeout";
+    case FORWARD_IDLE_TIMEOUT:
+        return "idle_timeout";
+    case FORWARD_CONNECT_ERROR:
+        return "connect_error";
+    case FORWARD_TOO_LARGE:
+        return "response_too_large";
+    case FORWARD_CANCELLED:
+        return "cancelled";
+    }
+    return "error";
+}
+
+void forward_job_clear(struct forward_job *job)
+{
+    free(job->url);
+    curl_slist_free_all(job->headers);
+    free(job->body_out);
+    for (size_t i = 0; i < job->resp_headers_len; i++) {
+        free(job->resp_headers[i].name);
+        free(job->resp_headers[i].value);
+    }
+    free(job->resp_headers);
+    memset(job, 0, sizeof *job);
+}
+
+/* ---- curl callbacks (forwarder thread) ---------------------------------------------- */
+
+static size_t on_body(char *data, size_t size, size_t nmemb, void *arg)
+{
+    struct forward_job *job = arg;
+    size_t n = size * nmemb;
+    if (job->body_out_len + n > FORWARD_MAX_RESPONSE) {
+        job->error = FORWARD_TOO_LARGE;
+        return 0; /* makes curl fail the transfer with CURLE_WRITE_ERROR */
+    }
+    char *grown = realloc(job->body_out, job->body_out_len + n + 1);
+    if (!grown)
+        return 0;
+    memcpy(grown + job->body_out_len, data, n);
+    job->body_out = grown;
+    job->body_out_len += n;
+    grown[job->body_out_len] = '\0';
+    return n;
+}
+
+static void drop_response_headers(struct forward_job *job)
+{
+    for (size_t i = 0; i < job->resp_headers_len; i++) {
+        free(job->resp_headers[i].name);
+        free(job->resp_headers[i].value);
+    }
+    job->resp_headers_len = 0;
+}
+
+static size_t on_header(char *line, size_t size, size_t nmemb, void *arg)
+{
+    struct forward_job *job = arg;
+    size_t n = size * nmemb;
+    if (n >= 5 && strncmp(line, "HTTP/", 5) == 0) {
+        drop_response_headers(job); /* a new (e.g. after 100 Continue) response head */
+        return n;
+    }
+    const char *colon = memchr(line, ':', n);
+    if (!colon)
+        return n;
+    size_t name_len = (size_t)(colon - line);
+    const char *v = colon + 1, *end = line + n;
+    while (v < end && (*v == ' ' || *v == '\t'))
+        v++;
+    while (end > v && (end[-1] == '\r' || end[-1] == '\n' || end[-1] == ' ' || end[-1] == '\t'))
+        end--;
+    char *name = strndup(line, name_len);
+    if (!name)
+        return 0;
+    if (!forward_response_header_relayable(name)) {
+        free(name);
+        return n;
+    }
+    if (job->resp_headers_len == job->resp_headers_cap) {
+        size_t cap = job->resp_headers_cap ? job->resp_headers_cap * 2 : 16;
+        struct forward_header *g = realloc(job->resp_headers, cap * sizeof *g);
+        if (!g) {
+            free(name);
+            return 0;
+        }
+        job->resp_headers = g;
+        job->resp_headers_cap = cap;
+    }
+    char *value = strndup(v, (size_t)(end - v));
+    if (!value) {
+        free(name);
+        return 0;
+    }
+    job->resp_headers[job->resp_headers_len++] = (struct forward_header){name, value};
+    return n;
+}
+
+/* ---- the thread ------------------------------------------------------------------------ */
+
+static CURL *take_easy(struct forwarder *f)
+{
+    if (f->idle_easy_len > 0) {
+        CURL *e = f->idle_easy[--f->idle_easy_len];
+        curl_easy_reset(e);
+        return e;
+    }
+    return curl_easy_init();
+}
+
+static void put_easy(struct forwarder *f, CURL *e)
+{
+    if (f->idle_easy_len < PEP_ARRAY_LEN(f->idle_easy))
+        f->idle_easy[f->idle_easy_len++] = e;
+    else
+        curl_easy_cleanup(e);
+}
+
+static void finish(struct forwarder *f, struct forward_job *job, enum forward_error error)
+{
+    /* unlink from running */
+    for (struct forward_job **pp = &f->running; *pp; pp = &(*pp)->next) {
+        if (*pp == job) {
+            *pp = job->next;
+            break;
+        }
+    }
+    if (job->easy) {
+        curl_multi_remove_handle(f->multi, job->easy);
+        put_easy(f, job->easy);
+        job->easy = NULL;
+    }
+    job->next = NULL;
+    job->error = error;
+    job->elapsed_us = pep_mono_us() - job->started_mono_us;
+    job->done(job, job->done_arg);
+}
+
+static int setup(struct forwarder *f, struct forward_job *job)
+{
+    CURL *e = take_easy(f);
+    if (!e)
+        return -1;
+    job->easy = e;
+    job->curl_errbuf[0] = '\0';
+    int64_t connect_ms = job->timeout_ms < 10000 ? job->timeout_ms : 10000;
+    CURLcode rc = CURLE_OK;
+#define SET(opt, val)                                                                              \
+    if (rc == CURLE_OK)                                                                            \
+    rc = curl_easy_setopt(e, opt, val)
+    SET(CURLOPT_URL, job->url);
+    SET(CURLOPT_PRIVATE, job);
+    SET(CURLOPT_NOSIGNAL, 1L);
+    SET(CURLOPT_PROTOCOLS_STR, "http,https");
+    SET(CURLOPT_FOLLOWLOCATION, 0L);
+    SET(CURLOPT_TIMEOUT_MS, (long)job->timeout_ms);
+    SET(CURLOPT_CONNECTTIMEOUT_MS, (long)connect_ms);
+    SET(CURLOPT_HTTPHEADER, job->headers);
+    SET(CURLOPT_WRITEFUNCTION, on_body);
+    SET(CURLOPT_WRITEDATA, job);
+    SET(CURLOPT_HEADERFUNCTION, on_header);
+    SET(CURLOPT_HEADERDATA, job);
+    SET(CURLOPT_ERRORBUFFER, job->curl_errbuf);
+    SET(CURLOPT_HTTP_VERSION, (long)CURL_HTTP_VERSION_1_1);
+    SET(CURLOPT_ACCEPT_ENCODING, NULL); /* relay bytes as the upstream sent them */
+    SET(CURLOPT_PROXY, "");             /* never an environment proxy for upstream calls */
+    if (job->idle_timeout_ms > 0) {
+        /* curl measures stalls in whole seconds: round up, at least 1 s. */
+        long secs = (long)((job->idle_timeout_ms + 999) / 1000);
+        SET(CURLOPT_LOW_SPEED_LIMIT, 1L);
+        SET(CURLOPT_LOW_SPEED_TIME, secs);
+    }
+    if (strcmp(job->method, "GET") == 0) {
+        SET(CURLOPT_HTTPGET, 1L);
+    } else if (strcmp(job->method, "HEAD") == 0) {
+        SET(CURLOPT_NOBODY, 1L);
+    } else {
+        SET(CURLOPT_CUSTOMREQUEST, job->method);
+        SET(CURLOPT_POSTFIELDS, job->body ? job->body : "");
+        SET(CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)job->body_len);
+    }
+#undef SET
+    if (rc != CURLE_OK || curl_multi_add_handle(f->multi, e) != CURLM_OK) {
+        put_easy(f, e);
+        job->easy = NULL;
+        return -1;
+    }
+    job->next = f->running;
+    f->running = job;
+    return 0;
+}
+
+static enum forward_error classify(const struct forward_job *job, CURLcode result)
+{
+    if (job->error == FORWARD_TOO_LARGE)
+        return FORWARD_TOO_LARGE;
+    switch (result) {
+    case CURLE_OK:
+        return FORWARD_OK;
+    case CURLE_OPERATION_TIMEDOUT:
+        /* The low-speed abort (idle timeout) and the overall timeout share this code; the
+         * elapsed time tells them apart. */
+        if (job->idle_timeout_ms > 0 &&
+            pep_mono_us() - job->started_mono_us < job->timeout_ms * 1000 - 50000)
+            return FORWARD_IDLE_TIMEOUT;
+        return FORWARD_TIMEOUT;
+    default:
+        return FORWARD_CONNECT_ERROR;
+    }
+}
+
+static void cancel_everything(struct forwarder *f, struct forward_job *queued)
+{
+    while (queued) {
+        struct forward_job *next = queued->next;
+        queued->started_mono_us = pep_mono_us();
+        finish(f, queued, FORWARD_CANCELLED);
+        queued = next;
+    }
+    while (f->running)
+        finish(f, f->running, FORWARD_CANCELLED);
+}
+
+static void *forwarder_main(void *arg)
+{
+    struct forwarder *f = arg;
+    pthread_setname_np(pthread_self(), "pep-forward");
+    for (;;) {
+        pthread_mutex_lock(&f->queue_lock);
+        struct forward_job *batch = f->queue_head;
+        f->queue_head = f->queue_tail = NULL;
+        bool stopping = f->stopping, cancel = f->cancel_requested;
+        f->cancel_requested = false;
+        pthread_mutex_unlock(&f->queue_lock);
+
+        if (stopping || cancel) {
+            cancel_everything(f, batch);
+            if (stopping)
+                break;
+            continue;
+        }
+        while (batch) {
+            struct forward_job *next = batch->next;
+            batch->next = NULL;
+            batch->started_mono_us = pep_mono_us();
+            if (setup(f, batch) != 0)
+                finish(f, batch, FORWARD_CONNECT_ERROR);
+            batch = next;
+        }
+
+        int still_running = 0;
+        curl_multi_perform(f->multi, &still_running);
+        CURLMsg *msg;
+        int left;
+        while ((msg = curl_multi_info_read(f->multi, &left))) {
+            if (msg->msg != CURLMSG_DONE)
+                continue;
+            struct forward_job *job = NULL;
+            curl_easy_getinfo(msg->easy_handle, CURLINFO_PRIVATE, (char **)&job);
+            CURLcode result = msg->data.result;
+            if (result == CURLE_OK)
+                curl_easy_getinfo(msg->easy_handle, CURLINFO_RESPONSE_CODE, &job->status);
+            finish(f, job, classify(job, result));
+        }
+        curl_multi_poll(f->multi, NULL, 0, 1000, NULL);
+    }
+    return NULL;
+}
+
+int forwarder_start(struct forwarder **out, struct pep_err *err)
+{
+    struct forwarder *f = calloc(1, sizeof *f);
+    if (!f)
+        return pep_err_set(err, PEP_ENOMEM, "forwarder: out of memory");
+    pthread_mutex_init(&f->queue_lock, NULL);
+    f->multi = curl_multi_init();
+    if (!f->multi) {
+        free(f);
+        return pep_err_set(err, PEP_ENOMEM, "forwarder: curl_multi_init failed");
+    }
+    /* Keep enough idle connections for every upstream's concurrent load. */
+    curl_multi_setopt(f->multi, CURLMOPT_MAXCONNECTS, 256L);
+    if (pthread_create(&f->thread, NULL, forwarder_main, f) != 0) {
+        curl_multi_cleanup(f->multi);
+        free(f);
+        return pep_err_set(err, PEP_EIO, "forwarder: cannot start thread");
+    }
+    *out = f;
+    return 0;
+}
+
+int forwarder_submit(struct forwarder *f, struct forward_job *job)
+{
+    job->next = NULL;
+    pthread_mutex_lock(&f->queue_lock);
+    if (f->stopping) {
+        pthread_mutex_unlock(&f->queue_lock);
+        return PEP_ECLOSED;
+    }
+    if (f->queue_tail)
+        f->queue_tail->next = job;
+    else
+        f->queue_head = job;
+    f->queue_tail = job;
+    pthread_mutex_unlock(&f->queue_lock);
+    curl_multi_wakeup(f->multi);
+    return 0;
+}
+
+void forwarder_cancel_all(struct forwarder *f)
+{
+    pthread_mutex_lock(&f->queue_lock);
+    f->cancel_requested = true;
+    pthread_mutex_unlock(&f->queue_lock);
+    curl_multi_wakeup(f->multi);
+}
+
+void forwarder_stop(struct forwarder *f)
+{
+    if (!f)
+        return;
+    pthread_mutex_lock(&f->queue_lock);
+    f->stopping = true;
+    pthread_mutex_unlock(&f->queue_lock);
+    curl_multi_wakeup(f->multi);
+    pthread_join(f->thread, NULL);
+    for (size_t i = 0; i < f->idle_easy_len; i++)
+        curl_easy_cleanup(f->idle_easy[i]);
+    curl_multi_cleanup(f->multi);
+    pthread_mutex_destroy(&f->queue_lock);
+    free(f);
+}

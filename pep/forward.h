@@ -1,0 +1,98 @@
+/*
+ * forward.h — the forwarder thread: upstream HTTP through libcurl's multi interface
+ * (SPEC 4.7, DESIGN rule 3).
+ *
+ * Listener threads never wait on an upstream: they fill a struct forward_job, hand it to
+ * forwarder_submit() (which only queues it and wakes the forwarder with
+ * curl_multi_wakeup) and suspend the connection.  The forwarder thread owns the multi
+ * handle, drives every transfer, and calls job->done on its own thread when the answer is
+ * in (or the attempt failed); done resumes the connection.  Connections to each upstream
+ * are reused through the multi handle's connection cache.
+ *
+ * SECURITY: only http and https are allowed as protocols (a policy cannot point curl at
+ * file:// or gopher://); redirects are not followed; the agent's Authorization, Cookie,
+ * Pep-* and hop-by-hop headers never reach the upstream (forward_header_allowed).
+ *
+ * Threads: forwarder_submit from any thread; job callbacks on the forwarder thread.
+ */
+#ifndef PEP_FORWARD_H
+#define PEP_FORWARD_H
+
+#include "pep/common.h"
+
+#include <curl/curl.h>
+
+/* Caps the relayed answer; a larger one fails the attempt. */
+#define FORWARD_MAX_RESPONSE (32u * 1024 * 1024)
+
+enum forward_error {
+    FORWARD_OK = 0,          /* an HTTP answer arrived (any status) */
+    FORWARD_TIMEOUT,         /* no complete answer within timeout_ms */
+    FORWARD_IDLE_TIMEOUT,    /* silence longer than idle_timeout_ms */
+    FORWARD_CONNECT_ERROR,   /* refused, reset, or closed before a complete answer */
+    FORWARD_TOO_LARGE,       /* answer over FORWARD_MAX_RESPONSE */
+    FORWARD_CANCELLED,       /* pep is shutting down */
+};
+
+/* One response header kept for relaying to the agent. */
+struct forward_header {
+    char *name;
+    char *value;
+};
+
+struct forward_job {
+    /* --- request, filled by the submitter; must stay valid until done is called --- */
+    char *url;                   /* owned by the job (freed by forward_job_clear) */
+    const char *method;
+    struct curl_slist *headers;  /* owned by the job */
+    const char *body;            /* not owned */
+    size_t body_len;
+    int64_t timeout_ms;
+    int64_t idle_timeout_ms;     /* 0 = none */
+
+    /* --- result, filled by the forwarder before done --- */
+    enum forward_error error;
+    long status;                 /* HTTP status when error == FORWARD_OK */
+    char *body_out;              /* malloc'd answer body (NUL-terminated), owned by the job */
+    size_t body_out_len;
+    struct forward_header *resp_headers; /* relayable headers, owned by the job */
+    size_t resp_headers_len;
+    size_t resp_headers_cap;
+    int64_t elapsed_us;
+
+    void (*done)(struct forward_job *job, void *arg); /* forwarder thread */
+    void *done_arg;
+
+    /* --- private to the forwarder --- */
+    struct forward_job *next;
+    CURL *easy;
+    int64_t started_mono_us;
+    char curl_errbuf[CURL_ERROR_SIZE];
+};
+
+struct forwarder;
+
+/* Starts the forwarder thread.  Returns 0 and *out, or a negative code. */
+int forwarder_start(struct forwarder **out, struct pep_err *err);
+/* Fails every queued and running job with FORWARD_CANCELLED (their done callbacks run),
+ * stops the thread and frees the forwarder. */
+void forwarder_stop(struct forwarder *f);
+/* Queues a job; returns 0, or PEP_ECLOSED after stop began (done is then not called). */
+int forwarder_submit(struct forwarder *f, struct forward_job *job);
+/* Fails every job in flight with FORWARD_CANCELLED (drain timeout) without stopping. */
+void forwarder_cancel_all(struct forwarder *f);
+
+/* Frees what the job owns (url, headers, answer) and zeroes it. */
+void forward_job_clear(struct forward_job *job);
+
+/* True when an incoming request header may be sent upstream (case-insensitive name).
+ * `connection_tokens` is the agent's Connection header value (its tokens name more
+ * hop-by-hop headers), or NULL. */
+bool forward_header_allowed(const char *name, const char *connection_tokens);
+
+/* True when an upstream response header may be relayed to the agent. */
+bool forward_response_header_relayable(const char *name);
+
+const char *forward_error_name(enum forward_error e); /* "timeout", "connect_error" … */
+
+#endif

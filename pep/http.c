@@ -1,0 +1,876 @@
+/*
+ * http.c — the listeners: libmicrohttpd glue, the request context, the data plane's
+ * pipeline (SPEC 3) and the replies.
+ *
+ * A data-plane request goes through these phases, never blocking a listener thread:
+ *   headers  framing checks (SECURITY: request smuggling), path normalization, route
+ *            match, declared body size.  A request refused here is audited and answered
+ *            without reading its body.
+ *   body     accumulated up to server.max_body.
+ *   decide   token verification (cached), registry lookups, then decide() (pure).  If the
+ *            decision is allow and the route forwards, the upstream job is prepared now,
+ *            on the listener thread.
+ *   audit    the decision record is queued and the connection suspended.  The writer
+ *            resumes it once the record is durable — or, for an allowed forward, hands the
+ *            prepared job to the forwarder, which resumes it when the upstream answered.
+ *   respond  the listener builds the reply (error JSON, or the relayed upstream answer)
+ *            and queues the outcome record without waiting for it.
+ * Nothing is forwarded unless its decision record committed (or on_failure: allow).
+ *
+ * Threads: handlers run on libmicrohttpd's listener threads; on_decision_durable runs on
+ * the audit writer thread, on_forward_done on the forwarder thread.
+ */
+#include "pep/server.h"
+#include "pep/util.h"
+
+#include <arpa/inet.h>
+#include <netdb.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+
+#define CONNECTION_TIMEOUT_S 30u
+#define LISTENER_THREADS 2u /* per listener: one epoll loop each */
+
+struct policy *server_policy(struct server *s)
+{
+    pthread_mutex_lock(&s->policy_lock);
+    struct policy *p = policy_retain(s->policy);
+    pthread_mutex_unlock(&s->policy_lock);
+    return p;
+}
+
+json_t *server_record(const char *kind, const char *request_id)
+{
+    char ts[32];
+    pep_format_rfc3339_us(pep_now_us(), ts);
+    json_t *rec = json_pack("{s:s, s:s}", "ts", ts, "kind", kind);
+    if (rec && request_id)
+        json_object_set_new(rec, "request_id", json_string(request_id));
+    return rec;
+}
+
+/* ---- replies ------------------------------------------------------------------------- */
+
+int reply_set_header(struct reply *rep, const char *name, const char *value)
+{
+    if (rep->headers_len == REQUEST_MAX_HEADERS)
+        return PEP_ENOMEM;
+    char *n = strdup(name), *v = strdup(value);
+    if (!n || !v) {
+        free(n);
+        free(v);
+        return PEP_ENOMEM;
+    }
+    rep->headers[rep->headers_len].name = n;
+    rep->headers[rep->headers_len].value = v;
+    rep->headers_len++;
+    return 0;
+}
+
+static void reply_clear(struct reply *rep)
+{
+    free(rep->body);
+    for (size_t i = 0; i < rep->headers_len; i++) {
+        free(rep->headers[i].name);
+        free(rep->headers[i].value);
+    }
+    memset(rep, 0, sizeof *rep);
+}
+
+void reply_json(struct request *r, int status, json_t *body)
+{
+    reply_clear(&r->reply);
+    r->reply.status = status;
+    r->reply.content_type = "application/json";
+    r->reply.body = body ? json_dumps(body, JSON_COMPACT) : NULL;
+    r->reply.body_len = r->reply.body ? strlen(r->reply.body) : 0;
+    json_decref(body);
+}
+
+void reply_error(struct request *r, int status, const char *code, const char *message,
+                 json_t *extra)
+{
+    json_t *err = json_pack("{s:s, s:s, s:s, s:s}", "type", "pep_error", "code", code, "message",
+                            message, "request_id", r->id);
+    if (err && extra)
+        json_object_update(err, extra);
+    json_decref(extra);
+    reply_json(r, status, json_pack("{s:o}", "error", err));
+    if (status == 401 && strcmp(code, "invalid_token") == 0)
+        reply_set_header(&r->reply, "WWW-Authenticate", "Bearer error=\"invalid_token\"");
+}
+
+/* Queues r->reply (plus Pep-Request-Id and, when audited, Pep-Audit-Seq). */
+static enum MHD_Result send_reply(struct request *r)
+{
+    struct reply *rep = &r->reply;
+    struct MHD_Response *resp =
+        MHD_create_response_from_buffer(rep->body_len, rep->body, MHD_RESPMEM_MUST_FREE);
+    if (!resp)
+        return MHD_NO;
+    rep->body = NULL; /* owned by the response now */
+    bool ok = MHD_add_response_header(resp, "Pep-Request-Id", r->id) == MHD_YES;
+    if (rep->content_type)
+        ok = ok && MHD_add_response_header(resp, "Content-Type", rep->content_type) == MHD_YES;
+    if (r->audit_seq > 0) {
+        char seq[24];
+        snprintf(seq, sizeof seq, "%lld", (long long)r->audit_seq);
+        ok = ok && MHD_add_response_header(resp, "Pep-Audit-Seq", seq) == MHD_YES;
+    }
+    for (size_t i = 0; i < rep->headers_len; i++) {
+        /* A header value with CR/LF is refused by MHD: drop that header, keep the reply. */
+        MHD_add_response_header(resp, rep->headers[i].name, rep->headers[i].value);
+    }
+    enum MHD_Result rc = ok ? MHD_queue_response(r->conn, (unsigned)rep->status, resp) : MHD_NO;
+    MHD_destroy_response(resp);
+    r->phase = PHASE_DONE;
+    return rc;
+}
+
+/* ---- suspend / resume ------------------------------------------------------------------ */
+
+void request_suspend(struct request *r)
+{
+    r->phase = PHASE_WAITING;
+    MHD_suspend_connection(r->conn);
+}
+
+void request_resume(struct request *r)
+{
+    r->phase = PHASE_RESPOND;
+    MHD_resume_connection(r->conn);
+}
+
+/* ---- request lifetime ------------------------------------------------------------------- */
+
+static void *on_uri(void *cls, const char *uri, struct MHD_Connection *conn)
+{
+    struct server *s = *(struct server **)cls;
+    struct request *r = calloc(1, sizeof *r);
+    if (!r)
+        return NULL;
+    r->srv = s;
+    r->conn = conn;
+    r->admin = ((struct server **)cls)[1] != NULL;
+    pep_request_id(r->id);
+    r->start_mono_us = pep_mono_us();
+    r->start_wall_us = pep_now_us();
+    r->target = strdup(uri ? uri : "");
+    __atomic_add_fetch(&s->inflight, 1, __ATOMIC_RELAXED);
+    return r;
+}
+
+static void request_free(struct request *r)
+{
+    if (r->admin_op_free && r->admin_op)
+        r->admin_op_free(r->admin_op);
+    forward_job_clear(&r->job);
+    reply_clear(&r->reply);
+    token_claims_release(r->claims);
+    agent_release(r->agent);
+    operator_release(r->operator_rec);
+    if (r->policy)
+        policy_release(r->policy);
+    __atomic_sub_fetch(&r->srv->inflight, 1, __ATOMIC_RELAXED);
+    free(r->body);
+    free(r->path);
+    free(r->target);
+    free(r);
+}
+
+static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
+                         enum MHD_RequestTerminationCode toe)
+{
+    (void)cls;
+    (void)conn;
+    (void)toe;
+    if (*con_cls)
+        request_free(*con_cls);
+    *con_cls = NULL;
+}
+
+/* ---- audit records ---------------------------------------------------------------------- */
+
+static void set_str(json_t *rec, const char *key, const char *value)
+{
+    if (value)
+        json_object_set_new(rec, key, json_string(value));
+}
+
+static json_t *decision_record(const struct request *r)
+{
+    json_t *rec = server_record("decision", r->id);
+    if (!rec)
+        return NULL;
+    set_str(rec, "method", r->method);
+    set_str(rec, "path", r->path);
+    if (!r->path && r->target) {
+        /* A refused path is recorded as received (minus the query: it may hold secrets). */
+        size_t n = strcspn(r->target, "?");
+        json_object_set_new(rec, "path", json_stringn(r->target, n));
+    }
+    const struct decision *d = &r->decision;
+    json_object_set_new(rec, "decision", json_string(d->allow ? "allow" : "deny"));
+    set_str(rec, "code", d->code);
+    set_str(rec, "reason", d->reason);
+    if (d->action)
+        set_str(rec, "action", d->action->name);
+    if (r->agent)
+        set_str(rec, "agent", r->agent->id);
+    else if (r->claims)
+        set_str(rec, "agent", r->claims->sub);
+    if (d->tenant)
+        json_object_set_new(rec, "tenant", json_stringn(d->tenant, d->tenant_len));
+    if (r->policy)
+        set_str(rec, "policy_hash", r->policy->policy_hash);
+    return rec;
+}
+
+static void on_decision_durable(void *arg, int rc, int64_t seq);
+
+/* Audits r->decision and suspends; the writer's callback continues the request. */
+static enum MHD_Result audit_and_wait(struct request *r)
+{
+    json_t *rec = decision_record(r);
+    request_suspend(r);
+    if (!rec || audit_submit(r->srv->audit, rec, NULL, NULL, on_decision_durable, r) != 0)
+        on_decision_durable(r, PEP_EUNAVAILABLE, 0);
+    return MHD_YES;
+}
+
+/* Denies before any identity is known (framing, path, route, size) and audits it. */
+static enum MHD_Result deny_early(struct request *r, int status, const char *code,
+                                  const char *reason)
+{
+    r->decision.allow = false;
+    r->decision.status = status;
+    r->decision.code = code;
+    snprintf(r->decision.reason, sizeof r->decision.reason, "%s", reason);
+    if (r->match.route)
+        r->decision.action = r->match.route->action;
+    return audit_and_wait(r);
+}
+
+/* ---- SECURITY: framing checks (request smuggling) ----------------------------------------- */
+
+struct framing {
+    int content_length_count;
+    int transfer_encoding_count;
+    bool transfer_encoding_chunked;
+};
+
+static enum MHD_Result count_framing(void *cls, enum MHD_ValueKind kind, const char *key,
+                                     const char *value)
+{
+    (void)kind;
+    struct framing *f = cls;
+    if (strcasecmp(key, "Content-Length") == 0)
+        f->content_length_count++;
+    else if (strcasecmp(key, "Transfer-Encoding") == 0) {
+        f->transfer_encoding_count++;
+        f->transfer_encoding_chunked = value && strcasecmp(value, "chunked") == 0;
+    }
+    return MHD_YES;
+}
+
+/* Returns NULL when framing is unambiguous, else the reason to refuse with 400. */
+static const char *framing_problem(struct MHD_Connection *conn)
+{
+    struct framing f = {0};
+    MHD_get_connection_values(conn, MHD_HEADER_KIND, count_framing, &f);
+    if (f.content_length_count > 1)
+        return "ambiguous framing: more than one Content-Length header";
+    if (f.transfer_encoding_count > 1)
+        return "ambiguous framing: more than one Transfer-Encoding header";
+    if (f.transfer_encoding_count == 1 && f.content_length_count == 1)
+        return "ambiguous framing: Content-Length with Transfer-Encoding";
+    if (f.transfer_encoding_count == 1 && !f.transfer_encoding_chunked)
+        return "unsupported Transfer-Encoding";
+    return NULL;
+}
+
+/* ---- the data plane ------------------------------------------------------------------------ */
+
+/* /healthz, /readyz and the JWKS: not policy routes, not audited. */
+static bool is_builtin(const struct request *r)
+{
+    if (strcmp(r->method, "GET") != 0 && strcmp(r->method, "HEAD") != 0)
+        return false;
+    size_t n = strcspn(r->target, "?");
+    return (n == 8 && strncmp(r->target, "/healthz", 8) == 0) ||
+           (n == 7 && strncmp(r->target, "/readyz", 7) == 0) ||
+           (n == 22 && strncmp(r->target, "/.well-known/jwks.json", 22) == 0);
+}
+
+static enum MHD_Result answer_builtin(struct request *r)
+{
+    if (strncmp(r->target, "/healthz", 8) == 0) {
+        reply_json(r, 200, json_pack("{s:s}", "status", "ok"));
+    } else if (strncmp(r->target, "/readyz", 7) == 0) {
+        bool draining = __atomic_load_n(&r->srv->draining, __ATOMIC_RELAXED);
+        reply_json(r, draining ? 503 : 200,
+                   json_pack("{s:s}", "status", draining ? "draining" : "ready"));
+    } else {
+        reply_json(r, 200, keys_jwks(r->srv->keys));
+    }
+    return send_reply(r);
+}
+
+/* Records a refusal decided from the request line and headers alone.  Its answer waits
+ * for the end of the (small, bounded) body so that the connection can be kept alive. */
+static enum MHD_Result refuse_after_body(struct request *r, int status, const char *code,
+                                         const char *reason)
+{
+    r->decided_early = true;
+    r->decision.allow = false;
+    r->decision.status = status;
+    r->decision.code = code;
+    snprintf(r->decision.reason, sizeof r->decision.reason, "%s", reason);
+    if (r->match.route)
+        r->decision.action = r->match.route->action;
+    return MHD_YES;
+}
+
+static enum MHD_Result data_on_headers(struct request *r)
+{
+    if (is_builtin(r)) {
+        r->builtin = true;
+        return MHD_YES;
+    }
+    r->policy = server_policy(r->srv);
+    r->body_limit = r->policy->max_body;
+
+    /* SECURITY: ambiguous framing is answered at once and the connection closed: its body
+     * must not be read, since pep and the client disagree on where it ends. */
+    const char *problem = framing_problem(r->conn);
+    if (problem)
+        return deny_early(r, 400, "bad_request", problem);
+
+    const char *cl = MHD_lookup_connection_value(r->conn, MHD_HEADER_KIND, "Content-Length");
+    if (cl) {
+        char *end;
+        unsigned long long n = strtoull(cl, &end, 10);
+        if (*end == '\0' && n > r->body_limit) {
+            char reason[96];
+            snprintf(reason, sizeof reason, "body of %llu bytes exceeds max_body %llu", n,
+                     (unsigned long long)r->body_limit);
+            return deny_early(r, 413, "body_too_large", reason);
+        }
+    }
+
+    size_t path_len = strcspn(r->target, "?");
+    if (r->target[path_len] == '?')
+        r->query = r->target + path_len + 1;
+    const char *why = NULL;
+    if (route_normalize_path(r->target, path_len, &r->path, &why) != 0) {
+        char reason[128];
+        snprintf(reason, sizeof reason, "path is not in normal form (%s)", why ? why : "invalid");
+        return refuse_after_body(r, 400, "bad_request", reason);
+    }
+    if (!route_match(r->policy, r->method, r->path, &r->match))
+        return refuse_after_body(r, 404, "no_route", "no route matches this method and path");
+    return MHD_YES;
+}
+
+static void append_body(struct request *r, const char *data, size_t len)
+{
+    if (r->body_too_large || r->decided_early || r->builtin)
+        return; /* not needed: discarded */
+    if (r->body_len + len > r->body_limit) {
+        r->body_too_large = true; /* chunked upload over the limit: discard, answer 413 */
+        return;
+    }
+    if (r->body_len + len + 1 > r->body_cap) {
+        size_t cap = r->body_cap ? r->body_cap : 1024;
+        while (cap < r->body_len + len + 1)
+            cap *= 2;
+        char *grown = realloc(r->body, cap);
+        if (!grown) {
+            r->body_too_large = true;
+            return;
+        }
+        r->body = grown;
+        r->body_cap = cap;
+    }
+    memcpy(r->body + r->body_len, data, len);
+    r->body_len += len;
+    r->body[r->body_len] = '\0';
+}
+
+/* "Bearer <token>" → the token, or NULL. */
+static const char *bearer_token(struct MHD_Connection *conn)
+{
+    const char *h = MHD_lookup_connection_value(conn, MHD_HEADER_KIND, "Authorization");
+    if (!h || strncasecmp(h, "Bearer ", 7) != 0)
+        return NULL;
+    h += 7;
+    while (*h == ' ')
+        h++;
+    return *h ? h : NULL;
+}
+
+struct header_copy {
+    struct curl_slist *list;
+    const char *connection_tokens;
+    bool failed;
+};
+
+static enum MHD_Result copy_header(void *cls, enum MHD_ValueKind kind, const char *key,
+                                   const char *value)
+{
+    (void)kind;
+    struct header_copy *hc = cls;
+    if (!forward_header_allowed(key, hc->connection_tokens))
+        return MHD_YES;
+    char line[8192];
+    if (snprintf(line, sizeof line, "%s: %s", key, value ? value : "") >= (int)sizeof line)
+        return MHD_YES; /* an oversized header is not relayed */
+    struct curl_slist *n = curl_slist_append(hc->list, line);
+    if (!n) {
+        hc->failed = true;
+        return MHD_NO;
+    }
+    hc->list = n;
+    return MHD_YES;
+}
+
+static int add_header_line(struct curl_slist **list, const char *name, const char *value)
+{
+    char line[8192];
+    if (snprintf(line, sizeof line, "%s: %s", name, value) >= (int)sizeof line)
+        return PEP_EINVAL;
+    struct curl_slist *n = curl_slist_append(*list, line);
+    if (!n)
+        return PEP_ENOMEM;
+    *list = n;
+    return 0;
+}
+
+/* The model the agent asked for, when the body is a JSON object with a "model" string. */
+static void read_model(struct request *r)
+{
+    const char *ct = MHD_lookup_connection_value(r->conn, MHD_HEADER_KIND, "Content-Type");
+    if (!r->body_len || !ct || !strstr(ct, "json"))
+        return;
+    json_t *doc = json_loadb(r->body, r->body_len, 0, NULL);
+    const char *model = json_string_value(json_object_get(doc, "model"));
+    if (model)
+        snprintf(r->model, sizeof r->model, "%s", model);
+    json_decref(doc);
+}
+
+/* Builds the upstream call of an allowed request (SPEC 4.7).  Returns 0 or a negative
+ * code (then the request is answered 503). */
+static int prepare_forward(struct request *r)
+{
+    const struct route *route = r->match.route;
+    const struct upstream *up = route->upstream;
+    struct forward_job *job = &r->job;
+    const char *path = route->forward_path ? route->forward_path : r->target;
+    size_t path_len = route->forward_path ? strlen(path) : strcspn(r->target, "?");
+    size_t url_len = strlen(up->base_url) + path_len + (r->query ? strlen(r->query) + 1 : 0) + 1;
+    job->url = malloc(url_len);
+    if (!job->url)
+        return PEP_ENOMEM;
+    snprintf(job->url, url_len, "%s%.*s%s%s", up->base_url, (int)path_len, path,
+             r->query ? "?" : "", r->query ? r->query : "");
+
+    struct header_copy hc = {
+        .connection_tokens =
+            MHD_lookup_connection_value(r->conn, MHD_HEADER_KIND, "Connection"),
+    };
+    MHD_get_connection_values(r->conn, MHD_HEADER_KIND, copy_header, &hc);
+    job->headers = hc.list;
+    if (hc.failed)
+        return PEP_ENOMEM;
+    int rc = 0;
+    if (up->api_key_env) {
+        /* SECURITY: the upstream key goes only into this header, to this upstream. */
+        const char *key = getenv(up->api_key_env);
+        if (key && *key) {
+            char value[4096];
+            snprintf(value, sizeof value, "Bearer %s", key);
+            rc = add_header_line(&job->headers, "Authorization", value);
+        }
+    }
+    for (size_t i = 0; rc == 0 && i < up->headers_len; i++) {
+        const char *v = up->headers[i].env ? getenv(up->headers[i].env) : up->headers[i].value;
+        if (v)
+            rc = add_header_line(&job->headers, up->headers[i].name, v);
+    }
+    if (rc == 0)
+        rc = add_header_line(&job->headers, "X-Request-Id", r->id);
+    if (rc == 0) /* no "Expect: 100-continue" round trip */
+        rc = add_header_line(&job->headers, "Expect", "");
+    job->method = r->method;
+    job->body = r->body;
+    job->body_len = r->body_len;
+    job->timeout_ms = up->timeout_ms;
+    job->idle_timeout_ms = up->idle_timeout_ms;
+    read_model(r);
+    return rc;
+}
+
+static void on_forward_done(struct forward_job *job, void *arg)
+{
+    (void)job;
+    request_resume(arg);
+}
+
+static void on_decision_durable(void *arg, int rc, int64_t seq)
+{
+    struct request *r = arg;
+    r->audit_rc = rc;
+    r->audit_seq = seq;
+    bool audited = rc == 0 || r->policy->on_failure == AUDIT_ON_FAILURE_ALLOW;
+    if (audited && r->decision.allow && r->forwarding) {
+        r->job.done = on_forward_done;
+        r->job.done_arg = r;
+        if (forwarder_submit(r->srv->forwarder, &r->job) == 0)
+            return; /* the forwarder resumes it */
+        r->job.error = FORWARD_CANCELLED; /* shutting down: answered as a failed attempt */
+    }
+    request_resume(r);
+}
+
+static enum MHD_Result data_on_complete(struct request *r)
+{
+    if (r->builtin)
+        return answer_builtin(r);
+    if (r->decided_early)
+        return audit_and_wait(r);
+    if (r->body_too_large) {
+        char reason[96];
+        snprintf(reason, sizeof reason, "body exceeds max_body %llu",
+                 (unsigned long long)r->body_limit);
+        return deny_early(r, 413, "body_too_large", reason);
+    }
+    struct decide_input in = {
+        .policy = r->policy,
+        .match = &r->match,
+        .now_s = r->start_wall_us / 1000000,
+    };
+    const char *token = bearer_token(r->conn);
+    in.token_present = token != NULL;
+    if (token) {
+        const struct policy *p = r->policy;
+        in.token_status = token_verify(r->srv->verifier, r->srv->keys, token, p->issuer, "pep",
+                                       in.now_s, p->clock_skew_ms / 1000, &r->claims);
+        if (in.token_status == TOKEN_OK) {
+            in.claims = r->claims;
+            in.token_revoked = registry_is_revoked(r->srv->registry, r->claims->jti);
+            r->agent = registry_get_agent(r->srv->registry, r->claims->sub);
+            in.agent = r->agent;
+        }
+    }
+    decide(&in, &r->decision);
+    if (r->decision.allow && r->match.route->forwards) {
+        r->forwarding = true;
+        if (prepare_forward(r) != 0) {
+            r->decision.allow = false;
+            r->decision.status = 503;
+            r->decision.code = "upstream_unavailable";
+            snprintf(r->decision.reason, sizeof r->decision.reason,
+                     "cannot prepare the upstream request");
+            r->forwarding = false;
+        }
+    }
+    return audit_and_wait(r);
+}
+
+/* Statuses that end a one-step chain as "upstream unavailable" (SPEC 3.3, 4.1). */
+static bool retryable_status(const struct route *route, long status)
+{
+    static const int defaults[] = {429, 500, 502, 503, 504};
+    const int *on = defaults;
+    size_t n = PEP_ARRAY_LEN(defaults);
+    if (route->retry.present) {
+        on = route->retry.on_status;
+        n = route->retry.on_status_len;
+    }
+    for (size_t i = 0; i < n; i++)
+        if (on[i] == status)
+            return true;
+    return false;
+}
+
+static void submit_outcome(struct request *r, const char *code, int status)
+{
+    const struct route *route = r->match.route;
+    const struct forward_job *job = &r->job;
+    json_t *rec = server_record("outcome", r->id);
+    if (!rec)
+        return;
+    json_t *attempt = json_pack("{s:s, s:I}", "upstream", route->upstream->name, "ms",
+                                (json_int_t)(job->elapsed_us / 1000));
+    if (r->model[0])
+        json_object_set_new(attempt, "model", json_string(r->model));
+    if (job->error == FORWARD_OK)
+        json_object_set_new(attempt, "status", json_integer(job->status));
+    else
+        json_object_set_new(attempt, "error", json_string(forward_error_name(job->error)));
+    json_object_set_new(rec, "attempts", json_pack("[o]", attempt));
+    set_str(rec, "code", code);
+    json_object_set_new(rec, "status", json_integer(status));
+    set_str(rec, "upstream", route->upstream->name);
+    if (r->model[0])
+        set_str(rec, "model", r->model);
+    set_str(rec, "action", route->action->name);
+    if (r->agent)
+        set_str(rec, "agent", r->agent->id);
+    if (r->decision.tenant)
+        json_object_set_new(rec, "tenant", json_stringn(r->decision.tenant, r->decision.tenant_len));
+    json_object_set_new(rec, "fallback_step", json_integer(0));
+    json_object_set_new(rec, "latency_us", json_integer(pep_mono_us() - r->start_mono_us));
+    if (audit_submit(r->srv->audit, rec, NULL, NULL, NULL, NULL) != 0)
+        fprintf(stderr, "pep: audit: outcome record of %s could not be queued\n", r->id);
+}
+
+/* The answer to a forwarded request: the upstream's, or a pep error (SPEC 3.3, 4.3). */
+static enum MHD_Result respond_forwarded(struct request *r)
+{
+    const struct route *route = r->match.route;
+    struct forward_job *job = &r->job;
+    const char *code = "ok";
+    if (job->error != FORWARD_OK || retryable_status(route, job->status)) {
+        code = "upstream_unavailable";
+        json_t *extra = job->error == FORWARD_OK
+                            ? json_pack("{s:I}", "upstream_status", (json_int_t)job->status)
+                            : NULL;
+        char msg[160];
+        snprintf(msg, sizeof msg, "upstream %s unavailable (%s)", route->upstream->name,
+                 job->error == FORWARD_OK ? "retryable status" : forward_error_name(job->error));
+        reply_error(r, 503, code, msg, extra);
+    } else if (job->status == 401 || job->status == 403) {
+        code = "upstream_auth_failed";
+        char msg[160];
+        snprintf(msg, sizeof msg, "upstream %s refused pep's credentials (%ld)",
+                 route->upstream->name, job->status);
+        reply_error(r, 502, code, msg, NULL);
+    } else {
+        reply_clear(&r->reply);
+        r->reply.status = (int)job->status;
+        r->reply.body = job->body_out;
+        r->reply.body_len = job->body_out_len;
+        job->body_out = NULL;
+        for (size_t i = 0; i < job->resp_headers_len; i++)
+            reply_set_header(&r->reply, job->resp_headers[i].name, job->resp_headers[i].value);
+    }
+    reply_set_header(&r->reply, "Pep-Upstream", route->upstream->name);
+    if (r->model[0])
+        reply_set_header(&r->reply, "Pep-Model", r->model);
+    reply_set_header(&r->reply, "Pep-Attempts", job->error == FORWARD_CANCELLED ? "0" : "1");
+    submit_outcome(r, code, r->reply.status);
+    return send_reply(r);
+}
+
+static enum MHD_Result data_respond(struct request *r)
+{
+    if (r->audit_rc != 0 && r->policy->on_failure == AUDIT_ON_FAILURE_DENY) {
+        r->audit_seq = 0;
+        reply_error(r, 503, "audit_unavailable",
+                    "the audit log cannot be written; request refused (fail closed)", NULL);
+        reply_set_header(&r->reply, "Retry-After", "1");
+        return send_reply(r);
+    }
+    if (!r->decision.allow) {
+        reply_error(r, r->decision.status, r->decision.code, r->decision.reason, NULL);
+        return send_reply(r);
+    }
+    if (r->forwarding)
+        return respond_forwarded(r);
+    reply_json(r, 200,
+               json_pack("{s:s, s:s, s:s}", "decision", "allow", "action",
+                         r->decision.action->name, "request_id", r->id));
+    return send_reply(r);
+}
+
+/* ---- the handler ---------------------------------------------------------------------------- */
+
+static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const char *url,
+                                  const char *method, const char *version,
+                                  const char *upload_data, size_t *upload_data_size,
+                                  void **con_cls)
+{
+    (void)cls;
+    (void)conn;
+    (void)url;
+    (void)version;
+    struct request *r = *con_cls;
+    if (!r)
+        return MHD_NO; /* out of memory when the request line arrived */
+    switch (r->phase) {
+    case PHASE_HEADERS:
+        r->method = method;
+        r->phase = PHASE_BODY;
+        if (r->admin) {
+            r->policy = server_policy(r->srv);
+            r->body_limit = r->policy->max_body;
+            return MHD_YES;
+        }
+        return data_on_headers(r);
+    case PHASE_BODY:
+        if (*upload_data_size) {
+            append_body(r, upload_data, *upload_data_size);
+            *upload_data_size = 0;
+            return MHD_YES;
+        }
+        if (r->admin) {
+            if (r->body_too_large) {
+                reply_error(r, 413, "body_too_large", "body exceeds max_body", NULL);
+                return send_reply(r);
+            }
+            enum MHD_Result rc = admin_handle(r);
+            if (r->phase == PHASE_BODY || r->phase == PHASE_RESPOND)
+                return send_reply(r);
+            return rc;
+        }
+        return data_on_complete(r);
+    case PHASE_WAITING:
+        *upload_data_size = 0;
+        return MHD_YES;
+    case PHASE_RESPOND:
+        if (r->admin) {
+            admin_finish(r);
+            return send_reply(r);
+        }
+        return data_respond(r);
+    case PHASE_DONE:
+        break;
+    }
+    return MHD_YES;
+}
+
+/* ---- listeners --------------------------------------------------------------------------------- */
+
+/* Splits "HOST:PORT" / "[V6]:PORT" and resolves it for binding. */
+static int resolve_listen(const char *spec, struct sockaddr_storage *ss, socklen_t *len,
+                          char *host, size_t host_cap, struct pep_err *err)
+{
+    const char *colon = strrchr(spec, ':');
+    if (!colon || colon == spec)
+        return pep_err_set(err, PEP_EINVAL, "listen address '%s' is not HOST:PORT", spec);
+    size_t hlen = (size_t)(colon - spec);
+    const char *h = spec;
+    if (spec[0] == '[' && hlen >= 2 && spec[hlen - 1] == ']') {
+        h++;
+        hlen -= 2;
+    }
+    if (hlen + 1 > host_cap)
+        return pep_err_set(err, PEP_EINVAL, "listen address '%s' is too long", spec);
+    memcpy(host, h, hlen);
+    host[hlen] = '\0';
+    struct addrinfo hints = {.ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM,
+                             .ai_flags = AI_PASSIVE | AI_NUMERICSERV};
+    struct addrinfo *res = NULL;
+    int gai = getaddrinfo(host, colon + 1, &hints, &res);
+    if (gai != 0)
+        return pep_err_set(err, PEP_EINVAL, "listen address '%s': %s", spec, gai_strerror(gai));
+    memcpy(ss, res->ai_addr, res->ai_addrlen);
+    *len = res->ai_addrlen;
+    freeaddrinfo(res);
+    return 0;
+}
+
+/* The two listeners share the handler; cls is {server, admin-marker}. */
+static struct server *listener_cls[2][2];
+
+static struct MHD_Daemon *start_listener(struct server *s, const char *spec, bool admin,
+                                         struct pep_err *err)
+{
+    struct sockaddr_storage ss;
+    socklen_t sslen;
+    char host[256];
+    if (resolve_listen(spec, &ss, &sslen, host, sizeof host, err) != 0)
+        return NULL;
+    struct server **cls = listener_cls[admin ? 1 : 0];
+    cls[0] = s;
+    cls[1] = admin ? s : NULL;
+    unsigned flags = MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_EPOLL | MHD_ALLOW_SUSPEND_RESUME |
+                     MHD_USE_TURBO | MHD_USE_ERROR_LOG;
+    if (ss.ss_family == AF_INET6)
+        flags |= MHD_USE_IPv6;
+    struct MHD_Daemon *d = MHD_start_daemon(
+        flags, 0, NULL, NULL, on_request, cls, MHD_OPTION_SOCK_ADDR, (struct sockaddr *)&ss,
+        MHD_OPTION_URI_LOG_CALLBACK, on_uri, cls, MHD_OPTION_NOTIFY_COMPLETED, on_completed,
+        cls, MHD_OPTION_CONNECTION_TIMEOUT, (unsigned int)CONNECTION_TIMEOUT_S,
+        MHD_OPTION_THREAD_POOL_SIZE, (unsigned int)LISTENER_THREADS,
+        MHD_OPTION_CONNECTION_LIMIT, (unsigned int)4096, MHD_OPTION_LISTEN_BACKLOG_SIZE,
+        (unsigned int)1024, MHD_OPTION_END);
+    if (!d) {
+        pep_err_set(err, PEP_EIO, "cannot listen on %s", spec);
+        return NULL;
+    }
+    const union MHD_DaemonInfo *info = MHD_get_daemon_info(d, MHD_DAEMON_INFO_BIND_PORT);
+    unsigned port = info ? info->port : 0;
+    bool v6 = ss.ss_family == AF_INET6;
+    printf("listening %s http://%s%s%s:%u\n", admin ? "admin" : "data", v6 ? "[" : "", host,
+           v6 ? "]" : "", port);
+    fflush(stdout);
+    return d;
+}
+
+int server_start_listeners(struct server *s, struct pep_err *err)
+{
+    const char *data = s->listen_override ? s->listen_override : s->policy->listen;
+    const char *admin =
+        s->admin_listen_override ? s->admin_listen_override : s->policy->admin_listen;
+    s->data_daemon = start_listener(s, data, false, err);
+    if (!s->data_daemon)
+        return err ? err->code : PEP_EIO;
+    s->admin_daemon = start_listener(s, admin, true, err);
+    if (!s->admin_daemon) {
+        MHD_stop_daemon(s->data_daemon);
+        s->data_daemon = NULL;
+        return err ? err->code : PEP_EIO;
+    }
+    return 0;
+}
+
+void server_stop_listeners(struct server *s)
+{
+    if (s->data_daemon)
+        MHD_stop_daemon(s->data_daemon);
+    if (s->admin_daemon)
+        MHD_stop_daemon(s->admin_daemon);
+    s->data_daemon = s->admin_daemon = NULL;
+}
+
+/* ---- synchronous audit (startup, shutdown) ----------------------------------------------------- */
+
+struct sync_wait {
+    pthread_mutex_t lock;
+    pthread_cond_t cond;
+    bool done;
+    int rc;
+    int64_t seq;
+};
+
+static void on_sync_done(void *arg, int rc, int64_t seq)
+{
+    struct sync_wait *w = arg;
+    pthread_mutex_lock(&w->lock);
+    w->done = true;
+    w->rc = rc;
+    w->seq = seq;
+    pthread_cond_signal(&w->cond);
+    pthread_mutex_unlock(&w->lock);
+}
+
+int server_audit_sync(struct server *s, json_t *record, audit_apply_fn apply, void *apply_arg,
+                      int64_t *seq)
+{
+    struct sync_wait w = {.lock = PTHREAD_MUTEX_INITIALIZER, .cond = PTHREAD_COND_INITIALIZER};
+    int rc = audit_submit(s->audit, record, apply, apply_arg, on_sync_done, &w);
+    if (rc != 0)
+        return rc;
+    pthread_mutex_lock(&w.lock);
+    while (!w.done)
+        pthread_cond_wait(&w.cond, &w.lock);
+    pthread_mutex_unlock(&w.lock);
+    if (seq)
+        *seq = w.seq;
+    return w.rc;
+}

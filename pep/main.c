@@ -1,0 +1,331 @@
+/*
+ * main.c — `pep serve | check | version` (SPEC 1): argument parsing and wiring only.
+ *
+ * serve: load the policy, open the data dir (keys, audit store, registry), bootstrap the
+ * admin token on first start, start the forwarder and the listeners, then wait for
+ * signals on the main thread (every other thread blocks them): SIGHUP reloads, SIGTERM and
+ * SIGINT drain and exit 0.
+ */
+#include "pep/server.h"
+#include "pep/util.h"
+
+#include <curl/curl.h>
+#include <errno.h>
+#include <openssl/crypto.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+#include <yaml.h>
+
+#define PEP_VERSION "0.2.0"
+
+static void usage(FILE *f)
+{
+    fprintf(f, "usage:\n"
+               "  pep serve -c FILE [--data-dir DIR] [--listen HOST:PORT] [--admin-listen "
+               "HOST:PORT]\n"
+               "  pep check -c FILE\n"
+               "  pep version\n");
+}
+
+static void print_errors(const struct policy_errors *errs)
+{
+    for (size_t i = 0; i < errs->len; i++)
+        fprintf(stderr, "%s\n", errs->items[i]);
+}
+
+static int cmd_check(const char *file)
+{
+    struct policy *p = NULL;
+    struct policy_errors errs = {0};
+    int rc = policy_load(file, NULL, &p, &errs);
+    if (rc != 0) {
+        print_errors(&errs);
+        if (errs.len == 0)
+            fprintf(stderr, "%s: cannot read the policy file: %s\n", file, strerror(errno));
+        policy_errors_free(&errs);
+        return 2;
+    }
+    printf("%s: ok (policy_hash %s, %zu routes, %zu actions, %zu upstreams, %zu agents)\n",
+           file, p->policy_hash, p->routes_len, p->actions_len, p->upstreams_len, p->agents_len);
+    policy_release(p);
+    return 0;
+}
+
+static int cmd_version(void)
+{
+    printf("pep %s\n", PEP_VERSION);
+    printf("libmicrohttpd %s\n", MHD_get_version());
+    printf("libjwt %s\n", PEP_LIBJWT_VERSION);
+    printf("jansson %s\n", JANSSON_VERSION);
+    printf("sqlite %s\n", sqlite3_libversion());
+    printf("libyaml %s\n", yaml_get_version_string());
+    printf("%s\n", curl_version());
+    printf("%s\n", OpenSSL_version(OPENSSL_VERSION));
+    return 0;
+}
+
+/* ---- serve ------------------------------------------------------------------------------- */
+
+static pthread_mutex_t reload_lock = PTHREAD_MUTEX_INITIALIZER;
+
+int server_reload(struct server *s, struct policy_errors *errs)
+{
+    pthread_mutex_lock(&reload_lock);
+    struct policy *p = NULL;
+    int rc = policy_load(s->policy_path, NULL, &p, errs);
+    if (rc == 0) {
+        pthread_mutex_lock(&s->policy_lock);
+        struct policy *old = s->policy;
+        s->policy = p;
+        s->policy_loaded_at_us = pep_now_us();
+        pthread_mutex_unlock(&s->policy_lock);
+        if (strcmp(old->listen, p->listen) != 0 || strcmp(old->admin_listen, p->admin_listen) != 0)
+            fprintf(stderr, "pep: reload: listen addresses take effect at the next start\n");
+        policy_release(old);
+        json_t *rec = server_record("system", NULL);
+        json_object_set_new(rec, "action", json_string("policy.reload"));
+        json_object_set_new(rec, "policy_hash", json_string(p->policy_hash));
+        json_object_set_new(rec, "reason", json_string(p->file));
+        if (audit_submit(s->audit, rec, NULL, NULL, NULL, NULL) != 0)
+            fprintf(stderr, "pep: reload: the reload record could not be queued\n");
+        if (server_seed_agents(s, p) != 0)
+            fprintf(stderr, "pep: reload: policy agents could not be seeded\n");
+        fprintf(stderr, "pep: policy reloaded from %s (policy_hash %s)\n", p->file,
+                p->policy_hash);
+    } else if (errs->len == 0) {
+        /* Unreadable file: say so in the same shape as a compile error. */
+        char msg[4200];
+        snprintf(msg, sizeof msg, "%s:1:1: cannot read the policy file: %s", s->policy_path,
+                 strerror(errno));
+        errs->items = calloc(1, sizeof(char *));
+        if (errs->items && (errs->items[0] = strdup(msg)))
+            errs->len = 1;
+    }
+    pthread_mutex_unlock(&reload_lock);
+    return rc;
+}
+
+static char *checkpoint_sign(void *arg, int64_t seq, const uint8_t hash[32])
+{
+    struct server *s = arg;
+    return keys_sign_checkpoint(s->keys, seq, hash, pep_now_us() / 1000000);
+}
+
+static int make_dir(const char *path, struct pep_err *err)
+{
+    if (mkdir(path, 0700) == 0 || errno == EEXIST)
+        return 0;
+    return pep_err_set(err, PEP_EIO, "cannot create %s: %s", path, strerror(errno));
+}
+
+/* Opens everything the listeners need.  Returns 0 or a negative code with err filled. */
+static int server_open(struct server *s, struct pep_err *err)
+{
+    int rc = make_dir(s->data_dir, err);
+    if (rc == 0)
+        rc = keys_load_or_create(s->data_dir, &s->keys, err);
+    if (rc == 0) {
+        s->verifier = token_verifier_new(0);
+        s->registry = registry_new();
+        if (!s->verifier || !s->registry)
+            rc = pep_err_set(err, PEP_ENOMEM, "out of memory");
+    }
+    if (rc == 0) {
+        struct audit_options opt = {
+            .durability_full = s->policy->durability == AUDIT_DURABILITY_FULL,
+            .schema_extra = registry_schema_sql(),
+            .checkpoint_every = s->policy->checkpoint_every,
+            .checkpoint_sign = checkpoint_sign,
+            .checkpoint_arg = s,
+        };
+        rc = audit_open(s->db_path, &opt, &s->audit, err);
+    }
+    if (rc == 0) {
+        sqlite3 *db = NULL;
+        rc = audit_open_reader(s->db_path, &db, err);
+        if (rc == 0)
+            rc = registry_load(s->registry, db, err);
+        sqlite3_close(db);
+    }
+    if (rc == 0 && server_seed_agents(s, s->policy) != 0)
+        rc = pep_err_set(err, PEP_EDB, "cannot seed the policy's agents");
+    if (rc == 0)
+        rc = server_bootstrap_admin(s, err);
+    if (rc == 0)
+        rc = forwarder_start(&s->forwarder, err);
+    return rc;
+}
+
+static void server_close(struct server *s)
+{
+    server_stop_listeners(s);
+    forwarder_stop(s->forwarder);
+    if (s->audit)
+        audit_close(s->audit);
+    token_verifier_free(s->verifier);
+    registry_free(s->registry);
+    keys_free(s->keys);
+    if (s->policy)
+        policy_release(s->policy);
+    free(s->data_dir);
+    free(s->db_path);
+}
+
+static void audit_system(struct server *s, const char *action, const char *reason)
+{
+    json_t *rec = server_record("system", NULL);
+    json_object_set_new(rec, "action", json_string(action));
+    json_object_set_new(rec, "reason", json_string(reason));
+    json_object_set_new(rec, "policy_hash", json_string(s->policy->policy_hash));
+    if (server_audit_sync(s, rec, NULL, NULL, NULL) != 0)
+        fprintf(stderr, "pep: audit: the %s record could not be written\n", action);
+}
+
+/* Waits until no request is in flight or the deadline passes; true when drained. */
+static bool wait_idle(struct server *s, int64_t deadline_mono_us)
+{
+    while (__atomic_load_n(&s->inflight, __ATOMIC_RELAXED) > 0) {
+        if (pep_mono_us() >= deadline_mono_us)
+            return false;
+        usleep(10000);
+    }
+    return true;
+}
+
+static void drain(struct server *s)
+{
+    __atomic_store_n(&s->draining, 1, __ATOMIC_RELAXED);
+    MHD_socket fd = MHD_quiesce_daemon(s->data_daemon);
+    if (fd != MHD_INVALID_SOCKET)
+        close(fd);
+    fd = MHD_quiesce_daemon(s->admin_daemon);
+    if (fd != MHD_INVALID_SOCKET)
+        close(fd);
+    int64_t deadline = pep_mono_us() + s->policy->drain_timeout_ms * 1000;
+    if (!wait_idle(s, deadline)) {
+        fprintf(stderr, "pep: drain timeout: cancelling upstream calls still in flight\n");
+        forwarder_cancel_all(s->forwarder);
+        wait_idle(s, pep_mono_us() + 5000000);
+    }
+    server_stop_listeners(s);
+    audit_system(s, "stop", "pep stopped (drained)");
+}
+
+static int cmd_serve(const char *file, const char *data_dir, const char *listen,
+                     const char *admin_listen)
+{
+    struct server s = {.policy_path = (char *)file,
+                       .listen_override = listen,
+                       .admin_listen_override = admin_listen};
+    pthread_mutex_init(&s.policy_lock, NULL);
+    struct policy_errors errs = {0};
+    if (policy_load(file, NULL, &s.policy, &errs) != 0) {
+        print_errors(&errs);
+        if (errs.len == 0)
+            fprintf(stderr, "%s: cannot read the policy file: %s\n", file, strerror(errno));
+        policy_errors_free(&errs);
+        return 2;
+    }
+    s.policy_loaded_at_us = pep_now_us();
+    s.data_dir = strdup(data_dir ? data_dir : s.policy->data_dir);
+    s.db_path = malloc(strlen(s.data_dir) + 8);
+    if (!s.data_dir || !s.db_path)
+        return 1;
+    sprintf(s.db_path, "%s/pep.db", s.data_dir);
+
+    /* Every thread started from here inherits this mask; only the main thread takes the
+     * signals, with sigwait. SIGPIPE: a client gone mid-answer; SIGXFSZ: a file-size
+     * limit hit by the audit store must fail the write (fail closed), not kill pep. */
+    signal(SIGPIPE, SIG_IGN);
+    signal(SIGXFSZ, SIG_IGN);
+    sigset_t set;
+    sigemptyset(&set);
+    sigaddset(&set, SIGTERM);
+    sigaddset(&set, SIGINT);
+    sigaddset(&set, SIGHUP);
+    pthread_sigmask(SIG_BLOCK, &set, NULL);
+    curl_global_init(CURL_GLOBAL_DEFAULT);
+
+    struct pep_err err = {0};
+    int rc = server_open(&s, &err);
+    if (rc == 0)
+        rc = server_start_listeners(&s, &err);
+    if (rc != 0) {
+        fprintf(stderr, "pep: %s\n", err.msg[0] ? err.msg : pep_strerror(rc));
+        server_close(&s);
+        return 1;
+    }
+    audit_system(&s, "start", "pep started");
+    fprintf(stderr, "pep: serving policy %s (policy_hash %s), data in %s\n", file,
+            s.policy->policy_hash, s.data_dir);
+
+    for (;;) {
+        int sig = 0;
+        if (sigwait(&set, &sig) != 0)
+            continue;
+        if (sig == SIGHUP) {
+            struct policy_errors rerrs = {0};
+            if (server_reload(&s, &rerrs) != 0) {
+                fprintf(stderr, "pep: reload refused, the active policy is kept:\n");
+                print_errors(&rerrs);
+            }
+            policy_errors_free(&rerrs);
+            continue;
+        }
+        fprintf(stderr, "pep: %s received, draining\n", sig == SIGINT ? "SIGINT" : "SIGTERM");
+        break;
+    }
+    drain(&s);
+    server_close(&s);
+    curl_global_cleanup();
+    return 0;
+}
+
+int main(int argc, char **argv)
+{
+    if (argc < 2) {
+        usage(stderr);
+        return 2;
+    }
+    const char *cmd = argv[1], *file = NULL, *data_dir = NULL, *listen = NULL,
+               *admin_listen = NULL;
+    for (int i = 2; i < argc; i++) {
+        const char *a = argv[i];
+        const char **slot = NULL;
+        if (strcmp(a, "-c") == 0 || strcmp(a, "--config") == 0)
+            slot = &file;
+        else if (strcmp(a, "--data-dir") == 0)
+            slot = &data_dir;
+        else if (strcmp(a, "--listen") == 0)
+            slot = &listen;
+        else if (strcmp(a, "--admin-listen") == 0)
+            slot = &admin_listen;
+        if (!slot || i + 1 >= argc) {
+            fprintf(stderr, "pep: %s: %s\n", slot ? "missing value for" : "unknown option", a);
+            usage(stderr);
+            return 2;
+        }
+        *slot = argv[++i];
+    }
+    if (strcmp(cmd, "version") == 0 || strcmp(cmd, "--version") == 0)
+        return cmd_version();
+    if ((strcmp(cmd, "check") == 0 || strcmp(cmd, "serve") == 0) && !file) {
+        fprintf(stderr, "pep: %s needs -c FILE\n", cmd);
+        return 2;
+    }
+    if (strcmp(cmd, "check") == 0)
+        return cmd_check(file);
+    if (strcmp(cmd, "serve") == 0)
+        return cmd_serve(file, data_dir, listen, admin_listen);
+    if (strcmp(cmd, "help") == 0 || strcmp(cmd, "--help") == 0) {
+        usage(stdout);
+        return 0;
+    }
+    fprintf(stderr, "pep: unknown command '%s'\n", cmd);
+    usage(stderr);
+    return 2;
+}

@@ -1,0 +1,114 @@
+/*
+ * registry.h — who exists: agents, operators and the tokens pep issued (SPEC 3.1, 5).
+ *
+ * The request path reads the registry from memory only.  Durable changes follow DESIGN
+ * rule 2: the admin layer queues an audit item whose apply callback calls a
+ * registry_sql_* function (writer thread, inside the record's transaction) and whose
+ * done callback, once the batch committed, calls the matching registry_publish_*.  So a
+ * change is visible to requests only once it and its audit record are durable, and it is
+ * visible before the admin call that made it returns (revocation in particular).
+ *
+ * Records are immutable once published and reference counted; a change publishes a new
+ * record in place of the old.  Readers retain what they look up and release it when the
+ * request ends, so a concurrent change never frees what a request is reading.
+ *
+ * Threads: registry_get_* / registry_is_revoked / registry_list_* from any thread
+ * (rwlock `lock` guards the maps); registry_sql_* on the audit writer thread only;
+ * registry_publish_* from the writer thread's done callbacks or at startup.
+ */
+#ifndef PEP_REGISTRY_H
+#define PEP_REGISTRY_H
+
+#include "pep/common.h"
+
+#include <jansson.h>
+#include <sqlite3.h>
+
+struct agent {
+    char *id;
+    char *owner;
+    char **tenants;      /* the first is the default tenant of routes without {tenant} */
+    size_t tenants_len;
+    char **scopes;
+    size_t scopes_len;
+    bool enabled;
+    int64_t created_at_us;
+    int64_t updated_at_us;
+    int refcount;        /* atomic */
+};
+
+struct operator_rec {
+    char *id;
+    char **roles;
+    size_t roles_len;
+    int64_t created_at_us;
+    int refcount;        /* atomic */
+};
+
+struct token_rec {
+    char jti[32];
+    char *subject;       /* agent or operator id */
+    bool operator_token; /* aud pep-admin */
+    int64_t issued_at_s;
+    int64_t expires_at_s;
+    int64_t revoked_at_s; /* 0 while valid */
+};
+
+/* Builds a new agent record (refcount 1); strings are copied.  NULL on ENOMEM. */
+struct agent *agent_new(const char *id, const char *owner, const char *const *tenants,
+                        size_t tenants_len, const char *const *scopes, size_t scopes_len,
+                        bool enabled, int64_t created_at_us, int64_t updated_at_us);
+/* Copy of a with another enabled flag and update time. */
+struct agent *agent_with_enabled(const struct agent *a, bool enabled, int64_t now_us);
+struct agent *agent_retain(struct agent *a);
+void agent_release(struct agent *a);
+bool agent_has_tenant(const struct agent *a, const char *tenant, size_t len);
+/* The agent's JSON view {id, owner, tenants, scopes, enabled, created_at, updated_at}. */
+json_t *agent_to_json(const struct agent *a);
+/* True when both describe the same identity (id, owner, tenants, scopes, enabled). */
+bool agent_same(const struct agent *a, const struct agent *b);
+
+struct operator_rec *operator_new(const char *id, const char *const *roles, size_t roles_len,
+                                  int64_t created_at_us);
+struct operator_rec *operator_retain(struct operator_rec *o);
+void operator_release(struct operator_rec *o);
+bool operator_has_role(const struct operator_rec *o, const char *role);
+json_t *operator_to_json(const struct operator_rec *o);
+
+json_t *token_rec_to_json(const struct token_rec *t);
+
+struct registry;
+
+struct registry *registry_new(void);
+void registry_free(struct registry *r);
+
+/* SQL creating the registry's tables (passed to audit_open as schema_extra). */
+const char *registry_schema_sql(void);
+/* Loads every table into memory (startup, before any request). */
+int registry_load(struct registry *r, sqlite3 *db, struct pep_err *err);
+
+/* Lookups: a retained record or NULL. */
+struct agent *registry_get_agent(struct registry *r, const char *id);
+struct operator_rec *registry_get_operator(struct registry *r, const char *id);
+bool registry_is_revoked(struct registry *r, const char *jti);
+/* Copies the token record; returns false when unknown. */
+bool registry_get_token(struct registry *r, const char *jti, struct token_rec *out);
+
+/* Lists as JSON arrays (new references), sorted by id (agents, operators) or by issue
+ * time (tokens, oldest first).  agent_filter may be NULL. */
+json_t *registry_list_agents(struct registry *r);
+json_t *registry_list_tokens(struct registry *r, const char *agent_filter);
+
+/* Writer thread, inside the audit transaction.  Return 0 or PEP_EDB. */
+int registry_sql_put_agent(sqlite3 *db, const struct agent *a);
+int registry_sql_put_operator(sqlite3 *db, const struct operator_rec *o);
+int registry_sql_put_token(sqlite3 *db, const struct token_rec *t);
+int registry_sql_revoke_token(sqlite3 *db, const char *jti, int64_t revoked_at_s);
+
+/* Make a committed change visible.  publish_* take over the caller's reference. */
+void registry_publish_agent(struct registry *r, struct agent *a);
+void registry_publish_operator(struct registry *r, struct operator_rec *o);
+void registry_publish_token(struct registry *r, const struct token_rec *t);
+void registry_publish_revoke(struct registry *r, const char *jti, int64_t revoked_at_s);
+
+#endif

@@ -1,0 +1,163 @@
+/*
+ * server.h — the running service: its shared state and the per-request context that the
+ * data plane (http.c) and the admin API (admin.c) share.
+ *
+ * Threads: the listener threads (libmicrohttpd's epoll pool) run the handlers; the audit
+ * writer and the forwarder call back into a request only through the functions marked
+ * "any thread" below, and then resume its connection.  A suspended request is touched by
+ * exactly one other thread at a time (the one that will resume it), and the resume itself
+ * (a mutex inside libmicrohttpd) orders those writes before the listener reads them.
+ */
+#ifndef PEP_SERVER_H
+#define PEP_SERVER_H
+
+#include "audit/audit.h"
+#include "pep/decide.h"
+#include "pep/forward.h"
+#include "pep/keys.h"
+#include "pep/policy.h"
+#include "pep/registry.h"
+#include "pep/token.h"
+
+#include <microhttpd.h>
+#include <pthread.h>
+
+struct server {
+    char *data_dir;
+    char *db_path;
+    char *policy_path;
+    const char *listen_override;       /* --listen, or NULL */
+    const char *admin_listen_override; /* --admin-listen, or NULL */
+
+    pthread_mutex_t policy_lock;  /* guards `policy` (the pointer swap on reload) */
+    struct policy *policy;        /* current snapshot; requests retain their own */
+    int64_t policy_loaded_at_us;
+
+    struct keyring *keys;
+    struct token_verifier *verifier;
+    struct registry *registry;
+    struct audit_store *audit;
+    struct forwarder *forwarder;
+    struct MHD_Daemon *data_daemon;
+    struct MHD_Daemon *admin_daemon;
+
+    int draining;                 /* atomic: SIGTERM received, /readyz answers 503 */
+    long inflight;                /* atomic: requests between URI and completion */
+};
+
+/* The current policy snapshot, retained (caller releases).  Any thread. */
+struct policy *server_policy(struct server *s);
+
+/* ---- per-request context -------------------------------------------------------------- */
+
+enum request_phase {
+    PHASE_HEADERS,  /* created; first handler call not yet seen */
+    PHASE_BODY,     /* receiving the body */
+    PHASE_WAITING,  /* suspended: the audit writer or the forwarder will resume it */
+    PHASE_RESPOND,  /* resumed: the handler builds and queues the answer */
+    PHASE_DONE,     /* answer queued */
+};
+
+#define REQUEST_MAX_HEADERS 16
+
+struct reply {
+    int status;
+    char *body;                    /* malloc'd, freed with the request */
+    size_t body_len;
+    const char *content_type;      /* static */
+    struct {
+        char *name;
+        char *value;
+    } headers[REQUEST_MAX_HEADERS]; /* extra headers, malloc'd */
+    size_t headers_len;
+};
+
+struct request {
+    struct server *srv;
+    struct MHD_Connection *conn;
+    bool admin;                   /* arrived on the admin listener */
+    char id[27];                  /* ULID, also sent as Pep-Request-Id */
+    int64_t start_mono_us;
+    int64_t start_wall_us;
+    enum request_phase phase;
+
+    char *target;                 /* the raw request target (path and query), as received */
+    const char *method;           /* libmicrohttpd's copy, valid for the request */
+    char *path;                   /* decoded, normalized path (NULL when refused) */
+    const char *query;            /* raw query after '?', into target, or NULL */
+    struct policy *policy;        /* the snapshot this request uses (retained) */
+    struct route_match match;
+
+    char *body;                   /* request body (at most max_body bytes) */
+    size_t body_len;
+    size_t body_cap;
+    uint64_t body_limit;
+    bool body_too_large;
+    bool decided_early;           /* refused at headers; answered after the body is read
+                                     (so the connection stays alive) */
+    bool builtin;                 /* /healthz, /readyz or the JWKS: answered unaudited */
+
+    /* identity (retained, released with the request) */
+    struct token_claims *claims;
+    struct agent *agent;
+    struct operator_rec *operator_rec;
+
+    struct decision decision;
+    int audit_rc;                 /* of the decision (or admin) record */
+    int64_t audit_seq;            /* 0 when not audited */
+
+    bool forwarding;
+    struct forward_job job;
+    char model[128];              /* the model sent upstream, if known */
+
+    struct reply reply;
+
+    /* admin: the operation in flight while suspended */
+    void *admin_op;
+    void (*admin_op_free)(void *op);
+};
+
+/* Reply helpers (listener thread, or a callback before resuming). */
+int reply_set_header(struct reply *rep, const char *name, const char *value);
+void reply_json(struct request *r, int status, json_t *body); /* steals body */
+/* SPEC 3.3 error body with request_id; `extra` (may be NULL) members are merged in
+ * (stolen).  401 invalid_token adds WWW-Authenticate. */
+void reply_error(struct request *r, int status, const char *code, const char *message,
+                 json_t *extra);
+
+/* Suspends the request's connection (phase WAITING).  Must run on the listener thread,
+ * before handing the request to another thread. */
+void request_suspend(struct request *r);
+/* Resumes it (phase RESPOND).  Any thread. */
+void request_resume(struct request *r);
+
+/* The admin API (admin.c): called on the complete request (body received). */
+enum MHD_Result admin_handle(struct request *r);
+/* Called when a suspended admin request resumes, to build its reply. */
+void admin_finish(struct request *r);
+
+/* Service lifecycle (http.c). */
+int server_start_listeners(struct server *s, struct pep_err *err);
+void server_stop_listeners(struct server *s);
+
+/* Writes an audit item and waits for it (startup and shutdown only: blocks). */
+int server_audit_sync(struct server *s, json_t *record, audit_apply_fn apply, void *apply_arg,
+                      int64_t *seq);
+
+/* A fresh audit record {ts, kind, request_id?} (new reference). */
+json_t *server_record(const char *kind, const char *request_id);
+
+#endif
+
+/* Reloads the policy file (SIGHUP, POST /admin/v1/policy/reload).  On success swaps the
+ * snapshot, reseeds policy agents and audits it; on failure keeps the active policy and
+ * fills errs (caller frees with policy_errors_free).  Any thread; reloads are serialized. */
+int server_reload(struct server *s, struct policy_errors *errs);
+
+/* First start: creates the bootstrap operator `admin` and writes DATA/admin.token (0600)
+ * when that file does not exist.  Blocks on the audit writer (startup only). */
+int server_bootstrap_admin(struct server *s, struct pep_err *err);
+
+/* Upserts the policy's agents into the registry when they differ from what it holds
+ * (each change audited as kind `system`).  Blocks on the audit writer. */
+int server_seed_agents(struct server *s, const struct policy *p);
