@@ -22,6 +22,7 @@ UNIT_SRC   := $(wildcard tests/unit/test_*.c)
 UNIT_BIN   := $(UNIT_SRC:tests/unit/%.c=$(BUILD)/tests/%)
 ITEST_SRC  := $(wildcard tests/integration/test_*.c)
 ITEST_BIN  := $(ITEST_SRC:tests/integration/%.c=$(BUILD)/tests/i%)
+ITEST_LIB  := $(filter-out $(ITEST_SRC),$(wildcard tests/integration/*.c))
 TOOLS      := $(BUILD)/pep $(BUILD)/pepctl $(BUILD)/mockllm
 
 .PHONY: all deps run test unit integration test-one asan bench clean format lint
@@ -51,9 +52,9 @@ $(BUILD)/tests/test_%: tests/unit/test_%.c $(BUILD)/libpep.a $(HEADERS)
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) -o $@ $< $(BUILD)/libpep.a $(LDLIBS) $(TEST_LDLIBS)
 
-$(BUILD)/tests/itest_%: tests/integration/test_%.c tests/integration/harness.c $(BUILD)/libpep.a $(HEADERS)
+$(BUILD)/tests/itest_%: tests/integration/test_%.c $(ITEST_LIB) $(BUILD)/libpep.a $(HEADERS)
 	@mkdir -p $(dir $@)
-	$(CC) $(CFLAGS) -o $@ $< tests/integration/harness.c $(BUILD)/libpep.a $(LDLIBS) $(TEST_LDLIBS)
+	$(CC) $(CFLAGS) -o $@ $< $(ITEST_LIB) $(BUILD)/libpep.a $(LDLIBS) $(TEST_LDLIBS)
 
 # Runs every unit test, then every integration test, in this build dir; prints
 # cmocka's summary lines and a total.
