@@ -558,7 +558,7 @@ int registry_sql_put_agent(sqlite3 *db, const struct agent *a)
                         " updated_at_us) VALUES(?1, ?2, ?3, ?4, ?5, ?6, ?7)"
                         " ON CONFLICT(id) DO UPDATE SET owner = ?2, tenants = ?3, scopes = ?4,"
                         " enabled = ?5, updated_at_us = ?7",
-                        "sssiiii", a->id, a->owner, tenants, scopes, (int64_t)a->enabled,
+                        "ssssiii", a->id, a->owner, tenants, scopes, (int64_t)a->enabled,
                         a->created_at_us, a->updated_at_us);
     free(tenants);
     free(scopes);

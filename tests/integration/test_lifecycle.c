@@ -1,0 +1,344 @@
+/*
+ * test_lifecycle.c — pep as a process: first start, restart, kill -9 in the middle of a
+ * burst, SIGTERM drain, SIGHUP and admin reloads, and failing closed when the audit
+ * store cannot be written (SPEC 1, 2, 6.5).
+ */
+#include "tests/integration/fixture.h"
+
+#include "audit/audit.h"
+
+#include <pthread.h>
+#include <setjmp.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+#include <cmocka.h>
+
+static const char *POLICY =
+    "version: 1\n"
+    "audit: { durability: full }\n"
+    "agents:\n"
+    "  - { id: bot, owner: alice@example.test, tenants: [acme], scopes: [llm.chat] }\n"
+    "upstreams:\n"
+    "  mock: { base_url: \"@MOCK@\" }\n"
+    "routes:\n"
+    "  - match: { method: POST, path: /v1/chat/completions }\n"
+    "    action: llm.chat\n"
+    "    forward: { upstream: mock }\n"
+    "actions:\n"
+    "  llm.chat: { scope: llm.chat }\n";
+
+static mode_t file_mode(const char *dir, const char *name)
+{
+    char path[512];
+    snprintf(path, sizeof path, "%s/%s", dir, name);
+    struct stat st;
+    return stat(path, &st) == 0 ? (st.st_mode & 0777) : (mode_t)-1;
+}
+
+static void test_first_start_creates_data_dir(void **state)
+{
+    (void)state;
+    struct fx f;
+    assert_int_equal(fx_start(&f, POLICY, NULL, NULL), 0);
+    assert_int_equal(file_mode(f.data, "pep.db"), 0600);
+    assert_int_equal(file_mode(f.data, "admin.token"), 0600);
+    assert_int_equal(file_mode(f.data, "keys"), 0700);
+    char keys[400];
+    snprintf(keys, sizeof keys, "%s/keys", f.data);
+    /* exactly one key file, 0600 */
+    FILE *ls = NULL;
+    char cmd[512];
+    snprintf(cmd, sizeof cmd, "stat -c %%a %s/*.pem", keys);
+    ls = popen(cmd, "r");
+    char line[64] = "";
+    assert_non_null(fgets(line, sizeof line, ls));
+    assert_string_equal(line, "600\n");
+    assert_null(fgets(line, sizeof line, ls));
+    pclose(ls);
+
+    /* a token issued before a restart still works after it; admin.token is not rewritten */
+    char *tok = fx_issue(&f, "bot", NULL, NULL);
+    assert_non_null(tok);
+    char admin_before[2048];
+    snprintf(admin_before, sizeof admin_before, "%s", f.admin_token);
+    assert_int_equal(WEXITSTATUS(h_stop(&f.pep, SIGTERM)), 0);
+    assert_int_equal(fx_restart_pep(&f, NULL), 0);
+    char path[400];
+    snprintf(path, sizeof path, "%s/admin.token", f.data);
+    char *admin_after = h_read_file(path);
+    assert_non_null(admin_after);
+    assert_int_equal(strncmp(admin_after, admin_before, strlen(admin_before)), 0);
+    free(admin_after);
+    char auth[2100], url[256];
+    snprintf(url, sizeof url, "%s/v1/chat/completions", f.pep.url);
+    struct h_resp r = {0};
+    assert_int_equal(h_http(&r, "POST", url, "{}", fx_bearer(auth, sizeof auth, tok), NULL), 0);
+    assert_int_equal(r.status, 200);
+    h_resp_free(&r);
+    free(tok);
+    fx_stop(&f);
+}
+
+struct burst {
+    const char *url;
+    char auth[2100];
+    int sent;
+    int answered;                /* requests that got an HTTP answer */
+    long seqs[4096];             /* their Pep-Audit-Seq */
+    char ids[4096][27];          /* their request ids */
+    volatile int stop;
+};
+
+static void *burst_main(void *arg)
+{
+    struct burst *b = arg;
+    struct h_resp r = {0};
+    while (!b->stop && b->answered < 4096) {
+        b->sent++;
+        struct h_req req = {.url = b->url, .method = "POST", .body = "{}",
+                            .headers = (const char *const[]){b->auth, NULL},
+                            .timeout_ms = 5000};
+        if (h_request(&r, &req) != 0 || r.status == 0)
+            break; /* pep is gone */
+        const char *seq = h_header(&r, "Pep-Audit-Seq");
+        const char *id = h_header(&r, "Pep-Request-Id");
+        if (seq && id && r.status == 200) {
+            b->seqs[b->answered] = atol(seq);
+            snprintf(b->ids[b->answered], 27, "%s", id);
+            b->answered++;
+        }
+    }
+    h_resp_free(&r);
+    return NULL;
+}
+
+static void test_kill_9_during_burst_keeps_every_answered_record(void **state)
+{
+    (void)state;
+    struct fx f;
+    assert_int_equal(fx_start(&f, POLICY, NULL, NULL), 0);
+    char *tok = fx_issue(&f, "bot", NULL, NULL);
+    char url[256];
+    snprintf(url, sizeof url, "%s/v1/chat/completions", f.pep.url);
+    enum { CLIENTS = 4 };
+    static struct burst b[CLIENTS];
+    pthread_t th[CLIENTS];
+    for (int i = 0; i < CLIENTS; i++) {
+        memset(&b[i], 0, sizeof b[i]);
+        b[i].url = url;
+        fx_bearer(b[i].auth, sizeof b[i].auth, tok);
+        pthread_create(&th[i], NULL, burst_main, &b[i]);
+    }
+    /* let the burst run until some requests were answered, then kill -9 */
+    for (int i = 0; i < 500 && b[0].answered < 50; i++)
+        usleep(10000);
+    h_stop(&f.pep, SIGKILL);
+    for (int i = 0; i < CLIENTS; i++) {
+        b[i].stop = 1;
+        pthread_join(th[i], NULL);
+    }
+    int answered = 0;
+    for (int i = 0; i < CLIENTS; i++)
+        answered += b[i].answered;
+    fprintf(stderr, "burst: %d requests answered before kill -9\n", answered);
+    assert_true(answered > 0);
+
+    /* offline: the chain verifies and every answered request has its decision record */
+    struct audit_verify_result res;
+    assert_int_equal(audit_verify_file(f.db, &res, NULL), 0);
+    assert_true(res.ok);
+    for (int i = 0; i < CLIENTS; i++) {
+        for (int k = 0; k < b[i].answered; k++) {
+            json_t *rec = fx_record(&f, b[i].ids[k], "decision");
+            assert_non_null(rec);
+            assert_int_equal(json_integer_value(json_object_get(rec, "seq")), b[i].seqs[k]);
+            json_decref(rec);
+        }
+    }
+    /* restart: the chain continues from the old head */
+    int64_t head = res.head_seq;
+    assert_int_equal(fx_restart_pep(&f, NULL), 0);
+    struct h_resp r = {0};
+    /* the data port changed with the restart */
+    char url2[256], auth[2100];
+    snprintf(url2, sizeof url2, "%s/v1/chat/completions", f.pep.url);
+    assert_int_equal(h_http(&r, "POST", url2, "{}", fx_bearer(auth, sizeof auth, tok), NULL), 0);
+    assert_int_equal(r.status, 200);
+    assert_true(atol(h_header(&r, "Pep-Audit-Seq")) > head);
+    h_resp_free(&r);
+    assert_int_equal(WEXITSTATUS(h_stop(&f.pep, SIGTERM)), 0);
+    assert_int_equal(audit_verify_file(f.db, &res, NULL), 0);
+    assert_true(res.ok);
+    assert_true(res.head_seq > head);
+    free(tok);
+    fx_stop(&f);
+}
+
+static void test_sigterm_drains_and_exits_zero(void **state)
+{
+    (void)state;
+    struct fx f;
+    assert_int_equal(fx_start(&f, POLICY, NULL, NULL), 0);
+    char *tok = fx_issue(&f, "bot", NULL, NULL);
+    /* a request in flight (upstream delays 500 ms) finishes during the drain */
+    assert_int_equal(h_mock_fault(f.mock.url, "{\"kind\":\"delay\",\"delay_ms\":500}"), 0);
+    char url[256], auth[2100];
+    snprintf(url, sizeof url, "%s/v1/chat/completions", f.pep.url);
+    fx_bearer(auth, sizeof auth, tok);
+    struct h_resp r = {0};
+    pid_t pid = f.pep.pid;
+    /* SIGTERM arrives 200 ms into the request, while pep waits for the upstream */
+    pid_t child = fork();
+    if (child == 0) {
+        usleep(200000);
+        kill(pid, SIGTERM);
+        _exit(0);
+    }
+    assert_int_equal(h_http(&r, "POST", url, "{}", auth, NULL), 0);
+    assert_int_equal(r.status, 200);
+    waitpid(child, NULL, 0);
+    int status = 0;
+    assert_int_equal(h_wait_exit(&f.pep, 10000, &status), 0);
+    assert_true(WIFEXITED(status));
+    assert_int_equal(WEXITSTATUS(status), 0);
+    /* the last record is the stop record and the chain verifies */
+    struct audit_verify_result res;
+    assert_int_equal(audit_verify_file(f.db, &res, NULL), 0);
+    assert_true(res.ok);
+    h_resp_free(&r);
+    free(tok);
+    fx_stop(&f);
+}
+
+static void test_reload_keeps_policy_on_errors(void **state)
+{
+    (void)state;
+    struct fx f;
+    assert_int_equal(fx_start(&f, POLICY, NULL, NULL), 0);
+    struct h_resp r = {0};
+    assert_int_equal(fx_admin(&f, &r, "GET", "/admin/v1/policy", NULL), 0);
+    assert_int_equal(r.status, 200);
+    json_t *j = h_json(&r);
+    char hash_before[65];
+    snprintf(hash_before, sizeof hash_before, "%s",
+             json_string_value(json_object_get(j, "policy_hash")));
+    json_decref(j);
+
+    /* an invalid file: 422 with every error, the old policy stays */
+    assert_int_equal(h_write_file(f.policy, "version: 1\nroutes: 3\nbogus: 1\n"), 0);
+    assert_int_equal(fx_admin(&f, &r, "POST", "/admin/v1/policy/reload", NULL), 0);
+    assert_int_equal(r.status, 422);
+    j = h_json(&r);
+    json_t *err = json_object_get(j, "error");
+    assert_string_equal(json_string_value(json_object_get(err, "code")), "invalid_policy");
+    json_t *errors = json_object_get(err, "errors");
+    if (!errors)
+        errors = json_object_get(j, "errors");
+    assert_true(json_array_size(errors) >= 2);
+    assert_non_null(strstr(json_string_value(json_array_get(errors, 0)), "policy.yaml:2:"));
+    json_decref(j);
+    /* SIGHUP with the same invalid file: pep keeps running on the old policy */
+    kill(f.pep.pid, SIGHUP);
+    usleep(200000);
+    assert_int_equal(kill(f.pep.pid, 0), 0);
+    assert_int_equal(fx_admin(&f, &r, "GET", "/admin/v1/policy", NULL), 0);
+    j = h_json(&r);
+    assert_string_equal(json_string_value(json_object_get(j, "policy_hash")), hash_before);
+    json_decref(j);
+
+    /* a valid file with a new route: SIGHUP switches to it */
+    char *text = NULL;
+    assert_true(asprintf(&text,
+                         "version: 1\nagents:\n  - { id: bot, owner: a, tenants: [acme], scopes: "
+                         "[llm.chat] }\nupstreams:\n  mock: { base_url: \"%s\" }\nroutes:\n"
+                         "  - match: { method: POST, path: /v2/chat }\n    action: llm.chat\n"
+                         "    forward: { upstream: mock }\nactions:\n  llm.chat: { scope: "
+                         "llm.chat }\n",
+                         f.mock.url) > 0);
+    assert_int_equal(h_write_file(f.policy, text), 0);
+    free(text);
+    kill(f.pep.pid, SIGHUP);
+    char *tok = fx_issue(&f, "bot", NULL, NULL);
+    char url[256], auth[2100];
+    snprintf(url, sizeof url, "%s/v2/chat", f.pep.url);
+    long status = 0;
+    for (int i = 0; i < 100 && status != 200; i++) { /* the reload is asynchronous */
+        assert_int_equal(h_http(&r, "POST", url, "{}", fx_bearer(auth, sizeof auth, tok), NULL),
+                         0);
+        status = r.status;
+        if (status != 200)
+            usleep(20000);
+    }
+    assert_int_equal(status, 200);
+    h_resp_free(&r);
+    free(tok);
+    fx_stop(&f);
+}
+
+static void test_audit_write_failure_fails_closed(void **state)
+{
+    (void)state;
+    struct fx f;
+    /* A file-size limit the audit store will hit after a few hundred records: every write
+     * past it fails with EFBIG, a real I/O failure. */
+    struct h_spawn_opts opts = {.fsize_limit = 512 * 1024};
+    assert_int_equal(fx_start(&f, POLICY, NULL, &opts), 0);
+    char *tok = fx_issue(&f, "bot", NULL, NULL);
+    assert_non_null(tok);
+    char url[256], auth[2100];
+    snprintf(url, sizeof url, "%s/v1/chat/completions", f.pep.url);
+    fx_bearer(auth, sizeof auth, tok);
+    struct h_resp r = {0};
+    long status = 0;
+    int i;
+    for (i = 0; i < 20000 && status != 503; i++) {
+        assert_int_equal(h_http(&r, "POST", url, "{}", auth, NULL), 0);
+        status = r.status;
+    }
+    fprintf(stderr, "audit store full after %d requests\n", i);
+    assert_int_equal(status, 503);
+    json_t *j = h_json(&r);
+    assert_string_equal(
+        json_string_value(json_object_get(json_object_get(j, "error"), "code")),
+        "audit_unavailable");
+    json_decref(j);
+    assert_null(h_header(&r, "Pep-Audit-Seq"));
+    /* nothing is forwarded while the log cannot be written */
+    json_t *before = h_mock_stats(f.mock.url);
+    json_int_t hits = json_integer_value(json_object_get(before, "hits"));
+    json_decref(before);
+    for (int k = 0; k < 5; k++) {
+        assert_int_equal(h_http(&r, "POST", url, "{}", auth, NULL), 0);
+        assert_int_equal(r.status, 503);
+    }
+    json_t *after = h_mock_stats(f.mock.url);
+    assert_int_equal(json_integer_value(json_object_get(after, "hits")), hits);
+    json_decref(after);
+    /* readiness reports it; liveness does not */
+    h_resp_free(&r);
+    h_stop(&f.pep, SIGKILL);
+    struct audit_verify_result res;
+    assert_int_equal(audit_verify_file(f.db, &res, NULL), 0);
+    assert_true(res.ok);
+    free(tok);
+    fx_stop(&f);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_first_start_creates_data_dir),
+        cmocka_unit_test(test_kill_9_during_burst_keeps_every_answered_record),
+        cmocka_unit_test(test_sigterm_drains_and_exits_zero),
+        cmocka_unit_test(test_reload_keeps_policy_on_errors),
+        cmocka_unit_test(test_audit_write_failure_fails_closed),
+    };
+    return cmocka_run_group_tests_name("lifecycle", tests, NULL, NULL);
+}
