@@ -51,45 +51,82 @@ struct audit_options {
     int64_t checkpoint_every;
     char *(*checkpoint_sign)(void *arg, int64_t seq, const uint8_t hash[32]);
     void *checkpoint_arg;
+    /* Optional observer, called on the writer thread after every committed batch with the
+     * number of records written and the time COMMIT took (the fsync with durability full),
+     * for the pep_audit_batch_records / pep_audit_fsync_duration_seconds metrics. */
+    void (*batch_observe)(void *arg, size_t records, int64_t commit_us);
+    void *batch_observe_arg;
+    /* SQLite VFS name to open the database with; NULL = the default.  Tests only
+     * (AUDIT_FAULT_VFS); production never sets it. */
+    const char *vfs;
 };
 
 /*
  * Opens (creating if needed) the database at path, sets WAL, installs the schema and the
  * triggers, reads the chain head and starts the writer thread.  On a store whose chain
- * does not verify, logs the first bad seq and keeps appending (SPEC 8).
+ * does not verify, logs the first bad seq and keeps appending (SPEC 8) — the verification
+ * walks the whole chain, so opening a large store takes time proportional to its size.
+ * opt may be NULL (durability full, defaults elsewhere).  The file is created mode 0600.
  * Returns 0 and *out, or a negative code with err filled.
  */
 int audit_open(const char *path, const struct audit_options *opt, struct audit_store **out,
                struct pep_err *err);
 
 /* Drains the queue (every item already submitted is written or failed), writes a final
- * checkpoint, stops the writer and closes the database. */
+ * checkpoint, stops the writer and closes the database.  Call it once, from a thread other
+ * than the writer (never from a callback).  NULL is a no-op. */
 void audit_close(struct audit_store *s);
+
+/* The first half of audit_close: stops accepting (audit_submit → PEP_EUNAVAILABLE), drains
+ * the queue, writes the final checkpoint and joins the writer, but keeps the store
+ * allocated so that threads still holding it get a clean refusal, and audit_get_stats /
+ * audit_head_seq still answer.  Idempotent; audit_close calls it. */
+void audit_shutdown(struct audit_store *s);
+
+/* Seq of the last record written (0 for an empty store).  Any thread. */
+int64_t audit_head_seq(struct audit_store *s);
+
+/* The path the store was opened with (owned by the store).  Any thread. */
+const char *audit_path(struct audit_store *s);
 
 /*
  * Queues one item.  `record` is a JSON object without `seq` (the writer adds it); its
  * reference is stolen in every case.  `apply` may be NULL.  `done` may be NULL (fire and
  * forget, e.g. outcome records).  Returns 0, or PEP_EUNAVAILABLE when the store is closed
- * or the queue is full — then no callback will run.
+ * or the queue is full, or PEP_EINVAL when record is not a JSON object — then no callback
+ * will run.  From the call on the store owns the record alone (it adds `seq` to it on the
+ * writer thread): the caller must not keep and read another reference.
+ * A record that has no canonical form (see audit_canonical_json: a real number, invalid
+ * UTF-8 …) fails alone: done(arg, PEP_EINVAL, 0), its apply never runs.
+ * `apply` must not BEGIN/COMMIT: it runs inside a SAVEPOINT of the batch transaction.
  */
 int audit_submit(struct audit_store *s, json_t *record, audit_apply_fn apply, void *apply_arg,
                  audit_done_fn done, void *done_arg);
 
-/* Canonical JSON of a record: keys sorted, compact, UTF-8 kept as is, '/' not escaped.
- * Returns a malloc'd string the caller frees, or NULL. */
+/* Deepest nesting a record may have (the record object itself is depth 1). */
+#define AUDIT_MAX_DEPTH 32
+
+/* Canonical JSON of a record: jansson's json_dumps(JSON_SORT_KEYS | JSON_COMPACT) — keys
+ * sorted bytewise (memcmp of the UTF-8 bytes), no whitespace, UTF-8 kept as is, '/' not
+ * escaped, only '"', '\\' and control characters escaped (\b \f \n \r \t, others \u00XX
+ * with uppercase hex: \u001F).
+ * Records hold no real numbers (their text form is not portable): a record containing one
+ * has no canonical form.  Returns a malloc'd string the caller frees with free(), or NULL
+ * (not an object, a real, invalid UTF-8, U+0000 in a key, deeper than AUDIT_MAX_DEPTH,
+ * or ENOMEM). */
 char *audit_canonical_json(const json_t *record);
 
-/* Hash of one link: SHA-256(prev_hash || record bytes). */
-void audit_chain_hash(const uint8_t prev_hash[32], const char *record, size_t len,
-                      uint8_t out[32]);
+/* Hash of one link: SHA-256(prev_hash || record bytes).  Returns 0, or PEP_ECRYPTO (out
+ * zeroed) if OpenSSL fails.  (Was void; int is source-compatible for existing callers.) */
+int audit_chain_hash(const uint8_t prev_hash[32], const char *record, size_t len, uint8_t out[32]);
 
 struct audit_verify_result {
     bool ok;
-    int64_t records;        /* rows walked */
-    int64_t head_seq;       /* last good seq (0 for an empty store) */
-    uint8_t head_hash[32];  /* hash of head_seq */
-    int64_t first_bad_seq;  /* 0 when ok */
-    char reason[160];       /* why first_bad_seq is bad: "missing row", "hash mismatch" … */
+    int64_t records;       /* rows walked */
+    int64_t head_seq;      /* last good seq (0 for an empty store) */
+    uint8_t head_hash[32]; /* hash of head_seq */
+    int64_t first_bad_seq; /* 0 when ok */
+    char reason[160];      /* why first_bad_seq is bad: "missing row", "hash mismatch" … */
 };
 
 /*
@@ -100,10 +137,28 @@ struct audit_verify_result {
  */
 int audit_verify_file(const char *path, struct audit_verify_result *res, struct pep_err *err);
 
+/*
+ * The walk itself, on an open connection (a reader, or the writer's before its thread
+ * starts).  Runs inside one read transaction so that it sees one snapshot.  Checks, row by
+ * row in seq order: seq = previous + 1 from 1 ("missing row" names the missing seq);
+ * prev_hash = previous hash (zeros for seq 1); hash = SHA-256(prev_hash || record); the
+ * record parses as a JSON object whose "seq" is the row's seq; the record is canonical
+ * (re-dumping it gives the same bytes).  Every checkpoint row must match the hash of the
+ * row of its seq, and no checkpoint may lie beyond the last row ("truncated: checkpoint at
+ * seq N", first_bad_seq = head + 1).  Checkpoint JWT signatures are the caller's to check.
+ * Returns 0 when the walk ran (see res->ok), PEP_EINVAL when db is not an audit store, or
+ * PEP_EDB when SQLite fails during the walk (res->reason says why).
+ */
+int audit_verify_db(sqlite3 *db, struct audit_verify_result *res);
+
+/* The checkpoint of the highest seq: 0 and *seq, hash and (if jwt is not NULL) a malloc'd
+ * copy of the JWT the caller frees; PEP_ENOTFOUND when there is none; PEP_EDB. */
+int audit_latest_checkpoint(sqlite3 *db, int64_t *seq, uint8_t hash[32], char **jwt);
+
 struct audit_stats {
-    int64_t records_written;  /* since open */
+    int64_t records_written; /* since open */
     int64_t batches;
-    int64_t failures;         /* items failed */
+    int64_t failures; /* items failed */
     int64_t head_seq;
     size_t queued;
 };
@@ -112,5 +167,18 @@ void audit_get_stats(struct audit_store *s, struct audit_stats *out);
 /* Opens a read-only connection to the store's database for queries (WAL readers). The
  * caller closes it with sqlite3_close. */
 int audit_open_reader(const char *path, sqlite3 **out, struct pep_err *err);
+
+/*
+ * Fault injection, for tests only: a VFS named AUDIT_FAULT_VFS that wraps the default VFS
+ * and, while a fault is set, fails every xWrite (AUDIT_FAULT_WRITE → SQLITE_IOERR_WRITE,
+ * AUDIT_FAULT_FULL → SQLITE_FULL) or every xSync (AUDIT_FAULT_FSYNC → SQLITE_IOERR_FSYNC)
+ * of every file opened through it.  Open a store with options.vfs = AUDIT_FAULT_VFS.
+ * audit_fault_install is idempotent and returns 0 or PEP_EDB; audit_fault_set may be
+ * called from any thread and applies to the next I/O call.
+ */
+#define AUDIT_FAULT_VFS "pep-faulty"
+enum audit_fault { AUDIT_FAULT_NONE, AUDIT_FAULT_WRITE, AUDIT_FAULT_FSYNC, AUDIT_FAULT_FULL };
+int audit_fault_install(void);
+void audit_fault_set(enum audit_fault mode);
 
 #endif

@@ -8,7 +8,7 @@
  * verification never re-parses a file on the request path.
  *
  * Ownership and threads: a keyring is immutable after keys_load_or_create and may be read
- * from any thread; rotation (a later issue) builds a new keyring and swaps it.
+ * from any thread; rotation (keys_rotate) builds a new keyring and the caller swaps it.
  */
 #ifndef PEP_KEYS_H
 #define PEP_KEYS_H
@@ -19,7 +19,7 @@
 
 struct keyring;
 
-/* Loads DATA/keys/*.pem, creating the directory and a first P-256 key when there is none.
+/* Loads every DATA/keys/<kid>.pem, creating the directory and a first P-256 key when there is none.
  * Returns 0 and *out (free with keys_free), or a negative code with err filled. */
 int keys_load_or_create(const char *data_dir, struct keyring **out, struct pep_err *err);
 void keys_free(struct keyring *k);
@@ -33,8 +33,32 @@ const unsigned char *keys_active_private_pem(const struct keyring *k, size_t *le
 /* PEM of the public key named kid, or NULL when pep holds no such key. */
 const unsigned char *keys_public_pem(const struct keyring *k, const char *kid, size_t *len);
 
-/* RFC 7517 key set {"keys":[{kty:"EC",crv:"P-256",x,y,kid,alg:"ES256",use:"sig"}…]}.
- * Returns a new reference. */
+/* RFC 7517 key set {"keys":[{kty:"EC",crv:"P-256",x,y,kid,alg:"ES256",use:"sig"}…]},
+ * the active key first.  Returns a new reference, or NULL on allocation failure. */
 json_t *keys_jwks(const struct keyring *k);
+
+/* Length of a kid: base64url of a SHA-256 digest, without padding. */
+#define KEYS_KID_LEN 43
+
+/* Number of keys held (≥ 1 for a loaded keyring). */
+size_t keys_count(const struct keyring *k);
+
+/* Creates a new P-256 key in DATA/keys (it becomes the active key: its mtime is made
+ * newer than every existing key's) and loads the whole directory again.  The old keyring
+ * stays valid; the caller swaps it for *out.  Returns 0 or a negative code with err. */
+int keys_rotate(const char *data_dir, struct keyring **out, struct pep_err *err);
+
+/* Signs a JSON object of claims with the active key: a compact JWS with header
+ * {"alg":"ES256","kid":…,"typ":"JWT"}.  The one signing path for agent/operator tokens
+ * and audit checkpoints.  Returns 0 and *jwt_out (malloc'd, caller frees), or a negative
+ * code with err. */
+int keys_sign_claims(const struct keyring *k, const json_t *claims, char **jwt_out,
+                     struct pep_err *err);
+
+/* A signed audit checkpoint (SPEC 6.4): claims {"seq":seq,"hash":"<hex>","iat":now_s}.
+ * Returns a malloc'd JWT the caller frees, or NULL on failure.  Verify it with
+ * token_verify_signature (token.h). */
+char *keys_sign_checkpoint(const struct keyring *k, int64_t seq, const uint8_t hash[32],
+                           int64_t now_s);
 
 #endif

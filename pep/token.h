@@ -30,18 +30,18 @@
 /* Verified claims.  Immutable and reference counted: a cache entry and its callers share
  * one copy.  Release with token_claims_release. */
 struct token_claims {
-    char *sub;           /* agent or operator id */
+    char *sub; /* agent or operator id */
     char *jti;
     char *iss;
-    char *aud;           /* "pep" or "pep-admin" */
+    char *aud;             /* "pep" or "pep-admin" */
     int64_t iat, nbf, exp; /* seconds since the epoch; nbf defaults to iat when absent */
-    char **scopes;       /* from the space-separated `scope` claim */
+    char **scopes;         /* from the space-separated `scope` claim */
     size_t scopes_len;
-    char **roles;        /* operator tokens: `roles` array */
+    char **roles; /* operator tokens: `roles` array */
     size_t roles_len;
-    char *acr;           /* NULL when absent */
-    int64_t auth_time;   /* 0 when absent */
-    int refcount;        /* atomic */
+    char *acr;         /* NULL when absent */
+    int64_t auth_time; /* 0 when absent */
+    int refcount;      /* atomic */
 };
 
 struct token_claims *token_claims_retain(struct token_claims *c);
@@ -69,8 +69,8 @@ int token_issue(const struct keyring *k, const struct token_request *req, char *
 
 enum token_status {
     TOKEN_OK = 0,
-    TOKEN_MALFORMED,     /* not three base64url parts / not JSON / wrong claim types */
-    TOKEN_BAD_ALG,       /* header alg is not ES256 */
+    TOKEN_MALFORMED, /* not three base64url parts / not JSON / wrong claim types */
+    TOKEN_BAD_ALG,   /* header alg is not ES256 */
     TOKEN_UNKNOWN_KID,
     TOKEN_BAD_SIGNATURE,
     TOKEN_WRONG_ISSUER,
@@ -93,10 +93,45 @@ void token_verifier_flush(struct token_verifier *v);
 /*
  * Verifies `token` (the bytes after "Bearer ") against keyring k, expecting issuer and
  * audience, at `now_s` with `skew_s` tolerance.  On TOKEN_OK, *claims is a new reference
- * the caller releases.  v may be NULL (no cache: tests).
+ * the caller releases (otherwise *claims is NULL).  v may be NULL (no cache: tests).
+ *
+ * Time edges (all in whole seconds, skew_s < 0 counts as 0):
+ *   valid while   now_s <  exp + skew_s     (exp is exclusive, RFC 7519 4.1.4)
+ *   TOKEN_EXPIRED when now_s >= exp + skew_s
+ *   TOKEN_NOT_YET_VALID when nbf > now_s + skew_s or iat > now_s + skew_s
+ *                 (so nbf itself is inclusive: valid from now_s == nbf - skew_s)
+ * `aud` may be a string equal to audience or an array of strings containing it.
+ * A token longer than TOKEN_MAX_LEN bytes is TOKEN_MALFORMED.  An internal failure
+ * (allocation) also answers TOKEN_MALFORMED: the caller refuses either way (fail closed).
  */
-enum token_status token_verify(struct token_verifier *v, const struct keyring *k,
-                               const char *token, const char *issuer, const char *audience,
-                               int64_t now_s, int64_t skew_s, struct token_claims **claims);
+enum token_status token_verify(struct token_verifier *v, const struct keyring *k, const char *token,
+                               const char *issuer, const char *audience, int64_t now_s,
+                               int64_t skew_s, struct token_claims **claims);
+
+/* Longest token accepted or issued, in bytes.  SECURITY: also bounds the stack libjwt
+ * uses (it alloca()s copies of the token's parts). */
+#define TOKEN_MAX_LEN 8192
+
+/*
+ * The signature half of token_verify, shared with audit checkpoints: structure, header
+ * (alg exactly "ES256", no "crit", typ absent or "JWT"), kid held by k, ES256 signature by
+ * that key.  Checks no claim.  On TOKEN_OK *claims_out is the payload object (a new
+ * reference the caller decrefs); otherwise NULL.
+ */
+enum token_status token_verify_signature(const struct keyring *k, const char *jwt,
+                                         json_t **claims_out);
+
+/* Cache counters, for tests and metrics. */
+struct token_cache_stats {
+    uint64_t hits;      /* verifications answered from the cache */
+    uint64_t misses;    /* verifications that ran the signature check */
+    uint64_t inserts;   /* successful verifications stored */
+    uint64_t evictions; /* entries dropped to stay within capacity */
+    uint64_t expired;   /* entries dropped because their token expired */
+    size_t entries;     /* entries held now */
+    size_t capacity;
+};
+
+void token_verifier_stats(struct token_verifier *v, struct token_cache_stats *out);
 
 #endif

@@ -1,0 +1,283 @@
+/*
+ * verify.c — walking the hash chain, read-only connections and checkpoint lookup.
+ *
+ * The verifier trusts nothing in the file but the rules of SPEC 6.1/6.2: it recomputes
+ * every link from the stored bytes, so a record edited, removed, reordered or re-hashed
+ * shows up at the first seq where the chain stops holding.  A tail cut cleanly leaves a
+ * valid (shorter) chain; only a checkpoint beyond the new head, or one whose hash differs
+ * from the row of its seq, reveals it — which is why every checkpoint is checked, not only
+ * the latest: a store that was truncated and then appended to again has a valid chain
+ * whose row N no longer matches the checkpoint taken at N.  Triggers can be dropped by
+ * anyone with the file; this walk (and signed checkpoints kept elsewhere) is the evidence.
+ *
+ * The walk streams: two statements (rows, checkpoints) stepped side by side in seq order
+ * inside one read transaction, so memory stays constant and the snapshot is consistent
+ * while the writer keeps appending (WAL).
+ *
+ * Threads: any thread, on a connection that thread owns.  Never writes.
+ */
+#include "audit/audit.h"
+
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* Waits this long for a lock before a read gives up (WAL readers rarely wait). */
+#define VERIFY_BUSY_TIMEOUT_MS 5000
+
+static const uint8_t zero_hash[32];
+
+/* The walk's cursor: the checkpoint statement and its current row. */
+struct verify_cp {
+    sqlite3_stmt *st;
+    bool have;        /* st holds a row */
+    int64_t seq;      /* its seq */
+    uint8_t hash[32]; /* its hash (zeros if malformed, which then never matches) */
+    int64_t last_seq; /* highest checkpoint seq seen so far */
+};
+
+/* Steps the checkpoint cursor; returns 0 or the SQLite error code. */
+static int verify_cp_next(struct verify_cp *cp) {
+    int rc = sqlite3_step(cp->st);
+    cp->have = false;
+    if (rc == SQLITE_DONE) return 0;
+    if (rc != SQLITE_ROW) return rc;
+    cp->have = true;
+    cp->seq = sqlite3_column_int64(cp->st, 0);
+    const void *h = sqlite3_column_blob(cp->st, 1);
+    if (h && sqlite3_column_bytes(cp->st, 1) == 32)
+        memcpy(cp->hash, h, 32);
+    else
+        memset(cp->hash, 0, 32);
+    if (cp->seq > cp->last_seq) cp->last_seq = cp->seq;
+    return 0;
+}
+
+static void verify_bad(struct audit_verify_result *res, int64_t seq, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+
+static void verify_bad(struct audit_verify_result *res, int64_t seq, const char *fmt, ...) {
+    va_list ap;
+    res->ok = false;
+    res->first_bad_seq = seq;
+    va_start(ap, fmt);
+    vsnprintf(res->reason, sizeof(res->reason), fmt, ap);
+    va_end(ap);
+}
+
+/* Checks one row's record text: a canonical JSON object whose "seq" is seq.  Returns NULL
+ * when fine, or the reason. */
+static const char *verify_record(const char *text, size_t len, int64_t seq) {
+    json_error_t jerr;
+    const char *why = NULL;
+    char *again = NULL;
+    /* JSON_ALLOW_NUL: a string holding U+0000 dumps as \u0000 and must read back. */
+    json_t *rec = json_loadb(text, len, JSON_REJECT_DUPLICATES | JSON_ALLOW_NUL, &jerr);
+    if (!rec || !json_is_object(rec)) {
+        why = "record is not a JSON object";
+        goto out;
+    }
+    json_t *s = json_object_get(rec, "seq");
+    if (!json_is_integer(s) || json_integer_value(s) != seq) {
+        why = "record seq differs from the row's seq";
+        goto out;
+    }
+    again = audit_canonical_json(rec);
+    if (!again || strlen(again) != len || memcmp(again, text, len) != 0) {
+        why = "record is not canonical JSON";
+        goto out;
+    }
+out:
+    free(again);
+    json_decref(rec);
+    return why;
+}
+
+int audit_verify_db(sqlite3 *db, struct audit_verify_result *res) {
+    int rc = 0, src;
+    sqlite3_stmt *rows = NULL;
+    struct verify_cp cp = {0};
+    bool began = false;
+    uint8_t prev[32];
+    int64_t expected = 1;
+
+    memset(res, 0, sizeof(*res));
+    res->ok = true;
+    memcpy(prev, zero_hash, 32);
+
+    /* One read transaction for both statements: one snapshot. */
+    if (sqlite3_get_autocommit(db)) {
+        if (sqlite3_exec(db, "BEGIN", NULL, NULL, NULL) != SQLITE_OK) {
+            verify_bad(res, 0, "database error: %s", sqlite3_errmsg(db));
+            rc = PEP_EDB;
+            goto out;
+        }
+        began = true;
+    }
+    if (sqlite3_prepare_v2(db, "SELECT seq, record, prev_hash, hash FROM audit ORDER BY seq", -1,
+                           &rows, NULL) != SQLITE_OK ||
+        sqlite3_prepare_v2(db, "SELECT seq, hash FROM checkpoints ORDER BY seq", -1, &cp.st,
+                           NULL) != SQLITE_OK) {
+        verify_bad(res, 0, "not an audit store: %s", sqlite3_errmsg(db));
+        rc = PEP_EINVAL;
+        goto out;
+    }
+    if ((src = verify_cp_next(&cp)) != 0) goto db_error;
+
+    for (;;) {
+        src = sqlite3_step(rows);
+        if (src == SQLITE_DONE) break;
+        if (src != SQLITE_ROW) goto db_error;
+        res->records++;
+        int64_t seq = sqlite3_column_int64(rows, 0);
+        if (seq != expected) {
+            if (seq > expected)
+                verify_bad(res, expected, "missing row");
+            else /* ascending unique seqs: only a row with seq <= 0 comes first */
+                verify_bad(res, expected, "unexpected seq %lld before seq %lld", (long long)seq,
+                           (long long)expected);
+            goto out;
+        }
+        const void *ph = sqlite3_column_blob(rows, 2);
+        if (sqlite3_column_type(rows, 2) != SQLITE_BLOB || sqlite3_column_bytes(rows, 2) != 32 ||
+            memcmp(ph, prev, 32) != 0) {
+            verify_bad(res, seq, "prev_hash differs from the hash of seq %lld",
+                       (long long)(seq - 1));
+            goto out;
+        }
+        const char *text = (const char *)sqlite3_column_text(rows, 1);
+        size_t len = (size_t)sqlite3_column_bytes(rows, 1);
+        if (!text) {
+            if (sqlite3_errcode(db) == SQLITE_NOMEM) goto db_error;
+            verify_bad(res, seq, "record is NULL");
+            goto out;
+        }
+        uint8_t want[32];
+        if (audit_chain_hash(prev, text, len, want) != 0) {
+            verify_bad(res, seq, "SHA-256 failed");
+            rc = PEP_ECRYPTO;
+            goto out;
+        }
+        const void *h = sqlite3_column_blob(rows, 3);
+        if (sqlite3_column_type(rows, 3) != SQLITE_BLOB || sqlite3_column_bytes(rows, 3) != 32 ||
+            memcmp(h, want, 32) != 0) {
+            verify_bad(res, seq, "hash mismatch");
+            goto out;
+        }
+        const char *why = verify_record(text, len, seq);
+        if (why) {
+            verify_bad(res, seq, "%s", why);
+            goto out;
+        }
+        /* Checkpoints below seq have no row of their own seq: the walk already failed on
+         * the gap, or they name seq <= 0 (tampering); both end the walk as bad. */
+        if (cp.have && cp.seq < seq) {
+            verify_bad(res, cp.seq, "checkpoint at seq %lld has no row", (long long)cp.seq);
+            goto out;
+        }
+        while (cp.have && cp.seq == seq) {
+            if (memcmp(cp.hash, want, 32) != 0) {
+                verify_bad(res, seq, "hash differs from the checkpoint at seq %lld",
+                           (long long)seq);
+                goto out;
+            }
+            if ((src = verify_cp_next(&cp)) != 0) goto db_error;
+        }
+        memcpy(prev, want, 32);
+        res->head_seq = seq;
+        memcpy(res->head_hash, want, 32);
+        expected = seq + 1;
+    }
+    /* The chain holds; a checkpoint past its end means rows were cut off the tail. */
+    while (cp.have) {
+        if ((src = verify_cp_next(&cp)) != 0) goto db_error;
+    }
+    if (cp.last_seq > res->head_seq) {
+        verify_bad(res, res->head_seq + 1, "truncated: checkpoint at seq %lld",
+                   (long long)cp.last_seq);
+    }
+    goto out;
+
+db_error:
+    verify_bad(res, expected, "database error: %s", sqlite3_errmsg(db));
+    rc = PEP_EDB;
+out:
+    sqlite3_finalize(rows);
+    sqlite3_finalize(cp.st);
+    if (began && !sqlite3_get_autocommit(db)) sqlite3_exec(db, "COMMIT", NULL, NULL, NULL);
+    return rc;
+}
+
+int audit_open_reader(const char *path, sqlite3 **out, struct pep_err *err) {
+    sqlite3 *db = NULL;
+    int rc = 0;
+    *out = NULL;
+    if (sqlite3_open_v2(path, &db, SQLITE_OPEN_READONLY, NULL) != SQLITE_OK) {
+        rc = pep_err_set(err, PEP_EIO, "audit: cannot open %s: %s", path,
+                         db ? sqlite3_errmsg(db) : "out of memory");
+        goto out;
+    }
+    sqlite3_extended_result_codes(db, 1);
+    /* Per connection settings (PITFALLS: SQLite): recursive_triggers so that no REPLACE on
+     * this connection could slip past the DELETE trigger, even though it only reads. */
+    if (sqlite3_busy_timeout(db, VERIFY_BUSY_TIMEOUT_MS) != SQLITE_OK ||
+        sqlite3_exec(db, "PRAGMA recursive_triggers=ON", NULL, NULL, NULL) != SQLITE_OK) {
+        rc = pep_err_set(err, PEP_EDB, "audit: %s: %s", path, sqlite3_errmsg(db));
+        goto out;
+    }
+out:
+    if (rc) {
+        sqlite3_close(db);
+        db = NULL;
+    }
+    *out = db;
+    return rc;
+}
+
+int audit_verify_file(const char *path, struct audit_verify_result *res, struct pep_err *err) {
+    sqlite3 *db = NULL;
+    int rc = audit_open_reader(path, &db, err);
+    if (rc) {
+        memset(res, 0, sizeof(*res));
+        snprintf(res->reason, sizeof(res->reason), "cannot open the database");
+        return rc;
+    }
+    rc = audit_verify_db(db, res);
+    if (rc) pep_err_set(err, rc, "audit: %s: %s", path, res->reason);
+    sqlite3_close(db);
+    return rc;
+}
+
+int audit_latest_checkpoint(sqlite3 *db, int64_t *seq, uint8_t hash[32], char **jwt) {
+    sqlite3_stmt *st = NULL;
+    int rc = PEP_EDB;
+    if (jwt) *jwt = NULL;
+    if (sqlite3_prepare_v2(db, "SELECT seq, hash, jwt FROM checkpoints ORDER BY seq DESC LIMIT 1",
+                           -1, &st, NULL) != SQLITE_OK)
+        goto out;
+    int src = sqlite3_step(st);
+    if (src == SQLITE_DONE) {
+        rc = PEP_ENOTFOUND;
+        goto out;
+    }
+    if (src != SQLITE_ROW) goto out;
+    *seq = sqlite3_column_int64(st, 0);
+    const void *h = sqlite3_column_blob(st, 1);
+    if (h && sqlite3_column_bytes(st, 1) == 32)
+        memcpy(hash, h, 32);
+    else
+        memset(hash, 0, 32);
+    if (jwt) {
+        const char *j = (const char *)sqlite3_column_text(st, 2);
+        *jwt = strdup(j ? j : "");
+        if (!*jwt) {
+            rc = PEP_ENOMEM;
+            goto out;
+        }
+    }
+    rc = 0;
+out:
+    sqlite3_finalize(st);
+    return rc;
+}

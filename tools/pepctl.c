@@ -1,0 +1,1141 @@
+/*
+ * pepctl.c — pep's admin CLI: a thin client of the admin API (SPEC 5 and 8) for operators
+ * and scripts, plus an offline audit-chain check that needs no server.
+ *
+ *   pepctl [global flags] GROUP VERB [ARGS] [flags]     (see pepctl_usage for the list)
+ *
+ * Every command is one HTTP call (libcurl easy, bounded: connect 5 s, whole call 30 s, no
+ * proxy, http/https only) whose JSON answer is printed either as is (--json, pretty) or as
+ * aligned text meant for people.  `tokens issue` and `operators token` print the token
+ * alone so that `TOKEN=$(pepctl tokens issue bot)` works.  `audit verify --db FILE` copies
+ * FILE with SQLite's online backup (one consistent snapshot, WAL included, safe while pep
+ * runs) into a private temporary directory and walks the copy with audit_verify_file, so
+ * the evidence file itself is only ever read.
+ *
+ * Flags: global ones (--url, --token, --data-dir, --json, -h/--help) and the command's
+ * own may appear anywhere after `pepctl`, in any order, as `--flag value` or `--flag=value`;
+ * `--` ends the flags.  All flags are parsed in one pass against one table, so a flag's
+ * value is never mistaken for a flag or a command word.
+ *
+ * Exit status: 0 done; 1 the audit chain does not verify; 2 usage error, API error,
+ * unreachable server or unreadable file.
+ *
+ * SECURITY: the operator token is a bearer credential.  It is sent only in the
+ * Authorization header of calls to the admin URL, never printed in an error or echoed,
+ * and wiped from memory before exit.  A token given with --token is visible to other
+ * local users in the process list; the help says so and points to PEP_TOKEN and the
+ * token file.
+ *
+ * Threads: single-threaded.
+ */
+#include "audit/audit.h"
+#include "pep/util.h"
+
+#include <curl/curl.h>
+#include <errno.h>
+#include <jansson.h>
+#include <signal.h>
+#include <sqlite3.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#define PEPCTL_DEFAULT_URL "http://127.0.0.1:8081"
+#define PEPCTL_DEFAULT_DATA_DIR "./var"
+#define PEPCTL_CONNECT_TIMEOUT_MS 5000L
+#define PEPCTL_TIMEOUT_MS 30000L
+#define PEPCTL_MAX_ANSWER (64u << 20) /* bytes; a larger answer is refused, not buffered */
+#define PEPCTL_MAX_TOKEN_FILE 16384   /* bytes of DATA/admin.token we are willing to read */
+#define PEPCTL_MAX_POSITIONALS 8
+
+enum pepctl_exit { PEPCTL_OK = 0, PEPCTL_NOT_OK = 1, PEPCTL_FAIL = 2 };
+
+/* ---- flags ----------------------------------------------------------------------------- */
+
+enum pepctl_flag {
+    F_URL,
+    F_TOKEN,
+    F_DATA_DIR,
+    F_JSON,
+    F_HELP,
+    F_OWNER,
+    F_TENANTS,
+    F_SCOPES,
+    F_DISABLED,
+    F_TTL,
+    F_ACR,
+    F_AGENT,
+    F_ROLES,
+    F_DB,
+    F_COUNT
+};
+
+struct pepctl_flag_def {
+    const char *name;  /* "--owner" */
+    const char *alias; /* "-h", or NULL */
+    bool has_value;    /* takes a value (`--f v` or `--f=v`) rather than being a switch */
+};
+
+static const struct pepctl_flag_def pepctl_flags[F_COUNT] = {
+    [F_URL] = {"--url", NULL, true},
+    [F_TOKEN] = {"--token", NULL, true},
+    [F_DATA_DIR] = {"--data-dir", NULL, true},
+    [F_JSON] = {"--json", NULL, false},
+    [F_HELP] = {"--help", "-h", false},
+    [F_OWNER] = {"--owner", NULL, true},
+    [F_TENANTS] = {"--tenants", NULL, true},
+    [F_SCOPES] = {"--scopes", NULL, true},
+    [F_DISABLED] = {"--disabled", NULL, false},
+    [F_TTL] = {"--ttl", NULL, true},
+    [F_ACR] = {"--acr", NULL, true},
+    [F_AGENT] = {"--agent", NULL, true},
+    [F_ROLES] = {"--roles", NULL, true},
+    [F_DB] = {"--db", NULL, true},
+};
+
+#define BIT(f) (1u << (f))
+#define PEPCTL_GLOBAL_FLAGS                                                                        \
+    (BIT(F_URL) | BIT(F_TOKEN) | BIT(F_DATA_DIR) | BIT(F_JSON) | BIT(F_HELP))
+
+/* The command line once parsed: flags by id, the rest in order. */
+struct pepctl_args {
+    const char *value[F_COUNT]; /* the flag's value ("" for a switch); NULL when not given */
+    const char *pos[PEPCTL_MAX_POSITIONALS]; /* GROUP, VERB, then the command's arguments */
+    size_t npos;
+};
+
+/* One invocation's state. */
+struct pepctl {
+    const char *url;       /* admin API base URL as given (no trailing '/' is added) */
+    const char *data_dir;  /* where admin.token is looked up */
+    const char *token_arg; /* --token or PEP_TOKEN, or NULL: then the token file is read */
+    char *token;           /* SECURITY: the operator token once loaded; wiped by pepctl_free */
+    bool json;             /* print the API's JSON as is */
+    CURL *curl;            /* one easy handle, reused for the call(s) of the command */
+};
+
+struct pepctl_cmd;
+typedef int (*pepctl_run_fn)(struct pepctl *ctx, const struct pepctl_args *a);
+
+/* A command: `GROUP VERB` with nargs positional arguments and some flags. */
+struct pepctl_cmd {
+    const char *group;
+    const char *verb;
+    size_t nargs;      /* positional arguments after GROUP VERB, exactly */
+    unsigned flags;    /* BIT()s of the command's own flags (globals are always allowed) */
+    unsigned required; /* BIT()s of the flags it cannot do without */
+    const char *synopsis;
+    const char *what;
+    pepctl_run_fn run;
+};
+
+/* ---- output helpers --------------------------------------------------------------------- */
+
+static void pepctl_errorf(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+static void pepctl_errorf(const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    fputs("pepctl: ", stderr);
+    vfprintf(stderr, fmt, ap);
+    fputc('\n', stderr);
+    va_end(ap);
+}
+
+/* Prints json pretty (2-space indent, members in the server's order) and a newline. */
+static int pepctl_print_json(const json_t *j) {
+    if (json_dumpf(j, stdout, JSON_INDENT(2)) != 0) return PEPCTL_FAIL;
+    fputc('\n', stdout);
+    return PEPCTL_OK;
+}
+
+/* A JSON value as table text (malloc'd): strings as is, arrays joined with ',', null or
+ * missing "-", others in compact JSON.  NULL only when out of memory. */
+static char *pepctl_cell(const json_t *v) {
+    if (!v || json_is_null(v)) return strdup("-");
+    if (json_is_string(v)) return strdup(json_string_value(v));
+    if (json_is_array(v)) {
+        size_t len = 0, i;
+        json_t *item;
+        char *out = strdup("");
+        json_array_foreach(v, i, item) {
+            char *c = pepctl_cell(item);
+            char *grown = (out && c) ? realloc(out, len + strlen(c) + 2) : NULL;
+            if (!grown) {
+                free(c);
+                free(out);
+                return NULL;
+            }
+            out = grown;
+            if (i > 0) out[len++] = ',';
+            memcpy(out + len, c, strlen(c) + 1);
+            len += strlen(c);
+            free(c);
+        }
+        return out;
+    }
+    return json_dumps(v, JSON_COMPACT | JSON_ENCODE_ANY);
+}
+
+/* An aligned text table: row 0 is the header, columns separated by two spaces, the last
+ * column unpadded. */
+struct pepctl_table {
+    size_t ncols;
+    size_t nrows;
+    char **cells; /* nrows * ncols, each malloc'd */
+    bool failed;  /* an allocation failed: pepctl_table_print reports it */
+};
+
+static void pepctl_table_add(struct pepctl_table *t, char **row) {
+    char **grown = t->failed ? NULL : realloc(t->cells, (t->nrows + 1) * t->ncols * sizeof *grown);
+    bool ok = grown != NULL;
+    for (size_t c = 0; c < t->ncols; c++)
+        ok = ok && row[c] != NULL;
+    if (!ok) {
+        if (grown) t->cells = grown;
+        for (size_t c = 0; c < t->ncols; c++)
+            free(row[c]);
+        t->failed = true;
+        return;
+    }
+    t->cells = grown;
+    memcpy(t->cells + t->nrows * t->ncols, row, t->ncols * sizeof *row);
+    t->nrows++;
+}
+
+static int pepctl_table_print(struct pepctl_table *t) {
+    int rc = PEPCTL_FAIL;
+    size_t *width = calloc(t->ncols, sizeof *width);
+    if (!width || t->failed) {
+        pepctl_errorf("out of memory");
+        goto out;
+    }
+    for (size_t r = 0; r < t->nrows; r++)
+        for (size_t c = 0; c < t->ncols; c++) {
+            size_t n = strlen(t->cells[r * t->ncols + c]);
+            width[c] = n > width[c] ? n : width[c];
+        }
+    for (size_t r = 0; r < t->nrows; r++) {
+        for (size_t c = 0; c < t->ncols; c++) {
+            const char *cell = t->cells[r * t->ncols + c];
+            if (c + 1 < t->ncols)
+                printf("%-*s  ", (int)width[c], cell);
+            else
+                printf("%s\n", cell);
+        }
+    }
+    rc = PEPCTL_OK;
+out:
+    free(width);
+    for (size_t i = 0; i < t->nrows * t->ncols; i++)
+        free(t->cells[i]);
+    free(t->cells);
+    t->cells = NULL;
+    t->nrows = 0;
+    return rc;
+}
+
+/* Prints an object as "key  value" lines, keys aligned, in the server's order. */
+static int pepctl_print_object(const json_t *obj) {
+    struct pepctl_table t = {.ncols = 2};
+    const char *key;
+    json_t *v;
+    json_object_foreach((json_t *)obj, key, v) {
+        char *row[2] = {strdup(key), pepctl_cell(v)};
+        pepctl_table_add(&t, row);
+    }
+    return pepctl_table_print(&t);
+}
+
+/* ---- the admin API ---------------------------------------------------------------------- */
+
+/* A response body being received. */
+struct pepctl_buf {
+    char *data;
+    size_t len;
+    bool too_large; /* the answer passed PEPCTL_MAX_ANSWER and the transfer was stopped */
+};
+
+static size_t pepctl_on_body(char *ptr, size_t size, size_t nmemb, void *arg) {
+    struct pepctl_buf *b = arg;
+    size_t n = size * nmemb;
+    if (n > PEPCTL_MAX_ANSWER - b->len) {
+        b->too_large = true;
+        return 0;
+    }
+    char *grown = realloc(b->data, b->len + n + 1);
+    if (!grown) return 0;
+    b->data = grown;
+    memcpy(b->data + b->len, ptr, n);
+    b->len += n;
+    b->data[b->len] = '\0';
+    return n;
+}
+
+/* Reads the operator token: --token, else PEP_TOKEN, else DATA/admin.token (first line).
+ * Returns 0, or PEPCTL_FAIL after saying what is missing. */
+static int pepctl_load_token(struct pepctl *ctx) {
+    if (ctx->token) return 0;
+    char *raw = NULL, *path = NULL;
+    size_t len = 0;
+    int rc = PEPCTL_FAIL;
+    if (ctx->token_arg) {
+        raw = strdup(ctx->token_arg);
+        if (!raw) {
+            pepctl_errorf("out of memory");
+            goto out;
+        }
+        len = strlen(raw);
+    } else {
+        if (asprintf(&path, "%s/admin.token", ctx->data_dir) < 0) {
+            path = NULL;
+            pepctl_errorf("out of memory");
+            goto out;
+        }
+        int frc = pep_read_file(path, PEPCTL_MAX_TOKEN_FILE, &raw, &len);
+        if (frc != 0) {
+            pepctl_errorf("no admin token: cannot read %s (%s); pass --token, set PEP_TOKEN, "
+                          "or point --data-dir / PEP_DATA_DIR at pep's data directory",
+                          path, frc == PEP_EIO ? strerror(errno) : "file too large");
+            goto out;
+        }
+    }
+    /* The token is one line: cut at the first CR/LF, trim surrounding blanks. */
+    len = strcspn(raw, "\r\n");
+    while (len > 0 && (raw[len - 1] == ' ' || raw[len - 1] == '\t'))
+        len--;
+    size_t start = strspn(raw, " \t");
+    bool printable = len > start;
+    for (size_t i = start; i < len && printable; i++)
+        printable = (unsigned char)raw[i] > 0x20 && (unsigned char)raw[i] < 0x7f;
+    if (!printable) {
+        /* SECURITY: say where the bad token came from, never what it holds. */
+        pepctl_errorf("the admin token from %s is empty or malformed",
+                      ctx->token_arg ? "--token / PEP_TOKEN" : path);
+        goto out;
+    }
+    ctx->token = strndup(raw + start, len - start);
+    if (!ctx->token) {
+        pepctl_errorf("out of memory");
+        goto out;
+    }
+    rc = 0;
+out:
+    if (raw) {
+        explicit_bzero(raw, strlen(raw));
+        free(raw);
+    }
+    free(path);
+    return rc;
+}
+
+/* Prints why the API refused: "pepctl: <code>: <message> (HTTP <status>)". */
+static void pepctl_report_api_error(long status, const struct pepctl_buf *b) {
+    json_t *doc = b->data ? json_loadb(b->data, b->len, 0, NULL) : NULL;
+    json_t *err = json_object_get(doc, "error");
+    const char *code = json_string_value(json_object_get(err, "code"));
+    const char *msg = json_string_value(json_object_get(err, "message"));
+    if (code)
+        fprintf(stderr, "pepctl: %s: %s (HTTP %ld)\n", code, msg ? msg : "", status);
+    else
+        fprintf(stderr, "pepctl: unexpected answer from the admin API (HTTP %ld)\n", status);
+    /* A refused policy reload carries its list of errors; print them one per line. */
+    size_t i;
+    json_t *item;
+    json_array_foreach(json_object_get(err, "errors"), i, item) {
+        if (json_is_string(item)) fprintf(stderr, "  %s\n", json_string_value(item));
+    }
+    json_decref(doc);
+}
+
+/*
+ * One admin API call: method on url + path (path already escaped), with body (borrowed;
+ * NULL sends none).  On a 2xx answer holding a JSON object: 0 and *answer (caller
+ * json_decref()s), *status if status is not NULL.  Otherwise PEPCTL_FAIL after printing
+ * why (API error, unreachable server, malformed answer).
+ */
+static int pepctl_api(struct pepctl *ctx, const char *method, const char *path, const json_t *body,
+                      json_t **answer, long *status_out) {
+    struct pepctl_buf b = {0};
+    struct curl_slist *headers = NULL;
+    char *url = NULL, *auth = NULL, *payload = NULL;
+    char errbuf[CURL_ERROR_SIZE] = "";
+    long status = 0;
+    int rc = PEPCTL_FAIL;
+    *answer = NULL;
+
+    if (pepctl_load_token(ctx) != 0) goto out;
+    if (!ctx->curl && !(ctx->curl = curl_easy_init())) {
+        pepctl_errorf("cannot initialise libcurl");
+        goto out;
+    }
+    size_t base_len = strlen(ctx->url);
+    while (base_len > 0 && ctx->url[base_len - 1] == '/')
+        base_len--;
+    if (asprintf(&url, "%.*s%s", (int)base_len, ctx->url, path) < 0 ||
+        asprintf(&auth, "Authorization: Bearer %s", ctx->token) < 0) {
+        url = auth = NULL;
+        pepctl_errorf("out of memory");
+        goto out;
+    }
+    /* curl_slist_append returns the list's head, or NULL (list unchanged) on ENOMEM. */
+    headers = curl_slist_append(NULL, auth);
+    bool built = headers && curl_slist_append(headers, "Accept: application/json");
+    if (built && body) built = curl_slist_append(headers, "Content-Type: application/json") != NULL;
+    payload = body ? json_dumps(body, JSON_COMPACT) : NULL;
+    if (!built || (body && !payload)) {
+        pepctl_errorf("out of memory");
+        goto out;
+    }
+
+    CURL *c = ctx->curl;
+    curl_easy_reset(c);
+    CURLcode crc = CURLE_OK;
+    /* PITFALLS (libcurl): no signals, bounded time, http(s) only; NOPROXY "*" because the
+     * admin API is local: an HTTP(S)_PROXY in the environment must never see the token. */
+    if (crc == CURLE_OK) crc = curl_easy_setopt(c, CURLOPT_URL, url);
+    if (crc == CURLE_OK) crc = curl_easy_setopt(c, CURLOPT_NOSIGNAL, 1L);
+    if (crc == CURLE_OK) crc = curl_easy_setopt(c, CURLOPT_NOPROXY, "*");
+    if (crc == CURLE_OK) crc = curl_easy_setopt(c, CURLOPT_PROTOCOLS_STR, "http,https");
+    if (crc == CURLE_OK)
+        crc = curl_easy_setopt(c, CURLOPT_CONNECTTIMEOUT_MS, PEPCTL_CONNECT_TIMEOUT_MS);
+    if (crc == CURLE_OK) crc = curl_easy_setopt(c, CURLOPT_TIMEOUT_MS, PEPCTL_TIMEOUT_MS);
+    if (crc == CURLE_OK) crc = curl_easy_setopt(c, CURLOPT_HTTPHEADER, headers);
+    if (crc == CURLE_OK) crc = curl_easy_setopt(c, CURLOPT_CUSTOMREQUEST, method);
+    if (crc == CURLE_OK && payload) crc = curl_easy_setopt(c, CURLOPT_POSTFIELDS, payload);
+    if (crc == CURLE_OK) crc = curl_easy_setopt(c, CURLOPT_WRITEFUNCTION, pepctl_on_body);
+    if (crc == CURLE_OK) crc = curl_easy_setopt(c, CURLOPT_WRITEDATA, &b);
+    if (crc == CURLE_OK) crc = curl_easy_setopt(c, CURLOPT_ERRORBUFFER, errbuf);
+    if (crc != CURLE_OK) {
+        pepctl_errorf("cannot set up the request: %s", curl_easy_strerror(crc));
+        goto out;
+    }
+    crc = curl_easy_perform(c);
+    if (crc == CURLE_WRITE_ERROR && b.too_large) {
+        pepctl_errorf("the admin API's answer is larger than %u bytes", PEPCTL_MAX_ANSWER);
+        goto out;
+    }
+    if (crc != CURLE_OK) {
+        /* curl's message names the host and the failure, never the request headers. */
+        pepctl_errorf("cannot reach pep admin API at %.*s: %s", (int)base_len, ctx->url,
+                      errbuf[0] ? errbuf : curl_easy_strerror(crc));
+        goto out;
+    }
+    if (curl_easy_getinfo(c, CURLINFO_RESPONSE_CODE, &status) != CURLE_OK) status = 0;
+    if (status < 200 || status > 299) {
+        pepctl_report_api_error(status, &b);
+        goto out;
+    }
+    json_error_t jerr;
+    *answer = b.data ? json_loadb(b.data, b.len, 0, &jerr) : NULL;
+    if (!json_is_object(*answer)) {
+        json_decref(*answer);
+        *answer = NULL;
+        pepctl_errorf("unexpected answer from the admin API (HTTP %ld): not a JSON object", status);
+        goto out;
+    }
+    if (status_out) *status_out = status;
+    rc = PEPCTL_OK;
+out:
+    if (ctx->curl) curl_easy_setopt(ctx->curl, CURLOPT_ERRORBUFFER, NULL);
+    /* SECURITY: wipe our copies of the Authorization header before freeing them. */
+    for (struct curl_slist *it = headers; it; it = it->next)
+        explicit_bzero(it->data, strlen(it->data));
+    curl_slist_free_all(headers);
+    if (auth) {
+        explicit_bzero(auth, strlen(auth));
+        free(auth);
+    }
+    free(url);
+    free(payload);
+    if (b.data) {
+        /* The answer may hold a freshly issued token. */
+        explicit_bzero(b.data, b.len);
+        free(b.data);
+    }
+    return rc;
+}
+
+/* "/admin/v1/<a>/<escaped id>/<b>" as a malloc'd string; b may be NULL.  NULL on ENOMEM. */
+static char *pepctl_path(struct pepctl *ctx, const char *a, const char *id, const char *b) {
+    if (!ctx->curl && !(ctx->curl = curl_easy_init())) return NULL;
+    char *esc = curl_easy_escape(ctx->curl, id, 0);
+    char *out = NULL;
+    if (esc && asprintf(&out, "/admin/v1/%s/%s%s%s", a, esc, b ? "/" : "", b ? b : "") < 0)
+        out = NULL;
+    curl_free(esc);
+    return out;
+}
+
+/* ---- argument helpers --------------------------------------------------------------------- */
+
+/* "a,b , c" → ["a","b","c"]; "" → [].  NULL (after a message) when an item is empty. */
+static json_t *pepctl_list(const char *flag, const char *csv) {
+    json_t *arr = json_array();
+    char *copy = strdup(csv);
+    if (!arr || !copy) {
+        pepctl_errorf("out of memory");
+        goto fail;
+    }
+    if (strspn(copy, " \t") == strlen(copy)) {
+        free(copy);
+        return arr;
+    }
+    for (char *item = copy, *next; item; item = next) {
+        next = strchr(item, ',');
+        if (next) *next++ = '\0';
+        item += strspn(item, " \t");
+        size_t n = strlen(item);
+        while (n > 0 && (item[n - 1] == ' ' || item[n - 1] == '\t'))
+            item[--n] = '\0';
+        if (n == 0) {
+            pepctl_errorf("%s: empty item in '%s' (expected a,b,c)", flag, csv);
+            goto fail;
+        }
+        if (json_array_append_new(arr, json_string(item)) != 0) {
+            pepctl_errorf("%s: '%s' is not valid UTF-8", flag, item);
+            goto fail;
+        }
+    }
+    free(copy);
+    return arr;
+fail:
+    free(copy);
+    json_decref(arr);
+    return NULL;
+}
+
+/* --ttl as sent to the API: whole seconds ("3600") as a number, a duration ("1h") as is.
+ * NULL (after a message) when it is neither. */
+static json_t *pepctl_ttl(const char *s) {
+    int64_t ms;
+    if (*s && strspn(s, "0123456789") == strlen(s) && strlen(s) < 12 && atoll(s) > 0)
+        return json_integer(atoll(s));
+    if (pep_parse_duration_ms(s, &ms) == 0 && ms >= 1000) return json_string(s);
+    pepctl_errorf("--ttl: '%s' is not a duration of at least 1s (e.g. 90s, 15m, 8h, 7d)", s);
+    return NULL;
+}
+
+/* ---- commands ---------------------------------------------------------------------------- */
+
+static int pepctl_agents_add(struct pepctl *ctx, const struct pepctl_args *a) {
+    json_t *answer = NULL;
+    long status = 0;
+    int rc = PEPCTL_FAIL;
+    json_t *body = json_object();
+    json_t *tenants = pepctl_list("--tenants", a->value[F_TENANTS]);
+    json_t *scopes = pepctl_list("--scopes", a->value[F_SCOPES]);
+    if (!body || !tenants || !scopes) goto out;
+    if (json_object_set_new(body, "id", json_string(a->pos[2])) != 0 ||
+        json_object_set_new(body, "owner", json_string(a->value[F_OWNER])) != 0 ||
+        json_object_set(body, "tenants", tenants) != 0 ||
+        json_object_set(body, "scopes", scopes) != 0 ||
+        json_object_set_new(body, "enabled", json_boolean(!a->value[F_DISABLED])) != 0) {
+        pepctl_errorf("the agent id and owner must be valid UTF-8");
+        goto out;
+    }
+    if (pepctl_api(ctx, "POST", "/admin/v1/agents", body, &answer, &status) != 0) goto out;
+    if (ctx->json)
+        rc = pepctl_print_json(answer);
+    else {
+        printf("agent %s %s\n", a->pos[2], status == 201 ? "created" : "replaced");
+        rc = pepctl_print_object(answer);
+    }
+out:
+    json_decref(body);
+    json_decref(tenants);
+    json_decref(scopes);
+    json_decref(answer);
+    return rc;
+}
+
+static int pepctl_agents_list(struct pepctl *ctx, const struct pepctl_args *a) {
+    (void)a;
+    json_t *answer = NULL;
+    int rc = PEPCTL_FAIL;
+    if (pepctl_api(ctx, "GET", "/admin/v1/agents", NULL, &answer, NULL) != 0) goto out;
+    json_t *agents = json_object_get(answer, "agents");
+    if (ctx->json) {
+        rc = pepctl_print_json(answer);
+        goto out;
+    }
+    if (!json_is_array(agents)) {
+        pepctl_errorf("unexpected answer from the admin API: no 'agents' list");
+        goto out;
+    }
+    static const char *const cols[] = {"id", "owner", "tenants", "scopes", "enabled"};
+    struct pepctl_table t = {.ncols = PEP_ARRAY_LEN(cols)};
+    char *header[] = {strdup("ID"), strdup("OWNER"), strdup("TENANTS"), strdup("SCOPES"),
+                      strdup("ENABLED")};
+    pepctl_table_add(&t, header);
+    size_t i;
+    json_t *agent;
+    json_array_foreach(agents, i, agent) {
+        char *row[PEP_ARRAY_LEN(cols)];
+        for (size_t c = 0; c < PEP_ARRAY_LEN(cols); c++)
+            row[c] = pepctl_cell(json_object_get(agent, cols[c]));
+        pepctl_table_add(&t, row);
+    }
+    rc = pepctl_table_print(&t);
+out:
+    json_decref(answer);
+    return rc;
+}
+
+/* agents show / disable / enable: one call on /admin/v1/agents/ID[/verb]. */
+static int pepctl_agent_call(struct pepctl *ctx, const struct pepctl_args *a, const char *verb) {
+    json_t *answer = NULL, *body = verb ? json_object() : NULL;
+    int rc = PEPCTL_FAIL;
+    char *path = pepctl_path(ctx, "agents", a->pos[2], verb);
+    if (!path || (verb && !body)) {
+        pepctl_errorf("out of memory");
+        goto out;
+    }
+    if (pepctl_api(ctx, verb ? "POST" : "GET", path, body, &answer, NULL) != 0) goto out;
+    if (ctx->json)
+        rc = pepctl_print_json(answer);
+    else if (verb) {
+        printf("agent %s %sd\n", a->pos[2], verb);
+        rc = PEPCTL_OK;
+    } else
+        rc = pepctl_print_object(answer);
+out:
+    free(path);
+    json_decref(body);
+    json_decref(answer);
+    return rc;
+}
+
+static int pepctl_agents_show(struct pepctl *ctx, const struct pepctl_args *a) {
+    return pepctl_agent_call(ctx, a, NULL);
+}
+
+static int pepctl_agents_disable(struct pepctl *ctx, const struct pepctl_args *a) {
+    return pepctl_agent_call(ctx, a, "disable");
+}
+
+static int pepctl_agents_enable(struct pepctl *ctx, const struct pepctl_args *a) {
+    return pepctl_agent_call(ctx, a, "enable");
+}
+
+/* Prints an issued token alone (or the whole answer with --json). */
+static int pepctl_print_token(struct pepctl *ctx, const json_t *answer) {
+    if (ctx->json) return pepctl_print_json(answer);
+    const char *token = json_string_value(json_object_get(answer, "token"));
+    if (!token) {
+        pepctl_errorf("unexpected answer from the admin API: no 'token'");
+        return PEPCTL_FAIL;
+    }
+    printf("%s\n", token);
+    return PEPCTL_OK;
+}
+
+static int pepctl_tokens_issue(struct pepctl *ctx, const struct pepctl_args *a) {
+    json_t *answer = NULL;
+    int rc = PEPCTL_FAIL;
+    json_t *body = json_object();
+    char *path = pepctl_path(ctx, "agents", a->pos[2], "tokens");
+    if (!body || !path) {
+        pepctl_errorf("out of memory");
+        goto out;
+    }
+    if (a->value[F_TTL]) {
+        json_t *ttl = pepctl_ttl(a->value[F_TTL]);
+        if (!ttl || json_object_set_new(body, "ttl", ttl) != 0) goto out;
+    }
+    if (a->value[F_SCOPES]) {
+        json_t *scopes = pepctl_list("--scopes", a->value[F_SCOPES]);
+        if (!scopes || json_object_set_new(body, "scopes", scopes) != 0) goto out;
+    }
+    if (a->value[F_ACR] && json_object_set_new(body, "acr", json_string(a->value[F_ACR])) != 0) {
+        pepctl_errorf("--acr: not valid UTF-8");
+        goto out;
+    }
+    if (pepctl_api(ctx, "POST", path, body, &answer, NULL) != 0) goto out;
+    rc = pepctl_print_token(ctx, answer);
+out:
+    free(path);
+    json_decref(body);
+    json_decref(answer);
+    return rc;
+}
+
+static int pepctl_tokens_list(struct pepctl *ctx, const struct pepctl_args *a) {
+    json_t *answer = NULL;
+    char *path = NULL, *esc = NULL;
+    int rc = PEPCTL_FAIL;
+    if (a->value[F_AGENT]) {
+        if (!ctx->curl && !(ctx->curl = curl_easy_init())) goto oom;
+        esc = curl_easy_escape(ctx->curl, a->value[F_AGENT], 0);
+        if (!esc || asprintf(&path, "/admin/v1/tokens?agent=%s", esc) < 0) {
+            path = NULL;
+            goto oom;
+        }
+    } else if (!(path = strdup("/admin/v1/tokens")))
+        goto oom;
+    if (pepctl_api(ctx, "GET", path, NULL, &answer, NULL) != 0) goto out;
+    json_t *tokens = json_object_get(answer, "tokens");
+    if (ctx->json) {
+        rc = pepctl_print_json(answer);
+        goto out;
+    }
+    if (!json_is_array(tokens)) {
+        pepctl_errorf("unexpected answer from the admin API: no 'tokens' list");
+        goto out;
+    }
+    struct pepctl_table t = {.ncols = 6};
+    char *header[] = {strdup("JTI"),       strdup("KIND"),       strdup("SUBJECT"),
+                      strdup("ISSUED_AT"), strdup("EXPIRES_AT"), strdup("REVOKED_AT")};
+    pepctl_table_add(&t, header);
+    size_t i;
+    json_t *tok;
+    json_array_foreach(tokens, i, tok) {
+        /* The subject is under "agent" or "operator" depending on the token's kind. */
+        json_t *subject = json_object_get(tok, "agent");
+        if (!subject) subject = json_object_get(tok, "operator");
+        char *row[] = {pepctl_cell(json_object_get(tok, "jti")),
+                       pepctl_cell(json_object_get(tok, "kind")),
+                       pepctl_cell(subject),
+                       pepctl_cell(json_object_get(tok, "issued_at")),
+                       pepctl_cell(json_object_get(tok, "expires_at")),
+                       pepctl_cell(json_object_get(tok, "revoked_at"))};
+        pepctl_table_add(&t, row);
+    }
+    rc = pepctl_table_print(&t);
+    goto out;
+oom:
+    pepctl_errorf("out of memory");
+out:
+    curl_free(esc);
+    free(path);
+    json_decref(answer);
+    return rc;
+}
+
+static int pepctl_tokens_revoke(struct pepctl *ctx, const struct pepctl_args *a) {
+    json_t *answer = NULL;
+    int rc = PEPCTL_FAIL;
+    char *path = pepctl_path(ctx, "tokens", a->pos[2], NULL);
+    if (!path) {
+        pepctl_errorf("out of memory");
+        goto out;
+    }
+    if (pepctl_api(ctx, "DELETE", path, NULL, &answer, NULL) != 0) goto out;
+    if (ctx->json)
+        rc = pepctl_print_json(answer);
+    else {
+        const char *at = json_string_value(json_object_get(answer, "revoked_at"));
+        printf("token %s revoked%s%s\n", a->pos[2], at ? " at " : "", at ? at : "");
+        rc = PEPCTL_OK;
+    }
+out:
+    free(path);
+    json_decref(answer);
+    return rc;
+}
+
+static int pepctl_operators_add(struct pepctl *ctx, const struct pepctl_args *a) {
+    json_t *answer = NULL;
+    long status = 0;
+    int rc = PEPCTL_FAIL;
+    json_t *body = json_object();
+    json_t *roles = pepctl_list("--roles", a->value[F_ROLES]);
+    if (!body || !roles) goto out;
+    if (json_object_set_new(body, "id", json_string(a->pos[2])) != 0 ||
+        json_object_set(body, "roles", roles) != 0) {
+        pepctl_errorf("the operator id must be valid UTF-8");
+        goto out;
+    }
+    if (pepctl_api(ctx, "POST", "/admin/v1/operators", body, &answer, &status) != 0) goto out;
+    if (ctx->json)
+        rc = pepctl_print_json(answer);
+    else {
+        printf("operator %s %s\n", a->pos[2], status == 201 ? "created" : "replaced");
+        rc = pepctl_print_object(answer);
+    }
+out:
+    json_decref(body);
+    json_decref(roles);
+    json_decref(answer);
+    return rc;
+}
+
+static int pepctl_operators_token(struct pepctl *ctx, const struct pepctl_args *a) {
+    json_t *answer = NULL;
+    int rc = PEPCTL_FAIL;
+    json_t *body = json_object();
+    char *path = pepctl_path(ctx, "operators", a->pos[2], "tokens");
+    if (!body || !path) {
+        pepctl_errorf("out of memory");
+        goto out;
+    }
+    if (a->value[F_TTL]) {
+        json_t *ttl = pepctl_ttl(a->value[F_TTL]);
+        if (!ttl || json_object_set_new(body, "ttl", ttl) != 0) goto out;
+    }
+    if (pepctl_api(ctx, "POST", path, body, &answer, NULL) != 0) goto out;
+    rc = pepctl_print_token(ctx, answer);
+out:
+    free(path);
+    json_decref(body);
+    json_decref(answer);
+    return rc;
+}
+
+/* Prints a verification result ({ok, records, head_seq, head_hash, first_bad_seq?,
+ * reason?}, the API's shape) and returns 0 when ok, 1 when not. */
+static int pepctl_print_verify(struct pepctl *ctx, const json_t *v) {
+    json_t *ok = json_object_get(v, "ok");
+    if (!json_is_boolean(ok)) {
+        pepctl_errorf("unexpected answer from the admin API: no 'ok'");
+        return PEPCTL_FAIL;
+    }
+    if (ctx->json) {
+        if (pepctl_print_json(v) != 0) return PEPCTL_FAIL;
+    } else if (json_is_true(ok)) {
+        printf("ok: %" JSON_INTEGER_FORMAT " records, head seq %" JSON_INTEGER_FORMAT
+               ", head hash %s\n",
+               json_integer_value(json_object_get(v, "records")),
+               json_integer_value(json_object_get(v, "head_seq")),
+               json_string_value(json_object_get(v, "head_hash"))
+                   ? json_string_value(json_object_get(v, "head_hash"))
+                   : "-");
+    } else {
+        const char *reason = json_string_value(json_object_get(v, "reason"));
+        printf("NOT OK: first bad seq %" JSON_INTEGER_FORMAT
+               "%s%s%s; last good seq %" JSON_INTEGER_FORMAT "\n",
+               json_integer_value(json_object_get(v, "first_bad_seq")), reason ? " (" : "",
+               reason ? reason : "", reason ? ")" : "",
+               json_integer_value(json_object_get(v, "head_seq")));
+    }
+    return json_is_true(ok) ? PEPCTL_OK : PEPCTL_NOT_OK;
+}
+
+/* Best-effort removal of the snapshot directory and the files SQLite may have left. */
+static void pepctl_remove_snapshot(const char *dir) {
+    static const char *const names[] = {"pep.db", "pep.db-wal", "pep.db-shm", "pep.db-journal"};
+    char path[4200];
+    for (size_t i = 0; i < PEP_ARRAY_LEN(names); i++) {
+        snprintf(path, sizeof path, "%s/%s", dir, names[i]);
+        unlink(path);
+    }
+    rmdir(dir);
+}
+
+/*
+ * Copies the database at src_path into copy_path as one consistent snapshot (SQLite online
+ * backup: one read transaction on the source, WAL content included), so that a live
+ * store can be checked without tearing and the original is only read.  0 or PEPCTL_FAIL
+ * after a message.
+ */
+static int pepctl_snapshot(const char *src_path, const char *copy_path) {
+    sqlite3 *src = NULL, *dst = NULL;
+    sqlite3_backup *bk = NULL;
+    struct pep_err err = {0};
+    int rc = PEPCTL_FAIL;
+    if (access(src_path, R_OK) != 0) {
+        pepctl_errorf("cannot read %s: %s", src_path, strerror(errno));
+        goto out;
+    }
+    if (audit_open_reader(src_path, &src, &err) != 0) {
+        pepctl_errorf("%s", err.msg);
+        goto out;
+    }
+    if (sqlite3_open_v2(copy_path, &dst, SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE, NULL) !=
+        SQLITE_OK) {
+        pepctl_errorf("cannot create the snapshot %s: %s", copy_path,
+                      dst ? sqlite3_errmsg(dst) : "out of memory");
+        goto out;
+    }
+    bk = sqlite3_backup_init(dst, "main", src, "main");
+    if (!bk) {
+        pepctl_errorf("cannot copy %s: %s", src_path, sqlite3_errmsg(dst));
+        goto out;
+    }
+    /* One step copies every page under one read lock; BUSY/LOCKED (a writer holding an
+     * exclusive lock, e.g. during a WAL restart) is retried for a bounded time. */
+    int src_rc = SQLITE_OK;
+    for (int tries = 0; tries < 100; tries++) {
+        src_rc = sqlite3_backup_step(bk, -1);
+        if (src_rc != SQLITE_BUSY && src_rc != SQLITE_LOCKED) break;
+        sqlite3_sleep(50);
+    }
+    int fin_rc = sqlite3_backup_finish(bk);
+    bk = NULL;
+    if (src_rc != SQLITE_DONE || fin_rc != SQLITE_OK) {
+        pepctl_errorf("cannot copy %s: %s", src_path,
+                      sqlite3_errstr(src_rc != SQLITE_DONE ? src_rc : fin_rc));
+        goto out;
+    }
+    rc = 0;
+out:
+    if (bk) sqlite3_backup_finish(bk);
+    if (dst && sqlite3_close(dst) != SQLITE_OK && rc == 0) {
+        pepctl_errorf("cannot close the snapshot %s", copy_path);
+        rc = PEPCTL_FAIL;
+    }
+    sqlite3_close(src);
+    return rc;
+}
+
+/* audit verify --db FILE: the same walk as the API's, offline, on a snapshot of FILE. */
+static int pepctl_audit_verify_offline(struct pepctl *ctx, const char *db_path) {
+    const char *tmp = getenv("TMPDIR");
+    char dir[4096], copy[4200];
+    struct audit_verify_result res;
+    struct pep_err err = {0};
+    json_t *v = NULL;
+    bool made_dir = false;
+    int rc = PEPCTL_FAIL;
+    snprintf(dir, sizeof dir, "%s/pepctl-verify-XXXXXX", tmp && *tmp ? tmp : "/tmp");
+    if (!mkdtemp(dir)) {
+        pepctl_errorf("cannot create a temporary directory in %s: %s", tmp && *tmp ? tmp : "/tmp",
+                      strerror(errno));
+        goto out;
+    }
+    made_dir = true;
+    snprintf(copy, sizeof copy, "%s/pep.db", dir);
+    if (pepctl_snapshot(db_path, copy) != 0) goto out;
+    if (audit_verify_file(copy, &res, &err) != 0) {
+        pepctl_errorf("%s is not a readable pep audit store: %s", db_path, res.reason);
+        goto out;
+    }
+    char head[65];
+    pep_hex(res.head_hash, sizeof res.head_hash, head);
+    v = json_pack("{s:b, s:I, s:I, s:s}", "ok", res.ok, "records", (json_int_t)res.records,
+                  "head_seq", (json_int_t)res.head_seq, "head_hash", head);
+    if (v && !res.ok &&
+        (json_object_set_new(v, "first_bad_seq", json_integer(res.first_bad_seq)) != 0 ||
+         json_object_set_new(v, "reason", json_string(res.reason)) != 0)) {
+        json_decref(v);
+        v = NULL;
+    }
+    if (!v) {
+        pepctl_errorf("out of memory");
+        goto out;
+    }
+    rc = pepctl_print_verify(ctx, v);
+out:
+    json_decref(v);
+    if (made_dir) pepctl_remove_snapshot(dir);
+    return rc;
+}
+
+static int pepctl_audit_verify(struct pepctl *ctx, const struct pepctl_args *a) {
+    if (a->value[F_DB]) return pepctl_audit_verify_offline(ctx, a->value[F_DB]);
+    json_t *answer = NULL;
+    int rc = PEPCTL_FAIL;
+    if (pepctl_api(ctx, "GET", "/admin/v1/audit/verify", NULL, &answer, NULL) == 0)
+        rc = pepctl_print_verify(ctx, answer);
+    json_decref(answer);
+    return rc;
+}
+
+static const struct pepctl_cmd pepctl_cmds[] = {
+    {"agents", "add", 1, BIT(F_OWNER) | BIT(F_TENANTS) | BIT(F_SCOPES) | BIT(F_DISABLED),
+     BIT(F_OWNER) | BIT(F_TENANTS) | BIT(F_SCOPES),
+     "agents add ID --owner OWNER --tenants T1,T2 --scopes S1,S2 [--disabled]",
+     "create or replace an agent", pepctl_agents_add},
+    {"agents", "list", 0, 0, 0, "agents list", "list the agents", pepctl_agents_list},
+    {"agents", "show", 1, 0, 0, "agents show ID", "show one agent", pepctl_agents_show},
+    {"agents", "disable", 1, 0, 0, "agents disable ID", "refuse all of the agent's tokens",
+     pepctl_agents_disable},
+    {"agents", "enable", 1, 0, 0, "agents enable ID", "accept the agent's tokens again",
+     pepctl_agents_enable},
+    {"tokens", "issue", 1, BIT(F_TTL) | BIT(F_SCOPES) | BIT(F_ACR), 0,
+     "tokens issue AGENT [--ttl 1h] [--scopes S1,S2] [--acr mfa]",
+     "issue an agent token; prints the token alone (--json: token, jti, expires_at)",
+     pepctl_tokens_issue},
+    {"tokens", "list", 0, BIT(F_AGENT), 0, "tokens list [--agent ID]",
+     "list issued tokens (never the tokens themselves)", pepctl_tokens_list},
+    {"tokens", "revoke", 1, 0, 0, "tokens revoke JTI", "revoke a token, effective at once",
+     pepctl_tokens_revoke},
+    {"operators", "add", 1, BIT(F_ROLES), BIT(F_ROLES), "operators add ID --roles R1,R2",
+     "create or replace an operator (roles: admin, approver, auditor)", pepctl_operators_add},
+    {"operators", "token", 1, BIT(F_TTL), 0, "operators token ID [--ttl 8h]",
+     "issue an operator token; prints the token alone", pepctl_operators_token},
+    {"audit", "verify", 0, BIT(F_DB), 0, "audit verify [--db FILE]",
+     "walk the audit hash chain (--db: offline, on a snapshot of FILE, no server); "
+     "exit 1 when it does not verify",
+     pepctl_audit_verify},
+};
+
+static void pepctl_usage(FILE *f) {
+    fputs("usage: pepctl [global flags] COMMAND [ARGS] [flags]\n\ncommands:\n", f);
+    for (size_t i = 0; i < PEP_ARRAY_LEN(pepctl_cmds); i++)
+        fprintf(f, "  pepctl %s\n      %s\n", pepctl_cmds[i].synopsis, pepctl_cmds[i].what);
+    fputs("\nglobal flags (before or after the command):\n"
+          "  --url URL        admin API (default: $PEP_ADMIN_URL, else " PEPCTL_DEFAULT_URL ")\n"
+          "  --token TOKEN    operator token (default: $PEP_TOKEN, else DATA/admin.token);\n"
+          "                   prefer the variable or the file: a flag is visible in ps\n"
+          "  --data-dir DATA  pep's data directory (default: $PEP_DATA_DIR, "
+          "else " PEPCTL_DEFAULT_DATA_DIR ")\n"
+          "  --json           print the API's JSON answer as is, pretty\n"
+          "  -h, --help       this help\n"
+          "\nexit status: 0 done, 1 the audit chain does not verify, 2 usage error, API error\n"
+          "or unreachable admin API\n",
+          f);
+}
+
+/* Parses argv in one pass against the table of every flag.  0, or PEPCTL_FAIL after a
+ * message. */
+static int pepctl_parse(int argc, char **argv, struct pepctl_args *a) {
+    bool flags_done = false;
+    for (int i = 1; i < argc; i++) {
+        const char *arg = argv[i];
+        if (flags_done || arg[0] != '-' || arg[1] == '\0') {
+            if (a->npos == PEPCTL_MAX_POSITIONALS) {
+                pepctl_errorf("too many arguments");
+                return PEPCTL_FAIL;
+            }
+            a->pos[a->npos++] = arg;
+            continue;
+        }
+        if (strcmp(arg, "--") == 0) {
+            flags_done = true;
+            continue;
+        }
+        const char *eq = strchr(arg, '=');
+        size_t name_len = eq ? (size_t)(eq - arg) : strlen(arg);
+        int f = 0;
+        for (; f < F_COUNT; f++) {
+            const struct pepctl_flag_def *d = &pepctl_flags[f];
+            if ((strlen(d->name) == name_len && strncmp(arg, d->name, name_len) == 0) ||
+                (d->alias && strlen(d->alias) == name_len && strncmp(arg, d->alias, name_len) == 0))
+                break;
+        }
+        if (f == F_COUNT) {
+            pepctl_errorf("unknown flag '%.*s'", (int)name_len, arg);
+            return PEPCTL_FAIL;
+        }
+        if (!pepctl_flags[f].has_value) {
+            if (eq) {
+                pepctl_errorf("%s takes no value", pepctl_flags[f].name);
+                return PEPCTL_FAIL;
+            }
+            a->value[f] = "";
+        } else if (eq) {
+            a->value[f] = eq + 1;
+        } else if (i + 1 < argc) {
+            a->value[f] = argv[++i];
+        } else {
+            pepctl_errorf("%s needs a value", pepctl_flags[f].name);
+            return PEPCTL_FAIL;
+        }
+    }
+    return 0;
+}
+
+/* Finds the command and checks its arguments and flags.  NULL after a message. */
+static const struct pepctl_cmd *pepctl_check(const struct pepctl_args *a) {
+    if (a->npos < 2) {
+        pepctl_errorf(a->npos == 0 ? "no command given" : "'%s' needs a command word",
+                      a->npos ? a->pos[0] : "");
+        return NULL;
+    }
+    const struct pepctl_cmd *cmd = NULL;
+    for (size_t i = 0; i < PEP_ARRAY_LEN(pepctl_cmds) && !cmd; i++)
+        if (strcmp(pepctl_cmds[i].group, a->pos[0]) == 0 &&
+            strcmp(pepctl_cmds[i].verb, a->pos[1]) == 0)
+            cmd = &pepctl_cmds[i];
+    if (!cmd) {
+        pepctl_errorf("unknown command '%s %s'", a->pos[0], a->pos[1]);
+        return NULL;
+    }
+    if (a->npos - 2 != cmd->nargs) {
+        pepctl_errorf("'%s %s' takes %zu argument%s: pepctl %s", cmd->group, cmd->verb, cmd->nargs,
+                      cmd->nargs == 1 ? "" : "s", cmd->synopsis);
+        return NULL;
+    }
+    for (size_t i = 2; i < a->npos; i++)
+        if (a->pos[i][0] == '\0') {
+            pepctl_errorf("'%s %s': an empty argument", cmd->group, cmd->verb);
+            return NULL;
+        }
+    for (int f = 0; f < F_COUNT; f++) {
+        if (a->value[f] && !(BIT(f) & (cmd->flags | PEPCTL_GLOBAL_FLAGS))) {
+            pepctl_errorf("%s is not a flag of '%s %s'", pepctl_flags[f].name, cmd->group,
+                          cmd->verb);
+            return NULL;
+        }
+        if (!a->value[f] && (BIT(f) & cmd->required)) {
+            pepctl_errorf("'%s %s' needs %s: pepctl %s", cmd->group, cmd->verb,
+                          pepctl_flags[f].name, cmd->synopsis);
+            return NULL;
+        }
+    }
+    static const int non_empty[] = {F_URL,   F_TOKEN, F_DATA_DIR, F_OWNER, F_TENANTS,
+                                    F_ROLES, F_TTL,   F_ACR,      F_AGENT, F_DB};
+    for (size_t i = 0; i < PEP_ARRAY_LEN(non_empty); i++)
+        if (a->value[non_empty[i]] && a->value[non_empty[i]][0] == '\0') {
+            pepctl_errorf("%s needs a non-empty value", pepctl_flags[non_empty[i]].name);
+            return NULL;
+        }
+    /* Malformed values are usage errors too: try them now, before any call is made. */
+    static const int lists[] = {F_TENANTS, F_SCOPES, F_ROLES};
+    for (size_t i = 0; i < PEP_ARRAY_LEN(lists); i++) {
+        if (!a->value[lists[i]]) continue;
+        json_t *l = pepctl_list(pepctl_flags[lists[i]].name, a->value[lists[i]]);
+        if (!l) return NULL;
+        json_decref(l);
+    }
+    json_t *ttl = a->value[F_TTL] ? pepctl_ttl(a->value[F_TTL]) : NULL;
+    if (a->value[F_TTL] && !ttl) return NULL;
+    json_decref(ttl);
+    return cmd;
+}
+
+/* Whatever is set and non-empty: the flag, else the environment variable, else fallback. */
+static const char *pepctl_pick(const char *flag, const char *env, const char *fallback) {
+    const char *e = env ? getenv(env) : NULL;
+    return flag ? flag : (e && *e) ? e : fallback;
+}
+
+int main(int argc, char **argv) {
+    struct pepctl_args a = {0};
+    struct pepctl ctx = {0};
+    int rc = PEPCTL_FAIL;
+    bool curl_ready = false;
+
+    /* PITFALLS (libcurl): a peer closing mid-write must not kill us; write errors are
+     * reported instead. */
+    signal(SIGPIPE, SIG_IGN);
+    if (pepctl_parse(argc, argv, &a) != 0) {
+        pepctl_usage(stderr);
+        goto out;
+    }
+    if (a.value[F_HELP]) {
+        pepctl_usage(stdout);
+        rc = PEPCTL_OK;
+        goto out;
+    }
+    const struct pepctl_cmd *cmd = pepctl_check(&a);
+    if (!cmd) {
+        pepctl_usage(stderr);
+        goto out;
+    }
+    if (curl_global_init(CURL_GLOBAL_DEFAULT) != CURLE_OK) {
+        pepctl_errorf("cannot initialise libcurl");
+        goto out;
+    }
+    curl_ready = true;
+    ctx.url = pepctl_pick(a.value[F_URL], "PEP_ADMIN_URL", PEPCTL_DEFAULT_URL);
+    ctx.data_dir = pepctl_pick(a.value[F_DATA_DIR], "PEP_DATA_DIR", PEPCTL_DEFAULT_DATA_DIR);
+    ctx.token_arg = pepctl_pick(a.value[F_TOKEN], "PEP_TOKEN", NULL);
+    ctx.json = a.value[F_JSON] != NULL;
+    rc = cmd->run(&ctx, &a);
+out:
+    if (ctx.token) {
+        explicit_bzero(ctx.token, strlen(ctx.token));
+        free(ctx.token);
+    }
+    if (ctx.curl) curl_easy_cleanup(ctx.curl);
+    if (curl_ready) curl_global_cleanup();
+    if (fflush(stdout) != 0 || ferror(stdout)) {
+        if (errno != EPIPE)
+            fprintf(stderr, "pepctl: cannot write the output: %s\n", strerror(errno));
+        rc = PEPCTL_FAIL;
+    }
+    return rc;
+}
