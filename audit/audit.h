@@ -54,6 +54,10 @@ struct audit_options {
     /* Optional observer, called on the writer thread after every committed batch with the
      * number of records written and the time COMMIT took (the fsync with durability full),
      * for the pep_audit_batch_records / pep_audit_fsync_duration_seconds metrics. */
+    /* Longest wait, in microseconds, of queued items nobody waits for (no done callback)
+     * before they are committed on their own: they share the next waited item's fsync
+     * when one comes sooner.  0 → AUDIT_DEFAULT_LINGER_US; negative → no lingering. */
+    int64_t linger_us;
     void (*batch_observe)(void *arg, size_t records, int64_t commit_us);
     void *batch_observe_arg;
     /* SQLite VFS name to open the database with; NULL = the default.  Tests only
@@ -155,12 +159,16 @@ int audit_verify_db(sqlite3 *db, struct audit_verify_result *res);
  * copy of the JWT the caller frees; PEP_ENOTFOUND when there is none; PEP_EDB. */
 int audit_latest_checkpoint(sqlite3 *db, int64_t *seq, uint8_t hash[32], char **jwt);
 
+#define AUDIT_DEFAULT_LINGER_US 2000
+
 struct audit_stats {
     int64_t records_written; /* since open */
     int64_t batches;
     int64_t failures; /* items failed */
     int64_t head_seq;
     size_t queued;
+    bool failing;             /* the last batch failed: the store cannot write now */
+    int64_t commit_us_total;  /* time spent in COMMIT (the fsync), summed over batches */
 };
 void audit_get_stats(struct audit_store *s, struct audit_stats *out);
 

@@ -8,15 +8,25 @@
 #include "pep/forward.h"
 #include "pep/util.h"
 
+#include <errno.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <unistd.h>
 
+/* The thread drives libcurl with curl_multi_socket_action over its own epoll set, so each
+ * wake-up costs work proportional to the sockets that are ready, not to every transfer in
+ * flight (curl_multi_poll would poll() them all on every turn). */
 struct forwarder {
     pthread_t thread;
-    CURLM *multi;              /* forwarder thread only (curl_multi_wakeup excepted) */
+    CURLM *multi;              /* forwarder thread only */
+    int epoll_fd;              /* the sockets libcurl asked to watch, and wake_fd */
+    int wake_fd;               /* eventfd: written by forwarder_submit / stop / cancel */
+    int64_t deadline_us;       /* libcurl's timer as a monotonic deadline; -1 = none */
     pthread_mutex_t queue_lock; /* guards queue_head/tail, stopping, cancel_requested */
     struct forward_job *queue_head, *queue_tail;
     bool stopping;
@@ -308,10 +318,61 @@ static void cancel_everything(struct forwarder *f, struct forward_job *queued)
         finish(f, f->running, FORWARD_CANCELLED);
 }
 
+/* CURLMOPT_SOCKETFUNCTION: keep the epoll set in step with what libcurl waits for. */
+static int on_socket(CURL *easy, curl_socket_t fd, int what, void *arg, void *socketp)
+{
+    (void)easy;
+    struct forwarder *f = arg;
+    if (what == CURL_POLL_REMOVE) {
+        epoll_ctl(f->epoll_fd, EPOLL_CTL_DEL, fd, NULL);
+        curl_multi_assign(f->multi, fd, NULL);
+        return 0;
+    }
+    struct epoll_event ev = {.data.fd = fd};
+    if (what & CURL_POLL_IN)
+        ev.events |= EPOLLIN;
+    if (what & CURL_POLL_OUT)
+        ev.events |= EPOLLOUT;
+    /* socketp marks sockets already in the set (MOD) versus new ones (ADD). */
+    int op = socketp ? EPOLL_CTL_MOD : EPOLL_CTL_ADD;
+    if (epoll_ctl(f->epoll_fd, op, fd, &ev) != 0 && errno == EEXIST)
+        epoll_ctl(f->epoll_fd, EPOLL_CTL_MOD, fd, &ev);
+    if (!socketp)
+        curl_multi_assign(f->multi, fd, f);
+    return 0;
+}
+
+/* CURLMOPT_TIMERFUNCTION: libcurl's next deadline, honoured by epoll_wait's timeout. */
+static int on_timer(CURLM *multi, long timeout_ms, void *arg)
+{
+    (void)multi;
+    struct forwarder *f = arg;
+    f->deadline_us = timeout_ms < 0 ? -1 : pep_mono_us() + (int64_t)timeout_ms * 1000;
+    return 0;
+}
+
+/* Finishes every transfer libcurl reports done. */
+static void reap(struct forwarder *f)
+{
+    CURLMsg *msg;
+    int left;
+    while ((msg = curl_multi_info_read(f->multi, &left))) {
+        if (msg->msg != CURLMSG_DONE)
+            continue;
+        struct forward_job *job = NULL;
+        curl_easy_getinfo(msg->easy_handle, CURLINFO_PRIVATE, (char **)&job);
+        CURLcode result = msg->data.result;
+        if (result == CURLE_OK)
+            curl_easy_getinfo(msg->easy_handle, CURLINFO_RESPONSE_CODE, &job->status);
+        finish(f, job, classify(job, result));
+    }
+}
+
 static void *forwarder_main(void *arg)
 {
     struct forwarder *f = arg;
     pthread_setname_np(pthread_self(), "pep-forward");
+    int running = 0;
     for (;;) {
         pthread_mutex_lock(&f->queue_lock);
         struct forward_job *batch = f->queue_head;
@@ -326,6 +387,7 @@ static void *forwarder_main(void *arg)
                 break;
             continue;
         }
+        bool added = batch != NULL;
         while (batch) {
             struct forward_job *next = batch->next;
             batch->next = NULL;
@@ -334,24 +396,61 @@ static void *forwarder_main(void *arg)
                 finish(f, batch, FORWARD_CONNECT_ERROR);
             batch = next;
         }
+        if (added) /* new handles start on the timeout path */
+            curl_multi_socket_action(f->multi, CURL_SOCKET_TIMEOUT, 0, &running);
+        reap(f);
 
-        int still_running = 0;
-        curl_multi_perform(f->multi, &still_running);
-        CURLMsg *msg;
-        int left;
-        while ((msg = curl_multi_info_read(f->multi, &left))) {
-            if (msg->msg != CURLMSG_DONE)
-                continue;
-            struct forward_job *job = NULL;
-            curl_easy_getinfo(msg->easy_handle, CURLINFO_PRIVATE, (char **)&job);
-            CURLcode result = msg->data.result;
-            if (result == CURLE_OK)
-                curl_easy_getinfo(msg->easy_handle, CURLINFO_RESPONSE_CODE, &job->status);
-            finish(f, job, classify(job, result));
+        struct epoll_event events[64];
+        int wait_ms = 1000;
+        if (f->deadline_us >= 0) {
+            int64_t left = (f->deadline_us - pep_mono_us() + 999) / 1000;
+            wait_ms = left < 0 ? 0 : left > 1000 ? 1000 : (int)left;
         }
-        curl_multi_poll(f->multi, NULL, 0, 1000, NULL);
+        int n = epoll_wait(f->epoll_fd, events, 64, wait_ms);
+        for (int i = 0; i < n; i++) {
+            if (events[i].data.fd == f->wake_fd) {
+                uint64_t count;
+                if (read(f->wake_fd, &count, sizeof count) < 0 && errno != EAGAIN)
+                    fprintf(stderr, "pep: forwarder: wake read failed\n");
+                continue;
+            }
+            int flags = 0;
+            if (events[i].events & (EPOLLIN | EPOLLHUP))
+                flags |= CURL_CSELECT_IN;
+            if (events[i].events & EPOLLOUT)
+                flags |= CURL_CSELECT_OUT;
+            if (events[i].events & EPOLLERR)
+                flags |= CURL_CSELECT_ERR;
+            curl_multi_socket_action(f->multi, events[i].data.fd, flags, &running);
+        }
+        if (f->deadline_us >= 0 && pep_mono_us() >= f->deadline_us) {
+            f->deadline_us = -1;
+            curl_multi_socket_action(f->multi, CURL_SOCKET_TIMEOUT, 0, &running);
+        }
+        reap(f);
     }
     return NULL;
+}
+
+static void wake(struct forwarder *f)
+{
+    uint64_t one = 1;
+    if (write(f->wake_fd, &one, sizeof one) < 0 && errno != EAGAIN)
+        fprintf(stderr, "pep: forwarder: wake write failed\n");
+}
+
+static void forwarder_free(struct forwarder *f)
+{
+    for (size_t i = 0; i < f->idle_easy_len; i++)
+        curl_easy_cleanup(f->idle_easy[i]);
+    if (f->multi)
+        curl_multi_cleanup(f->multi);
+    if (f->epoll_fd >= 0)
+        close(f->epoll_fd);
+    if (f->wake_fd >= 0)
+        close(f->wake_fd);
+    pthread_mutex_destroy(&f->queue_lock);
+    free(f);
 }
 
 int forwarder_start(struct forwarder **out, struct pep_err *err)
@@ -360,16 +459,24 @@ int forwarder_start(struct forwarder **out, struct pep_err *err)
     if (!f)
         return pep_err_set(err, PEP_ENOMEM, "forwarder: out of memory");
     pthread_mutex_init(&f->queue_lock, NULL);
+    f->deadline_us = -1;
     f->multi = curl_multi_init();
-    if (!f->multi) {
-        free(f);
-        return pep_err_set(err, PEP_ENOMEM, "forwarder: curl_multi_init failed");
+    f->epoll_fd = epoll_create1(EPOLL_CLOEXEC);
+    f->wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    struct epoll_event ev = {.events = EPOLLIN, .data.fd = f->wake_fd};
+    if (!f->multi || f->epoll_fd < 0 || f->wake_fd < 0 ||
+        epoll_ctl(f->epoll_fd, EPOLL_CTL_ADD, f->wake_fd, &ev) != 0) {
+        forwarder_free(f);
+        return pep_err_set(err, PEP_EIO, "forwarder: cannot set up curl multi and epoll");
     }
     /* Keep enough idle connections for every upstream's concurrent load. */
     curl_multi_setopt(f->multi, CURLMOPT_MAXCONNECTS, 256L);
+    curl_multi_setopt(f->multi, CURLMOPT_SOCKETFUNCTION, on_socket);
+    curl_multi_setopt(f->multi, CURLMOPT_SOCKETDATA, f);
+    curl_multi_setopt(f->multi, CURLMOPT_TIMERFUNCTION, on_timer);
+    curl_multi_setopt(f->multi, CURLMOPT_TIMERDATA, f);
     if (pthread_create(&f->thread, NULL, forwarder_main, f) != 0) {
-        curl_multi_cleanup(f->multi);
-        free(f);
+        forwarder_free(f);
         return pep_err_set(err, PEP_EIO, "forwarder: cannot start thread");
     }
     *out = f;
@@ -390,7 +497,7 @@ int forwarder_submit(struct forwarder *f, struct forward_job *job)
         f->queue_head = job;
     f->queue_tail = job;
     pthread_mutex_unlock(&f->queue_lock);
-    curl_multi_wakeup(f->multi);
+    wake(f);
     return 0;
 }
 
@@ -399,7 +506,7 @@ void forwarder_cancel_all(struct forwarder *f)
     pthread_mutex_lock(&f->queue_lock);
     f->cancel_requested = true;
     pthread_mutex_unlock(&f->queue_lock);
-    curl_multi_wakeup(f->multi);
+    wake(f);
 }
 
 void forwarder_stop(struct forwarder *f)
@@ -409,11 +516,7 @@ void forwarder_stop(struct forwarder *f)
     pthread_mutex_lock(&f->queue_lock);
     f->stopping = true;
     pthread_mutex_unlock(&f->queue_lock);
-    curl_multi_wakeup(f->multi);
+    wake(f);
     pthread_join(f->thread, NULL);
-    for (size_t i = 0; i < f->idle_easy_len; i++)
-        curl_easy_cleanup(f->idle_easy[i]);
-    curl_multi_cleanup(f->multi);
-    pthread_mutex_destroy(&f->queue_lock);
-    free(f);
+    forwarder_free(f);
 }

@@ -3,8 +3,8 @@
  * (SPEC 4.7, DESIGN rule 3).
  *
  * Listener threads never wait on an upstream: they fill a struct forward_job, hand it to
- * forwarder_submit() (which only queues it and wakes the forwarder with
- * curl_multi_wakeup) and suspend the connection.  The forwarder thread owns the multi
+ * forwarder_submit() (which only queues it and wakes the forwarder through an eventfd)
+ * and suspend the connection.  The forwarder thread owns the multi
  * handle, drives every transfer, and calls job->done on its own thread when the answer is
  * in (or the attempt failed); done resumes the connection.  Connections to each upstream
  * are reused through the multi handle's connection cache.

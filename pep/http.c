@@ -309,9 +309,17 @@ static enum MHD_Result answer_builtin(struct request *r)
     if (strncmp(r->target, "/healthz", 8) == 0) {
         reply_json(r, 200, json_pack("{s:s}", "status", "ok"));
     } else if (strncmp(r->target, "/readyz", 7) == 0) {
-        bool draining = __atomic_load_n(&r->srv->draining, __ATOMIC_RELAXED);
-        reply_json(r, draining ? 503 : 200,
-                   json_pack("{s:s}", "status", draining ? "draining" : "ready"));
+        /* Not ready while draining, or while the audit store cannot write (every audited
+         * request would be refused): a load balancer should send traffic elsewhere. */
+        struct audit_stats st;
+        audit_get_stats(r->srv->audit, &st);
+        const char *status = "ready";
+        if (__atomic_load_n(&r->srv->draining, __ATOMIC_RELAXED))
+            status = "draining";
+        else if (st.failing)
+            status = "audit_unavailable";
+        reply_json(r, strcmp(status, "ready") == 0 ? 200 : 503,
+                   json_pack("{s:s}", "status", status));
     } else {
         reply_json(r, 200, keys_jwks(r->srv->keys));
     }

@@ -213,6 +213,15 @@ static void drain(struct server *s)
     }
     server_stop_listeners(s);
     audit_system(s, "stop", "pep stopped (drained)");
+    struct audit_stats st;
+    audit_get_stats(s->audit, &st);
+    if (st.batches > 0)
+        fprintf(stderr,
+                "pep: audit: %lld records in %lld batches (%.1f per batch), %lld us per commit, "
+                "%lld failed\n",
+                (long long)st.records_written, (long long)st.batches,
+                (double)st.records_written / (double)st.batches,
+                (long long)(st.commit_us_total / st.batches), (long long)st.failures);
 }
 
 static int cmd_serve(const char *file, const char *data_dir, const char *listen,

@@ -322,6 +322,14 @@ static void test_audit_write_failure_fails_closed(void **state)
     assert_int_equal(json_integer_value(json_object_get(after, "hits")), hits);
     json_decref(after);
     /* readiness reports it; liveness does not */
+    char probe[256];
+    snprintf(probe, sizeof probe, "%s/readyz", f.pep.url);
+    assert_int_equal(h_http(&r, "GET", probe, NULL, NULL), 0);
+    assert_int_equal(r.status, 503);
+    assert_non_null(strstr(r.body, "audit_unavailable"));
+    snprintf(probe, sizeof probe, "%s/healthz", f.pep.url);
+    assert_int_equal(h_http(&r, "GET", probe, NULL, NULL), 0);
+    assert_int_equal(r.status, 200);
     h_resp_free(&r);
     h_stop(&f.pep, SIGKILL);
     struct audit_verify_result res;
