@@ -72,10 +72,10 @@ test: deps
 test-one: all
 	@sh tests/run.sh $(BUILD) $(T)
 
-run: all
+run: deps $(TOOLS)
 	@sh tools/run.sh $(BUILD)
 
-bench: all
+bench: deps $(TOOLS)
 	@sh tools/bench/bench.sh $(BUILD)
 
 format:
