@@ -144,6 +144,15 @@ void admin_finish(struct request *r)
 
 /* ---- request helpers ------------------------------------------------------------------------ */
 
+/* Frees a token string after overwriting it: it must not linger in freed memory. */
+static void free_secret(char *secret)
+{
+    if (secret) {
+        explicit_bzero(secret, strlen(secret));
+        free(secret);
+    }
+}
+
 static enum MHD_Result bad_request(struct request *r, const char *fmt, const char *arg)
 {
     char msg[256];
@@ -439,10 +448,7 @@ static enum MHD_Result issue_agent_token(struct request *r, const char *id)
         struct admin_op *op = NULL;
         if (token_issue(r->srv->keys, &tr, &token, jti, &err) == 0)
             op = token_op(id, false, jti, now, ttl, token);
-        if (token) {
-            explicit_bzero(token, strlen(token));
-            free(token);
-        }
+        free_secret(token);
         if (!op) {
             reply_error(r, 500, "internal", "could not issue the token", NULL);
         } else {
@@ -576,10 +582,7 @@ static enum MHD_Result issue_operator_token_handler(struct request *r, const cha
                 json_object_set_new(rec, "reason", json_string(id));
                 rc = commit_async(r, op, rec);
             }
-            if (token) {
-                explicit_bzero(token, strlen(token));
-                free(token);
-            }
+            free_secret(token);
         }
         json_decref(body);
     }
@@ -781,10 +784,7 @@ int server_bootstrap_admin(struct server *s, struct pep_err *err)
             token[len] = '\0';
         }
     }
-    if (token) {
-        explicit_bzero(token, strlen(token));
-        free(token);
-    }
+    free_secret(token);
     if (op)
         admin_op_free(op);
     return rc ? pep_err_set(err, rc, "cannot write %s", path) : 0;

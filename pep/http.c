@@ -147,13 +147,14 @@ void request_resume(struct request *r)
 
 static void *on_uri(void *cls, const char *uri, struct MHD_Connection *conn)
 {
-    struct server *s = *(struct server **)cls;
+    const struct listener *l = cls;
+    struct server *s = l->srv;
     struct request *r = calloc(1, sizeof *r);
     if (!r)
         return NULL;
     r->srv = s;
     r->conn = conn;
-    r->admin = ((struct server **)cls)[1] != NULL;
+    r->admin = l->admin;
     pep_request_id(r->id);
     r->start_mono_us = pep_mono_us();
     r->start_wall_us = pep_now_us();
@@ -240,8 +241,9 @@ static enum MHD_Result audit_and_wait(struct request *r)
     return MHD_YES;
 }
 
-/* Denies before any identity is known (framing, path, route, size) and audits it. */
-static enum MHD_Result deny_early(struct request *r, int status, const char *code,
+/* Refuses from the request line and headers alone, audits it and answers as soon as the
+ * record is durable — without reading the body, so the connection is then closed. */
+static enum MHD_Result refuse_now(struct request *r, int status, const char *code,
                                   const char *reason)
 {
     r->decision.allow = false;
@@ -354,7 +356,7 @@ static enum MHD_Result data_on_headers(struct request *r)
      * must not be read, since pep and the client disagree on where it ends. */
     const char *problem = framing_problem(r->conn);
     if (problem)
-        return deny_early(r, 400, "bad_request", problem);
+        return refuse_now(r, 400, "bad_request", problem);
 
     const char *cl = MHD_lookup_connection_value(r->conn, MHD_HEADER_KIND, "Content-Length");
     if (cl) {
@@ -364,7 +366,7 @@ static enum MHD_Result data_on_headers(struct request *r)
             char reason[96];
             snprintf(reason, sizeof reason, "body of %llu bytes exceeds max_body %llu", n,
                      (unsigned long long)r->body_limit);
-            return deny_early(r, 413, "body_too_large", reason);
+            return refuse_now(r, 413, "body_too_large", reason);
         }
     }
 
@@ -553,7 +555,7 @@ static enum MHD_Result data_on_complete(struct request *r)
         char reason[96];
         snprintf(reason, sizeof reason, "body exceeds max_body %llu",
                  (unsigned long long)r->body_limit);
-        return deny_early(r, 413, "body_too_large", reason);
+        return refuse_now(r, 413, "body_too_large", reason);
     }
     struct decide_input in = {
         .policy = r->policy,
@@ -588,18 +590,12 @@ static enum MHD_Result data_on_complete(struct request *r)
     return audit_and_wait(r);
 }
 
-/* Statuses that end a one-step chain as "upstream unavailable" (SPEC 3.3, 4.1). */
+/* Statuses that end a one-step chain as "upstream unavailable" (SPEC 3.3, 4.1): the
+ * route's retry.on, which the policy compiler fills with the defaults when absent. */
 static bool retryable_status(const struct route *route, long status)
 {
-    static const int defaults[] = {429, 500, 502, 503, 504};
-    const int *on = defaults;
-    size_t n = PEP_ARRAY_LEN(defaults);
-    if (route->retry.present) {
-        on = route->retry.on_status;
-        n = route->retry.on_status_len;
-    }
-    for (size_t i = 0; i < n; i++)
-        if (on[i] == status)
+    for (size_t i = 0; i < route->retry.on_status_len; i++)
+        if (route->retry.on_status[i] == status)
             return true;
     return false;
 }
@@ -731,9 +727,8 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
                 return send_reply(r);
             }
             enum MHD_Result rc = admin_handle(r);
-            if (r->phase == PHASE_BODY || r->phase == PHASE_RESPOND)
-                return send_reply(r);
-            return rc;
+            /* Answered at once, or suspended until the audit writer resumes it. */
+            return r->phase == PHASE_BODY ? send_reply(r) : rc;
         }
         return data_on_complete(r);
     case PHASE_WAITING:
@@ -782,10 +777,8 @@ static int resolve_listen(const char *spec, struct sockaddr_storage *ss, socklen
     return 0;
 }
 
-/* The two listeners share the handler; cls is {server, admin-marker}. */
-static struct server *listener_cls[2][2];
-
-static struct MHD_Daemon *start_listener(struct server *s, const char *spec, bool admin,
+/* Starts one listener; both share the handler and tell themselves apart by `l`. */
+static struct MHD_Daemon *start_listener(struct listener *l, const char *spec,
                                          struct pep_err *err)
 {
     struct sockaddr_storage ss;
@@ -793,17 +786,15 @@ static struct MHD_Daemon *start_listener(struct server *s, const char *spec, boo
     char host[256];
     if (resolve_listen(spec, &ss, &sslen, host, sizeof host, err) != 0)
         return NULL;
-    struct server **cls = listener_cls[admin ? 1 : 0];
-    cls[0] = s;
-    cls[1] = admin ? s : NULL;
+    bool admin = l->admin;
     unsigned flags = MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_EPOLL | MHD_ALLOW_SUSPEND_RESUME |
                      MHD_USE_TURBO | MHD_USE_ERROR_LOG;
     if (ss.ss_family == AF_INET6)
         flags |= MHD_USE_IPv6;
     struct MHD_Daemon *d = MHD_start_daemon(
-        flags, 0, NULL, NULL, on_request, cls, MHD_OPTION_SOCK_ADDR, (struct sockaddr *)&ss,
-        MHD_OPTION_URI_LOG_CALLBACK, on_uri, cls, MHD_OPTION_NOTIFY_COMPLETED, on_completed,
-        cls, MHD_OPTION_CONNECTION_TIMEOUT, (unsigned int)CONNECTION_TIMEOUT_S,
+        flags, 0, NULL, NULL, on_request, l, MHD_OPTION_SOCK_ADDR, (struct sockaddr *)&ss,
+        MHD_OPTION_URI_LOG_CALLBACK, on_uri, l, MHD_OPTION_NOTIFY_COMPLETED, on_completed, l,
+        MHD_OPTION_CONNECTION_TIMEOUT, (unsigned int)CONNECTION_TIMEOUT_S,
         MHD_OPTION_THREAD_POOL_SIZE, (unsigned int)LISTENER_THREADS,
         MHD_OPTION_CONNECTION_LIMIT, (unsigned int)4096, MHD_OPTION_LISTEN_BACKLOG_SIZE,
         (unsigned int)1024, MHD_OPTION_END);
@@ -825,10 +816,12 @@ int server_start_listeners(struct server *s, struct pep_err *err)
     const char *data = s->listen_override ? s->listen_override : s->policy->listen;
     const char *admin =
         s->admin_listen_override ? s->admin_listen_override : s->policy->admin_listen;
-    s->data_daemon = start_listener(s, data, false, err);
+    s->data_listener = (struct listener){.srv = s, .admin = false};
+    s->admin_listener = (struct listener){.srv = s, .admin = true};
+    s->data_daemon = start_listener(&s->data_listener, data, err);
     if (!s->data_daemon)
         return err ? err->code : PEP_EIO;
-    s->admin_daemon = start_listener(s, admin, true, err);
+    s->admin_daemon = start_listener(&s->admin_listener, admin, err);
     if (!s->admin_daemon) {
         MHD_stop_daemon(s->data_daemon);
         s->data_daemon = NULL;

@@ -438,22 +438,22 @@ bool registry_get_token(struct registry *r, const char *jti, struct token_rec *o
     return t != NULL;
 }
 
+/* Which records a listing keeps; NULL keeps all. */
+typedef bool (*keep_fn)(const void *value, const void *arg);
+
 struct collect {
     const void **items;
     size_t len;
-    const char *filter;
+    keep_fn keep;
+    const void *keep_arg;
 };
 
 static void collect_value(const char *key, void *value, void *arg)
 {
     (void)key;
     struct collect *c = arg;
-    if (c->filter) {
-        const struct token_rec *t = value;
-        if (t->operator_token || strcmp(t->subject, c->filter) != 0)
-            return;
-    }
-    c->items[c->len++] = value;
+    if (!c->keep || c->keep(value, c->keep_arg))
+        c->items[c->len++] = value;
 }
 
 static int cmp_agent_id(const void *a, const void *b)
@@ -471,14 +471,16 @@ static int cmp_token_issued(const void *a, const void *b)
     return strcmp(x->jti, y->jti);
 }
 
-/* Collects a map's values under the read lock, sorts them and renders each to JSON. */
-static json_t *list_sorted(struct registry *r, struct strmap *m, const char *filter,
-                           int (*cmp)(const void *, const void *),
+/* Collects a map's kept values under the read lock, sorts them and renders each. */
+static json_t *list_sorted(struct registry *r, struct strmap *m, keep_fn keep,
+                           const void *keep_arg, int (*cmp)(const void *, const void *),
                            json_t *(*render)(const void *))
 {
     json_t *arr = json_array();
     pthread_rwlock_rdlock(&r->lock);
-    struct collect c = {.items = calloc(strmap_len(m) + 1, sizeof(void *)), .filter = filter};
+    struct collect c = {.items = calloc(strmap_len(m) + 1, sizeof(void *)),
+                        .keep = keep,
+                        .keep_arg = keep_arg};
     if (c.items && arr) {
         strmap_each(m, collect_value, &c);
         qsort(c.items, c.len, sizeof(void *), cmp);
@@ -500,28 +502,22 @@ static json_t *render_token(const void *v)
     return token_rec_to_json(v);
 }
 
+/* Agent tokens, of the agent named by arg when it is not NULL. */
+static bool keep_agent_token(const void *value, const void *arg)
+{
+    const struct token_rec *t = value;
+    return !t->operator_token && (!arg || strcmp(t->subject, arg) == 0);
+}
+
 json_t *registry_list_agents(struct registry *r)
 {
-    return list_sorted(r, r->agents, NULL, cmp_agent_id, render_agent);
+    return list_sorted(r, r->agents, NULL, NULL, cmp_agent_id, render_agent);
 }
 
 json_t *registry_list_tokens(struct registry *r, const char *agent_filter)
 {
-    /* Without a filter, list every agent token; operator tokens are never listed here. */
-    struct strmap *m = r->tokens;
-    json_t *all = list_sorted(r, m, agent_filter, cmp_token_issued, render_token);
-    if (agent_filter || !all)
-        return all;
-    json_t *agents_only = json_array();
-    size_t i;
-    json_t *t;
-    json_array_foreach(all, i, t)
-    {
-        if (json_object_get(t, "agent"))
-            json_array_append(agents_only, t);
-    }
-    json_decref(all);
-    return agents_only;
+    return list_sorted(r, r->tokens, keep_agent_token, agent_filter, cmp_token_issued,
+                       render_token);
 }
 
 /* ---- write-through ---------------------------------------------------------------------- */

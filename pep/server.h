@@ -22,6 +22,12 @@
 #include <microhttpd.h>
 #include <pthread.h>
 
+/* What a listener's callbacks receive as their closure. */
+struct listener {
+    struct server *srv;
+    bool admin;                   /* the admin API rather than the data plane */
+};
+
 struct server {
     char *data_dir;
     char *db_path;
@@ -40,6 +46,8 @@ struct server {
     struct forwarder *forwarder;
     struct MHD_Daemon *data_daemon;
     struct MHD_Daemon *admin_daemon;
+    struct listener data_listener;
+    struct listener admin_listener;
 
     int draining;                 /* atomic: SIGTERM received, /readyz answers 503 */
     long inflight;                /* atomic: requests between URI and completion */
