@@ -295,6 +295,24 @@ static bool require_role(struct request *r, const char *role, const char *alt)
 
 /* ---- handlers ------------------------------------------------------------------------------- */
 
+/* Commits op, whose record (agent or operator) was just built, answering it rendered:
+ * audited as `action` with `target` under `target_key`.  An op whose record could not be
+ * built (out of memory) is answered 500 and freed. */
+static enum MHD_Result commit_put(struct request *r, struct admin_op *op, const char *action,
+                                  const char *target_key, const char *target)
+{
+    if (!op || (!op->agent && !op->op)) {
+        if (op)
+            admin_op_free(op);
+        reply_error(r, 500, "internal", "out of memory", NULL);
+        return MHD_YES;
+    }
+    op->answer = op->agent ? agent_to_json(op->agent) : operator_to_json(op->op);
+    json_t *rec = admin_record(r, r->claims->sub, action);
+    json_object_set_new(rec, target_key, json_string(target));
+    return commit_async(r, op, rec);
+}
+
 static enum MHD_Result put_agent(struct request *r)
 {
     json_t *body = body_object(r);
@@ -330,16 +348,7 @@ static enum MHD_Result put_agent(struct request *r)
             op->status = old ? 200 : 201;
         }
         agent_release(old);
-        if (!op || !op->agent) {
-            if (op)
-                admin_op_free(op);
-            reply_error(r, 500, "internal", "out of memory", NULL);
-        } else {
-            op->answer = agent_to_json(op->agent);
-            json_t *rec = admin_record(r, r->claims->sub, "agents.put");
-            json_object_set_new(rec, "agent", json_string(id));
-            rc = commit_async(r, op, rec);
-        }
+        rc = commit_put(r, op, "agents.put", "agent", id);
     }
     free(tenants);
     free(scopes);
@@ -360,16 +369,7 @@ static enum MHD_Result set_agent_enabled(struct request *r, const char *id, bool
         op->status = 200;
     }
     agent_release(old);
-    if (!op || !op->agent) {
-        if (op)
-            admin_op_free(op);
-        reply_error(r, 500, "internal", "out of memory", NULL);
-        return MHD_YES;
-    }
-    op->answer = agent_to_json(op->agent);
-    json_t *rec = admin_record(r, r->claims->sub, enabled ? "agents.enable" : "agents.disable");
-    json_object_set_new(rec, "agent", json_string(id));
-    return commit_async(r, op, rec);
+    return commit_put(r, op, enabled ? "agents.enable" : "agents.disable", "agent", id);
 }
 
 /* Builds the op that records a freshly issued token (not yet committed). */
@@ -522,16 +522,7 @@ static enum MHD_Result put_operator(struct request *r)
             op->status = old ? 200 : 201;
         }
         operator_release(old);
-        if (!op || !op->op) {
-            if (op)
-                admin_op_free(op);
-            reply_error(r, 500, "internal", "out of memory", NULL);
-        } else {
-            op->answer = operator_to_json(op->op);
-            json_t *rec = admin_record(r, r->claims->sub, "operators.put");
-            json_object_set_new(rec, "reason", json_string(id));
-            rc = commit_async(r, op, rec);
-        }
+        rc = commit_put(r, op, "operators.put", "reason", id);
     }
     free(roles);
     free(scratch);

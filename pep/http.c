@@ -241,10 +241,8 @@ static enum MHD_Result audit_and_wait(struct request *r)
     return MHD_YES;
 }
 
-/* Refuses from the request line and headers alone, audits it and answers as soon as the
- * record is durable — without reading the body, so the connection is then closed. */
-static enum MHD_Result refuse_now(struct request *r, int status, const char *code,
-                                  const char *reason)
+/* Fills r->decision with a refusal decided before any identity is known. */
+static void set_refusal(struct request *r, int status, const char *code, const char *reason)
 {
     r->decision.allow = false;
     r->decision.status = status;
@@ -252,6 +250,14 @@ static enum MHD_Result refuse_now(struct request *r, int status, const char *cod
     snprintf(r->decision.reason, sizeof r->decision.reason, "%s", reason);
     if (r->match.route)
         r->decision.action = r->match.route->action;
+}
+
+/* Refuses from the request line and headers alone, audits it and answers as soon as the
+ * record is durable — without reading the body, so the connection is then closed. */
+static enum MHD_Result refuse_now(struct request *r, int status, const char *code,
+                                  const char *reason)
+{
+    set_refusal(r, status, code, reason);
     return audit_and_wait(r);
 }
 
@@ -334,12 +340,7 @@ static enum MHD_Result refuse_after_body(struct request *r, int status, const ch
                                          const char *reason)
 {
     r->decided_early = true;
-    r->decision.allow = false;
-    r->decision.status = status;
-    r->decision.code = code;
-    snprintf(r->decision.reason, sizeof r->decision.reason, "%s", reason);
-    if (r->match.route)
-        r->decision.action = r->match.route->action;
+    set_refusal(r, status, code, reason);
     return MHD_YES;
 }
 
