@@ -167,8 +167,8 @@ struct audit_stats {
     int64_t failures; /* items failed */
     int64_t head_seq;
     size_t queued;
-    bool failing;             /* the last batch failed: the store cannot write now */
-    int64_t commit_us_total;  /* time spent in COMMIT (the fsync), summed over batches */
+    bool failing;            /* the last batch failed: the store cannot write now */
+    int64_t commit_us_total; /* time spent in COMMIT (the fsync), summed over batches */
 };
 void audit_get_stats(struct audit_store *s, struct audit_stats *out);
 

@@ -289,7 +289,6 @@ out:
     return rc;
 }
 
-
 /* Inserts one linked row; returns the SQLite code. */
 static int store_insert_row(struct audit_store *s, int64_t seq, const struct audit_item *it,
                             const char *text, size_t len, const uint8_t prev[32],
@@ -603,7 +602,9 @@ int audit_open(const char *path, const struct audit_options *opt, struct audit_s
     }
     s->max_batch = opt->max_batch ? opt->max_batch : AUDIT_DEFAULT_MAX_BATCH;
     s->max_queue = opt->max_queue ? opt->max_queue : AUDIT_DEFAULT_MAX_QUEUE;
-    s->linger_us = opt->linger_us < 0 ? 0 : opt->linger_us ? opt->linger_us : AUDIT_DEFAULT_LINGER_US;
+    s->linger_us = opt->linger_us < 0 ? 0
+                   : opt->linger_us   ? opt->linger_us
+                                      : AUDIT_DEFAULT_LINGER_US;
     s->checkpoint_every = opt->checkpoint_sign ? opt->checkpoint_every : 0;
     s->checkpoint_sign = opt->checkpoint_sign;
     s->checkpoint_arg = opt->checkpoint_arg;
@@ -712,8 +713,8 @@ int audit_submit(struct audit_store *s, json_t *record, audit_apply_fn apply, vo
         json_decref(record);
         return PEP_EUNAVAILABLE;
     }
-    *it = (struct audit_item){.apply = apply, .apply_arg = apply_arg, .done = done,
-                              .done_arg = done_arg};
+    *it = (struct audit_item){
+        .apply = apply, .apply_arg = apply_arg, .done = done, .done_arg = done_arg};
     /* The serial writer's work is done here, on the caller's thread, in parallel.  A half
      * that has no canonical form (a real, a bad key …) makes the whole record invalid. */
     it->before = store_render_half(record, true);
@@ -742,8 +743,7 @@ int audit_submit(struct audit_store *s, json_t *record, audit_apply_fn apply, vo
         s->q_head = it;
     s->q_tail = it;
     s->q_len++;
-    if (done)
-        s->q_waiting++;
+    if (done) s->q_waiting++;
     pthread_cond_broadcast(&s->cond);
     pthread_mutex_unlock(&s->lock);
     return 0;

@@ -34,16 +34,15 @@ enum admin_op_kind { OP_PUT_AGENT, OP_PUT_OPERATOR, OP_PUT_TOKEN, OP_REVOKE_TOKE
 struct admin_op {
     enum admin_op_kind kind;
     struct server *srv;
-    struct request *req;         /* NULL for synchronous (startup) use */
-    struct agent *agent;         /* OP_PUT_AGENT (reference moves to the registry) */
-    struct operator_rec *op;     /* OP_PUT_OPERATOR */
-    struct token_rec token;      /* OP_PUT_TOKEN, OP_REVOKE_TOKEN (jti, revoked_at_s) */
-    int status;                  /* HTTP status of the answer once committed */
-    json_t *answer;              /* the answer once committed */
+    struct request *req;     /* NULL for synchronous (startup) use */
+    struct agent *agent;     /* OP_PUT_AGENT (reference moves to the registry) */
+    struct operator_rec *op; /* OP_PUT_OPERATOR */
+    struct token_rec token;  /* OP_PUT_TOKEN, OP_REVOKE_TOKEN (jti, revoked_at_s) */
+    int status;              /* HTTP status of the answer once committed */
+    json_t *answer;          /* the answer once committed */
 };
 
-static void admin_op_free(void *p)
-{
+static void admin_op_free(void *p) {
     struct admin_op *op = p;
     agent_release(op->agent);
     operator_release(op->op);
@@ -52,8 +51,7 @@ static void admin_op_free(void *p)
     free(op);
 }
 
-static int op_apply(sqlite3 *db, void *arg)
-{
+static int op_apply(sqlite3 *db, void *arg) {
     struct admin_op *op = arg;
     switch (op->kind) {
     case OP_PUT_AGENT:
@@ -69,8 +67,7 @@ static int op_apply(sqlite3 *db, void *arg)
 }
 
 /* Makes a committed change visible in memory. */
-static void op_publish(struct admin_op *op)
-{
+static void op_publish(struct admin_op *op) {
     struct registry *reg = op->srv->registry;
     switch (op->kind) {
     case OP_PUT_AGENT:
@@ -92,19 +89,15 @@ static void op_publish(struct admin_op *op)
     }
 }
 
-static void op_done(void *arg, int rc, int64_t seq)
-{
+static void op_done(void *arg, int rc, int64_t seq) {
     struct admin_op *op = arg;
-    if (rc == 0)
-        op_publish(op);
+    if (rc == 0) op_publish(op);
     op->req->audit_rc = rc;
     op->req->audit_seq = seq;
     request_resume(op->req);
 }
 
-static json_t *admin_record(const struct request *r, const char *operator_id,
-                            const char *action)
-{
+static json_t *admin_record(const struct request *r, const char *operator_id, const char *action) {
     json_t *rec = server_record("admin", r ? r->id : NULL);
     if (rec) {
         json_object_set_new(rec, "operator", json_string(operator_id));
@@ -117,8 +110,7 @@ static json_t *admin_record(const struct request *r, const char *operator_id,
 
 /* Queues op with its audit record and suspends the request; the answer is sent by
  * admin_finish once the transaction committed. */
-static enum MHD_Result commit_async(struct request *r, struct admin_op *op, json_t *record)
-{
+static enum MHD_Result commit_async(struct request *r, struct admin_op *op, json_t *record) {
     op->req = r;
     op->srv = r->srv;
     r->admin_op = op;
@@ -129,14 +121,12 @@ static enum MHD_Result commit_async(struct request *r, struct admin_op *op, json
     return MHD_YES;
 }
 
-void admin_finish(struct request *r)
-{
+void admin_finish(struct request *r) {
     struct admin_op *op = r->admin_op;
     if (r->audit_rc != 0 || !op) {
         r->audit_seq = 0;
         reply_error(r, 503, "audit_unavailable",
-                    "the change could not be written to the audit log; nothing was changed",
-                    NULL);
+                    "the change could not be written to the audit log; nothing was changed", NULL);
         return;
     }
     reply_json(r, op->status, json_incref(op->answer));
@@ -145,24 +135,21 @@ void admin_finish(struct request *r)
 /* ---- request helpers ------------------------------------------------------------------------ */
 
 /* Frees a token string after overwriting it: it must not linger in freed memory. */
-static void free_secret(char *secret)
-{
+static void free_secret(char *secret) {
     if (secret) {
         explicit_bzero(secret, strlen(secret));
         free(secret);
     }
 }
 
-static enum MHD_Result bad_request(struct request *r, const char *fmt, const char *arg)
-{
+static enum MHD_Result bad_request(struct request *r, const char *fmt, const char *arg) {
     char msg[256];
     snprintf(msg, sizeof msg, fmt, arg ? arg : "");
     reply_error(r, 400, "bad_request", msg, NULL);
     return MHD_YES;
 }
 
-static enum MHD_Result not_found(struct request *r, const char *what, const char *id)
-{
+static enum MHD_Result not_found(struct request *r, const char *what, const char *id) {
     char msg[256];
     snprintf(msg, sizeof msg, "no %s '%s'", what, id);
     reply_error(r, 404, "not_found", msg, NULL);
@@ -170,10 +157,8 @@ static enum MHD_Result not_found(struct request *r, const char *what, const char
 }
 
 /* Parses the body as a JSON object (an empty body is {}); NULL after answering 400. */
-static json_t *body_object(struct request *r)
-{
-    if (r->body_len == 0)
-        return json_object();
+static json_t *body_object(struct request *r) {
+    if (r->body_len == 0) return json_object();
     json_error_t jerr;
     json_t *doc = json_loadb(r->body, r->body_len, 0, &jerr);
     if (!json_is_object(doc)) {
@@ -185,41 +170,34 @@ static json_t *body_object(struct request *r)
 }
 
 /* Identifiers of agents and operators: 1-128 of [A-Za-z0-9._@-]. */
-static bool valid_id(const char *s)
-{
+static bool valid_id(const char *s) {
     size_t n = s ? strlen(s) : 0;
-    if (n == 0 || n > 128)
-        return false;
+    if (n == 0 || n > 128) return false;
     for (size_t i = 0; i < n; i++)
-        if (!isalnum((unsigned char)s[i]) && !strchr("._@-", s[i]))
-            return false;
+        if (!isalnum((unsigned char)s[i]) && !strchr("._@-", s[i])) return false;
     return true;
 }
 
 /* A JSON array of non-empty strings, or (when allow_string) one space-separated string, as
  * a NULL-terminated vector whose strings point into `v` (or into *scratch).  NULL when
  * malformed. */
-static const char **string_list(json_t *v, bool allow_string, char **scratch, size_t *len)
-{
+static const char **string_list(json_t *v, bool allow_string, char **scratch, size_t *len) {
     const char **out = NULL;
     *len = 0;
     if (json_is_string(v) && allow_string) {
         *scratch = strdup(json_string_value(v));
-        if (!*scratch)
-            return NULL;
+        if (!*scratch) return NULL;
         out = calloc(strlen(*scratch) / 2 + 2, sizeof *out);
         for (char *save = NULL, *tok = strtok_r(*scratch, " ", &save); out && tok;
              tok = strtok_r(NULL, " ", &save))
             out[(*len)++] = tok;
         return out;
     }
-    if (!json_is_array(v))
-        return NULL;
+    if (!json_is_array(v)) return NULL;
     out = calloc(json_array_size(v) + 1, sizeof *out);
     size_t i;
     json_t *item;
-    json_array_foreach(v, i, item)
-    {
+    json_array_foreach(v, i, item) {
         const char *s = json_string_value(item);
         if (!out || !s || !*s || strchr(s, ' ')) {
             free(out);
@@ -231,12 +209,9 @@ static const char **string_list(json_t *v, bool allow_string, char **scratch, si
 }
 
 /* ttl as a duration string ("1h") or whole seconds; 0 when absent.  -1 when malformed. */
-static int64_t ttl_seconds(json_t *v)
-{
-    if (!v)
-        return 0;
-    if (json_is_integer(v))
-        return json_integer_value(v) > 0 ? json_integer_value(v) : -1;
+static int64_t ttl_seconds(json_t *v) {
+    if (!v) return 0;
+    if (json_is_integer(v)) return json_integer_value(v) > 0 ? json_integer_value(v) : -1;
     int64_t ms;
     if (json_is_string(v) && pep_parse_duration_ms(json_string_value(v), &ms) == 0)
         return ms >= 1000 ? ms / 1000 : -1;
@@ -246,8 +221,7 @@ static int64_t ttl_seconds(json_t *v)
 /* ---- authentication ------------------------------------------------------------------------- */
 
 /* Effective roles: the token's roles the operator still holds. */
-static bool has_role(const struct request *r, const char *role)
-{
+static bool has_role(const struct request *r, const char *role) {
     for (size_t i = 0; i < r->claims->roles_len; i++) {
         const char *held = r->claims->roles[i];
         if ((strcmp(held, role) == 0 || strcmp(held, "admin") == 0) &&
@@ -258,16 +232,14 @@ static bool has_role(const struct request *r, const char *role)
 }
 
 /* Verifies the operator token; on failure answers 401 and returns false. */
-static bool authenticate(struct request *r)
-{
+static bool authenticate(struct request *r) {
     const char *h = MHD_lookup_connection_value(r->conn, MHD_HEADER_KIND, "Authorization");
     const char *msg = "missing bearer token";
     if (h && strncasecmp(h, "Bearer ", 7) == 0) {
         const struct policy *p = r->policy;
         int64_t now = r->start_wall_us / 1000000;
-        enum token_status st =
-            token_verify(r->srv->verifier, r->srv->keys, h + 7, p->issuer, "pep-admin", now,
-                         p->clock_skew_ms / 1000, &r->claims);
+        enum token_status st = token_verify(r->srv->verifier, r->srv->keys, h + 7, p->issuer,
+                                            "pep-admin", now, p->clock_skew_ms / 1000, &r->claims);
         msg = token_status_message(st);
         if (st == TOKEN_OK) {
             r->operator_rec = registry_get_operator(r->srv->registry, r->claims->sub);
@@ -283,10 +255,8 @@ static bool authenticate(struct request *r)
     return false;
 }
 
-static bool require_role(struct request *r, const char *role, const char *alt)
-{
-    if (has_role(r, role) || (alt && has_role(r, alt)))
-        return true;
+static bool require_role(struct request *r, const char *role, const char *alt) {
+    if (has_role(r, role) || (alt && has_role(r, alt))) return true;
     char msg[200];
     snprintf(msg, sizeof msg, "operator %s lacks role %s", r->claims->sub, role);
     reply_error(r, 403, "insufficient_scope", msg, NULL);
@@ -299,11 +269,9 @@ static bool require_role(struct request *r, const char *role, const char *alt)
  * audited as `action` with `target` under `target_key`.  An op whose record could not be
  * built (out of memory) is answered 500 and freed. */
 static enum MHD_Result commit_put(struct request *r, struct admin_op *op, const char *action,
-                                  const char *target_key, const char *target)
-{
+                                  const char *target_key, const char *target) {
     if (!op || (!op->agent && !op->op)) {
-        if (op)
-            admin_op_free(op);
+        if (op) admin_op_free(op);
         reply_error(r, 500, "internal", "out of memory", NULL);
         return MHD_YES;
     }
@@ -313,11 +281,9 @@ static enum MHD_Result commit_put(struct request *r, struct admin_op *op, const 
     return commit_async(r, op, rec);
 }
 
-static enum MHD_Result put_agent(struct request *r)
-{
+static enum MHD_Result put_agent(struct request *r) {
     json_t *body = body_object(r);
-    if (!body)
-        return MHD_YES;
+    if (!body) return MHD_YES;
     const char *id = json_string_value(json_object_get(body, "id"));
     json_t *owner_v = json_object_get(body, "owner");
     json_t *enabled_v = json_object_get(body, "enabled");
@@ -357,11 +323,9 @@ static enum MHD_Result put_agent(struct request *r)
     return rc;
 }
 
-static enum MHD_Result set_agent_enabled(struct request *r, const char *id, bool enabled)
-{
+static enum MHD_Result set_agent_enabled(struct request *r, const char *id, bool enabled) {
     struct agent *old = registry_get_agent(r->srv->registry, id);
-    if (!old)
-        return not_found(r, "agent", id);
+    if (!old) return not_found(r, "agent", id);
     struct admin_op *op = calloc(1, sizeof *op);
     if (op) {
         op->kind = OP_PUT_AGENT;
@@ -374,11 +338,9 @@ static enum MHD_Result set_agent_enabled(struct request *r, const char *id, bool
 
 /* Builds the op that records a freshly issued token (not yet committed). */
 static struct admin_op *token_op(const char *subject, bool operator_token, const char *jti,
-                                 int64_t now_s, int64_t ttl_s, const char *token)
-{
+                                 int64_t now_s, int64_t ttl_s, const char *token) {
     struct admin_op *op = calloc(1, sizeof *op);
-    if (!op)
-        return NULL;
+    if (!op) return NULL;
     op->kind = OP_PUT_TOKEN;
     snprintf(op->token.jti, sizeof op->token.jti, "%s", jti);
     op->token.subject = strdup(subject);
@@ -396,11 +358,9 @@ static struct admin_op *token_op(const char *subject, bool operator_token, const
     return op;
 }
 
-static enum MHD_Result issue_agent_token(struct request *r, const char *id)
-{
+static enum MHD_Result issue_agent_token(struct request *r, const char *id) {
     struct agent *agent = registry_get_agent(r->srv->registry, id);
-    if (!agent)
-        return not_found(r, "agent", id);
+    if (!agent) return not_found(r, "agent", id);
     json_t *body = body_object(r);
     if (!body) {
         agent_release(agent);
@@ -412,37 +372,38 @@ static enum MHD_Result issue_agent_token(struct request *r, const char *id)
     json_t *acr_v = json_object_get(body, "acr");
     char *scratch = NULL;
     size_t ns = 0;
-    const char **scopes = scopes_v ? string_list(scopes_v, true, &scratch, &ns)
-                                   : (const char **)agent->scopes;
-    if (!scopes_v)
-        ns = agent->scopes_len;
+    const char **scopes =
+        scopes_v ? string_list(scopes_v, true, &scratch, &ns) : (const char **)agent->scopes;
+    if (!scopes_v) ns = agent->scopes_len;
     enum MHD_Result rc = MHD_YES;
     const char *missing = NULL;
     for (size_t i = 0; scopes && i < ns && !missing; i++) {
         bool granted = false;
         for (size_t j = 0; j < agent->scopes_len && !granted; j++)
             granted = scope_grants(agent->scopes[j], scopes[i]);
-        if (!granted)
-            missing = scopes[i];
+        if (!granted) missing = scopes[i];
     }
     if (ttl < 0)
         bad_request(r, "'ttl' must be a duration such as \"1h\" or whole seconds", NULL);
     else if (ttl * 1000 > p->max_token_ttl_ms)
         bad_request(r, "'ttl' exceeds identity.max_token_ttl", NULL);
     else if (!scopes)
-        bad_request(r, "'scopes' must be an array of strings or a space-separated string",
-                    NULL);
+        bad_request(r, "'scopes' must be an array of strings or a space-separated string", NULL);
     else if (missing)
         bad_request(r, "scope '%s' is not granted to this agent", missing);
     else if (acr_v && (!json_is_string(acr_v) || !*json_string_value(acr_v)))
         bad_request(r, "'acr' must be a non-empty string", NULL);
     else {
-        if (ttl == 0)
-            ttl = p->token_ttl_ms / 1000;
+        if (ttl == 0) ttl = p->token_ttl_ms / 1000;
         int64_t now = pep_now_us() / 1000000;
-        struct token_request tr = {.issuer = p->issuer, .aud = "pep", .sub = id,
-                                   .scopes = scopes, .scopes_len = ns,
-                                   .acr = json_string_value(acr_v), .now_s = now, .ttl_s = ttl};
+        struct token_request tr = {.issuer = p->issuer,
+                                   .aud = "pep",
+                                   .sub = id,
+                                   .scopes = scopes,
+                                   .scopes_len = ns,
+                                   .acr = json_string_value(acr_v),
+                                   .now_s = now,
+                                   .ttl_s = ttl};
         char *token = NULL, jti[32];
         struct pep_err err = {0};
         struct admin_op *op = NULL;
@@ -458,19 +419,16 @@ static enum MHD_Result issue_agent_token(struct request *r, const char *id)
             rc = commit_async(r, op, rec);
         }
     }
-    if (scopes_v)
-        free(scopes);
+    if (scopes_v) free(scopes);
     free(scratch);
     json_decref(body);
     agent_release(agent);
     return rc;
 }
 
-static enum MHD_Result revoke_token(struct request *r, const char *jti)
-{
+static enum MHD_Result revoke_token(struct request *r, const char *jti) {
     struct token_rec t;
-    if (!registry_get_token(r->srv->registry, jti, &t))
-        return not_found(r, "token", jti);
+    if (!registry_get_token(r->srv->registry, jti, &t)) return not_found(r, "token", jti);
     struct admin_op *op = calloc(1, sizeof *op);
     if (!op) {
         reply_error(r, 500, "internal", "out of memory", NULL);
@@ -488,11 +446,9 @@ static enum MHD_Result revoke_token(struct request *r, const char *jti)
     return commit_async(r, op, rec);
 }
 
-static enum MHD_Result put_operator(struct request *r)
-{
+static enum MHD_Result put_operator(struct request *r) {
     json_t *body = body_object(r);
-    if (!body)
-        return MHD_YES;
+    if (!body) return MHD_YES;
     const char *id = json_string_value(json_object_get(body, "id"));
     char *scratch = NULL;
     size_t nr = 0;
@@ -503,8 +459,7 @@ static enum MHD_Result put_operator(struct request *r)
         bool ok = false;
         for (size_t k = 0; k < PEP_ARRAY_LEN(known); k++)
             ok = ok || strcmp(roles[i], known[k]) == 0;
-        if (!ok)
-            unknown = roles[i];
+        if (!ok) unknown = roles[i];
     }
     enum MHD_Result rc = MHD_YES;
     if (!valid_id(id))
@@ -533,25 +488,25 @@ static enum MHD_Result put_operator(struct request *r)
 /* Issues an operator token carrying all of the operator's roles. */
 static int issue_operator_token(struct server *s, const struct policy *p,
                                 const struct operator_rec *o, int64_t ttl_s, char **token,
-                                struct admin_op **op_out)
-{
+                                struct admin_op **op_out) {
     int64_t now = pep_now_us() / 1000000;
-    struct token_request tr = {.issuer = p->issuer, .aud = "pep-admin", .sub = o->id,
+    struct token_request tr = {.issuer = p->issuer,
+                               .aud = "pep-admin",
+                               .sub = o->id,
                                .roles = (const char *const *)o->roles,
-                               .roles_len = o->roles_len, .now_s = now, .ttl_s = ttl_s};
+                               .roles_len = o->roles_len,
+                               .now_s = now,
+                               .ttl_s = ttl_s};
     char jti[32];
     int rc = token_issue(s->keys, &tr, token, jti, NULL);
-    if (rc != 0)
-        return rc;
+    if (rc != 0) return rc;
     *op_out = token_op(o->id, true, jti, now, ttl_s, *token);
     return *op_out ? 0 : PEP_ENOMEM;
 }
 
-static enum MHD_Result issue_operator_token_handler(struct request *r, const char *id)
-{
+static enum MHD_Result issue_operator_token_handler(struct request *r, const char *id) {
     struct operator_rec *o = registry_get_operator(r->srv->registry, id);
-    if (!o)
-        return not_found(r, "operator", id);
+    if (!o) return not_found(r, "operator", id);
     json_t *body = body_object(r);
     enum MHD_Result rc = MHD_YES;
     if (body) {
@@ -581,8 +536,7 @@ static enum MHD_Result issue_operator_token_handler(struct request *r, const cha
     return rc;
 }
 
-static enum MHD_Result audit_verify(struct request *r)
-{
+static enum MHD_Result audit_verify(struct request *r) {
     struct audit_verify_result res;
     struct pep_err err = {0};
     if (audit_verify_file(r->srv->db_path, &res, &err) != 0) {
@@ -591,9 +545,9 @@ static enum MHD_Result audit_verify(struct request *r)
     }
     char head[65];
     pep_hex(res.head_hash, 32, head);
-    json_t *ans = json_pack("{s:b, s:I, s:I, s:s}", "ok", res.ok, "records",
-                            (json_int_t)res.records, "head_seq", (json_int_t)res.head_seq,
-                            "head_hash", head);
+    json_t *ans =
+        json_pack("{s:b, s:I, s:I, s:s}", "ok", res.ok, "records", (json_int_t)res.records,
+                  "head_seq", (json_int_t)res.head_seq, "head_hash", head);
     if (!res.ok) {
         json_object_set_new(ans, "first_bad_seq", json_integer(res.first_bad_seq));
         json_object_set_new(ans, "reason", json_string(res.reason));
@@ -602,8 +556,7 @@ static enum MHD_Result audit_verify(struct request *r)
     return MHD_YES;
 }
 
-static enum MHD_Result policy_show(struct request *r)
-{
+static enum MHD_Result policy_show(struct request *r) {
     char loaded[32];
     pep_format_rfc3339_us(r->srv->policy_loaded_at_us, loaded);
     reply_json(r, 200,
@@ -612,15 +565,15 @@ static enum MHD_Result policy_show(struct request *r)
     return MHD_YES;
 }
 
-static enum MHD_Result policy_reload(struct request *r)
-{
+static enum MHD_Result policy_reload(struct request *r) {
     struct policy_errors errs = {0};
     if (server_reload(r->srv, &errs) != 0) {
         json_t *list = json_array();
         for (size_t i = 0; i < errs.len; i++)
             json_array_append_new(list, json_string(errs.items[i]));
         policy_errors_free(&errs);
-        reply_error(r, 422, "invalid_policy", "the policy file is invalid; the active policy is kept",
+        reply_error(r, 422, "invalid_policy",
+                    "the policy file is invalid; the active policy is kept",
                     json_pack("{s:o}", "errors", list));
         return MHD_YES;
     }
@@ -633,8 +586,7 @@ static enum MHD_Result policy_reload(struct request *r)
 /* ---- routing ------------------------------------------------------------------------------- */
 
 /* Splits "/admin/v1/a/b/c" into at most 6 segments (pointers into buf). */
-static size_t split_path(char *buf, const char *seg[6])
-{
+static size_t split_path(char *buf, const char *seg[6]) {
     size_t n = 0;
     for (char *save = NULL, *tok = strtok_r(buf, "/", &save); tok && n < 6;
          tok = strtok_r(NULL, "/", &save))
@@ -642,13 +594,11 @@ static size_t split_path(char *buf, const char *seg[6])
     return n;
 }
 
-static bool is(const char *a, const char *b)
-{
+static bool is(const char *a, const char *b) {
     return a && strcmp(a, b) == 0;
 }
 
-enum MHD_Result admin_handle(struct request *r)
-{
+enum MHD_Result admin_handle(struct request *r) {
     size_t path_len = strcspn(r->target, "?");
     const char *why = NULL;
     if (route_normalize_path(r->target, path_len, &r->path, &why) != 0)
@@ -667,13 +617,11 @@ enum MHD_Result admin_handle(struct request *r)
         reply_error(r, 404, "no_route", "no admin endpoint at this path", NULL);
         return MHD_YES;
     }
-    if (!authenticate(r))
-        return MHD_YES;
+    if (!authenticate(r)) return MHD_YES;
     const char *res = seg[2], *id = seg[3], *sub = seg[4];
 
     if (is(res, "agents")) {
-        if (n == 3 && post)
-            return require_role(r, "admin", NULL) ? put_agent(r) : MHD_YES;
+        if (n == 3 && post) return require_role(r, "admin", NULL) ? put_agent(r) : MHD_YES;
         if (n == 3 && get) {
             if (require_role(r, "auditor", NULL))
                 reply_json(r, 200,
@@ -681,11 +629,9 @@ enum MHD_Result admin_handle(struct request *r)
             return MHD_YES;
         }
         if (n == 4 && get) {
-            if (!require_role(r, "auditor", NULL))
-                return MHD_YES;
+            if (!require_role(r, "auditor", NULL)) return MHD_YES;
             struct agent *a = registry_get_agent(r->srv->registry, id);
-            if (!a)
-                return not_found(r, "agent", id);
+            if (!a) return not_found(r, "agent", id);
             reply_json(r, 200, agent_to_json(a));
             agent_release(a);
             return MHD_YES;
@@ -697,30 +643,25 @@ enum MHD_Result admin_handle(struct request *r)
             return require_role(r, "admin", NULL) ? issue_agent_token(r, id) : MHD_YES;
     } else if (is(res, "tokens")) {
         if (n == 3 && get) {
-            if (!require_role(r, "auditor", NULL))
-                return MHD_YES;
-            const char *agent = MHD_lookup_connection_value(r->conn, MHD_GET_ARGUMENT_KIND,
-                                                            "agent");
-            reply_json(r, 200,
-                       json_pack("{s:o}", "tokens",
-                                 registry_list_tokens(r->srv->registry,
-                                                      agent && *agent ? agent : NULL)));
+            if (!require_role(r, "auditor", NULL)) return MHD_YES;
+            const char *agent =
+                MHD_lookup_connection_value(r->conn, MHD_GET_ARGUMENT_KIND, "agent");
+            reply_json(
+                r, 200,
+                json_pack("{s:o}", "tokens",
+                          registry_list_tokens(r->srv->registry, agent && *agent ? agent : NULL)));
             return MHD_YES;
         }
-        if (n == 4 && del)
-            return require_role(r, "admin", NULL) ? revoke_token(r, id) : MHD_YES;
+        if (n == 4 && del) return require_role(r, "admin", NULL) ? revoke_token(r, id) : MHD_YES;
     } else if (is(res, "operators")) {
-        if (n == 3 && post)
-            return require_role(r, "admin", NULL) ? put_operator(r) : MHD_YES;
+        if (n == 3 && post) return require_role(r, "admin", NULL) ? put_operator(r) : MHD_YES;
         if (n == 5 && post && is(sub, "tokens"))
-            return require_role(r, "admin", NULL) ? issue_operator_token_handler(r, id)
-                                                  : MHD_YES;
+            return require_role(r, "admin", NULL) ? issue_operator_token_handler(r, id) : MHD_YES;
     } else if (is(res, "audit")) {
         if (n == 4 && get && is(id, "verify"))
             return require_role(r, "auditor", NULL) ? audit_verify(r) : MHD_YES;
     } else if (is(res, "policy")) {
-        if (n == 3 && get)
-            return require_role(r, "admin", NULL) ? policy_show(r) : MHD_YES;
+        if (n == 3 && get) return require_role(r, "admin", NULL) ? policy_show(r) : MHD_YES;
         if (n == 4 && post && is(id, "reload"))
             return require_role(r, "admin", NULL) ? policy_reload(r) : MHD_YES;
     }
@@ -728,19 +669,17 @@ enum MHD_Result admin_handle(struct request *r)
     return MHD_YES;
 }
 
-/* ---- bootstrap -------------------------------------------------------------------------------- */
+/* ---- bootstrap --------------------------------------------------------------------------------
+ */
 
-static int sync_apply(sqlite3 *db, void *arg)
-{
+static int sync_apply(sqlite3 *db, void *arg) {
     return op_apply(db, arg);
 }
 
-int server_bootstrap_admin(struct server *s, struct pep_err *err)
-{
+int server_bootstrap_admin(struct server *s, struct pep_err *err) {
     char path[4096];
     snprintf(path, sizeof path, "%s/admin.token", s->data_dir);
-    if (access(path, F_OK) == 0)
-        return 0;
+    if (access(path, F_OK) == 0) return 0;
     int rc = 0;
     const char *roles[] = {"admin"};
     struct operator_rec *o = registry_get_operator(s->registry, BOOTSTRAP_OPERATOR);
@@ -748,13 +687,12 @@ int server_bootstrap_admin(struct server *s, struct pep_err *err)
         struct admin_op op = {.kind = OP_PUT_OPERATOR, .srv = s};
         op.op = operator_new(BOOTSTRAP_OPERATOR, roles, 1, pep_now_us());
         json_t *rec = admin_record(NULL, "pep", "operators.put");
-        json_object_set_new(rec, "reason", json_string("bootstrap operator created at first start"));
+        json_object_set_new(rec, "reason",
+                            json_string("bootstrap operator created at first start"));
         rc = op.op ? server_audit_sync(s, rec, sync_apply, &op, NULL) : PEP_ENOMEM;
-        if (rc == 0)
-            op_publish(&op);
+        if (rc == 0) op_publish(&op);
         operator_release(op.op);
-        if (rc != 0)
-            return pep_err_set(err, rc, "cannot create the bootstrap operator");
+        if (rc != 0) return pep_err_set(err, rc, "cannot create the bootstrap operator");
         o = registry_get_operator(s->registry, BOOTSTRAP_OPERATOR);
     }
     char *token = NULL;
@@ -776,22 +714,20 @@ int server_bootstrap_admin(struct server *s, struct pep_err *err)
         }
     }
     free_secret(token);
-    if (op)
-        admin_op_free(op);
+    if (op) admin_op_free(op);
     return rc ? pep_err_set(err, rc, "cannot write %s", path) : 0;
 }
 
-int server_seed_agents(struct server *s, const struct policy *p)
-{
+int server_seed_agents(struct server *s, const struct policy *p) {
     int rc = 0;
     int64_t now = pep_now_us();
     for (size_t i = 0; rc == 0 && i < p->agents_len; i++) {
         const struct policy_agent *pa = &p->agents[i];
         struct agent *old = registry_get_agent(s->registry, pa->id);
         struct admin_op op = {.kind = OP_PUT_AGENT, .srv = s};
-        op.agent = agent_new(pa->id, pa->owner, (const char *const *)pa->tenants,
-                             pa->tenants_len, (const char *const *)pa->scopes, pa->scopes_len,
-                             pa->enabled, old ? old->created_at_us : now, now);
+        op.agent = agent_new(pa->id, pa->owner, (const char *const *)pa->tenants, pa->tenants_len,
+                             (const char *const *)pa->scopes, pa->scopes_len, pa->enabled,
+                             old ? old->created_at_us : now, now);
         if (!op.agent)
             rc = PEP_ENOMEM;
         else if (!old || !agent_same(old, op.agent)) {
@@ -801,8 +737,7 @@ int server_seed_agents(struct server *s, const struct policy *p)
             json_object_set_new(rec, "policy_hash", json_string(p->policy_hash));
             json_object_set_new(rec, "reason", json_string("agent seeded from the policy file"));
             rc = server_audit_sync(s, rec, sync_apply, &op, NULL);
-            if (rc == 0)
-                op_publish(&op);
+            if (rc == 0) op_publish(&op);
         }
         agent_release(op.agent);
         agent_release(old);

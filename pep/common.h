@@ -18,7 +18,7 @@
     X(OK, 0, "ok")                                                                                 \
     X(NOMEM, -1, "out of memory")                                                                  \
     X(IO, -2, "I/O error")                                                                         \
-    X(INVAL, -3, "invalid input")                                                                \
+    X(INVAL, -3, "invalid input")                                                                  \
     X(NOTFOUND, -4, "not found")                                                                   \
     X(CRYPTO, -5, "cryptographic failure")                                                         \
     X(DB, -6, "database error")                                                                    \
@@ -38,8 +38,8 @@ const char *pep_strerror(int code);
 
 /* Error detail filled by fallible functions when the caller passes one (may be NULL). */
 struct pep_err {
-    int code;       /* PEP_E* */
-    char msg[512];  /* human-readable, never contains a secret */
+    int code;      /* PEP_E* */
+    char msg[512]; /* human-readable, never contains a secret */
 };
 
 /* Sets err (if not NULL) to code and a printf-formatted message; returns code. */

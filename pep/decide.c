@@ -3,13 +3,12 @@
  */
 #include "pep/decide.h"
 
+#include <stdarg.h>
 #include <stdio.h>
 #include <string.h>
 
-bool scope_grants(const char *granted, const char *wanted)
-{
-    if (strcmp(granted, wanted) == 0 || strcmp(granted, "*") == 0)
-        return true;
+bool scope_grants(const char *granted, const char *wanted) {
+    if (strcmp(granted, wanted) == 0 || strcmp(granted, "*") == 0) return true;
     size_t n = strlen(granted);
     /* "x.*" grants "x.anything" (any non-empty remainder), not "x" itself. */
     return n >= 2 && granted[n - 1] == '*' && granted[n - 2] == '.' &&
@@ -17,37 +16,37 @@ bool scope_grants(const char *granted, const char *wanted)
 }
 
 /* True when some scope in v grants wanted. */
-static bool any_grants(char *const *v, size_t n, const char *wanted)
-{
+static bool any_grants(char *const *v, size_t n, const char *wanted) {
     for (size_t i = 0; i < n; i++)
-        if (scope_grants(v[i], wanted))
-            return true;
+        if (scope_grants(v[i], wanted)) return true;
     return false;
 }
 
 bool scope_effective_grants(const struct token_claims *claims, const struct agent *agent,
-                            const char *wanted)
-{
+                            const char *wanted) {
     /* Both must grant it: a token cannot exceed the agent's current scopes, and removing a
      * scope from the agent takes effect without reissuing tokens. */
     return any_grants(claims->scopes, claims->scopes_len, wanted) &&
            any_grants(agent->scopes, agent->scopes_len, wanted);
 }
 
-static void deny(struct decision *out, int status, const char *code, const char *fmt,
-                 const char *arg1, const char *arg2)
-{
+static void deny(struct decision *out, int status, const char *code, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
+
+static void deny(struct decision *out, int status, const char *code, const char *fmt, ...) {
     out->allow = false;
     out->status = status;
     out->code = code;
-    snprintf(out->reason, sizeof out->reason, fmt, arg1 ? arg1 : "", arg2 ? arg2 : "");
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(out->reason, sizeof out->reason, fmt, ap);
+    va_end(ap);
 }
 
-void decide(const struct decide_input *in, struct decision *out)
-{
+void decide(const struct decide_input *in, struct decision *out) {
     memset(out, 0, sizeof *out);
     if (!in->match || !in->match->route) {
-        deny(out, 404, "no_route", "no route matches this method and path", NULL, NULL);
+        deny(out, 404, "no_route", "no route matches this method and path");
         return;
     }
     const struct route *route = in->match->route;
@@ -55,23 +54,23 @@ void decide(const struct decide_input *in, struct decision *out)
 
     /* 2. authentication */
     if (!in->token_present) {
-        deny(out, 401, "invalid_token", "missing bearer token", NULL, NULL);
+        deny(out, 401, "invalid_token", "missing bearer token");
         return;
     }
     if (in->token_status != TOKEN_OK || !in->claims) {
-        deny(out, 401, "invalid_token", "%s", token_status_message(in->token_status), NULL);
+        deny(out, 401, "invalid_token", "%s", token_status_message(in->token_status));
         return;
     }
     if (in->token_revoked) {
-        deny(out, 401, "invalid_token", "token has been revoked", NULL, NULL);
+        deny(out, 401, "invalid_token", "token has been revoked");
         return;
     }
     if (!in->agent) {
-        deny(out, 401, "invalid_token", "unknown agent %s", in->claims->sub, NULL);
+        deny(out, 401, "invalid_token", "unknown agent %s", in->claims->sub);
         return;
     }
     if (!in->agent->enabled) {
-        deny(out, 401, "invalid_token", "agent %s is disabled", in->agent->id, NULL);
+        deny(out, 401, "invalid_token", "agent %s is disabled", in->agent->id);
         return;
     }
 

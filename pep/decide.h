@@ -34,11 +34,11 @@ struct decide_input {
 
 struct decision {
     bool allow;
-    int status;              /* HTTP status: 200 for allow */
-    const char *code;        /* SPEC 3.3 code, "ok" for allow (static) */
-    char reason[256];        /* human-readable; no secrets */
+    int status;                  /* HTTP status: 200 for allow */
+    const char *code;            /* SPEC 3.3 code, "ok" for allow (static) */
+    char reason[256];            /* human-readable; no secrets */
     const struct action *action; /* the route's action, when a route matched */
-    const char *tenant;      /* the request's tenant (not NUL-terminated), or NULL */
+    const char *tenant;          /* the request's tenant (not NUL-terminated), or NULL */
     size_t tenant_len;
 };
 

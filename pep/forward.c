@@ -23,10 +23,10 @@
  * flight (curl_multi_poll would poll() them all on every turn). */
 struct forwarder {
     pthread_t thread;
-    CURLM *multi;              /* forwarder thread only */
-    int epoll_fd;              /* the sockets libcurl asked to watch, and wake_fd */
-    int wake_fd;               /* eventfd: written by forwarder_submit / stop / cancel */
-    int64_t deadline_us;       /* libcurl's timer as a monotonic deadline; -1 = none */
+    CURLM *multi;               /* forwarder thread only */
+    int epoll_fd;               /* the sockets libcurl asked to watch, and wake_fd */
+    int wake_fd;                /* eventfd: written by forwarder_submit / stop / cancel */
+    int64_t deadline_us;        /* libcurl's timer as a monotonic deadline; -1 = none */
     pthread_mutex_t queue_lock; /* guards queue_head/tail, stopping, cancel_requested */
     struct forward_job *queue_head, *queue_tail;
     bool stopping;
@@ -37,21 +37,25 @@ struct forwarder {
 };
 
 static const char *const hop_by_hop[] = {
-    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection",
-    "te",         "trailer",    "transfer-encoding",  "upgrade",
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
 };
 
-static bool in_list(const char *name, const char *const *list, size_t n)
-{
+static bool in_list(const char *name, const char *const *list, size_t n) {
     for (size_t i = 0; i < n; i++)
-        if (strcasecmp(name, list[i]) == 0)
-            return true;
+        if (strcasecmp(name, list[i]) == 0) return true;
     return false;
 }
 
 /* True when the comma-separated Connection header value names `name`. */
-static bool connection_names(const char *tokens, const char *name)
-{
+static bool connection_names(const char *tokens, const char *name) {
     size_t n = strlen(name);
     for (const char *p = tokens; p && *p;) {
         while (*p == ' ' || *p == '\t' || *p == ',')
@@ -59,38 +63,32 @@ static bool connection_names(const char *tokens, const char *name)
         const char *end = p;
         while (*end && *end != ',' && *end != ' ' && *end != '\t')
             end++;
-        if ((size_t)(end - p) == n && strncasecmp(p, name, n) == 0)
-            return true;
+        if ((size_t)(end - p) == n && strncasecmp(p, name, n) == 0) return true;
         p = end;
     }
     return false;
 }
 
-bool forward_header_allowed(const char *name, const char *connection_tokens)
-{
+bool forward_header_allowed(const char *name, const char *connection_tokens) {
     /* SECURITY: the agent's credentials (Authorization, Cookie) and pep's own control
      * headers stop here; framing headers are curl's to set (no smuggling through us). */
-    static const char *const never[] = {"authorization", "cookie", "content-length", "host",
-                                        "expect",        "x-request-id"};
-    if (strncasecmp(name, "pep-", 4) == 0)
-        return false;
+    static const char *const never[] = {"authorization", "cookie", "content-length",
+                                        "host",          "expect", "x-request-id"};
+    if (strncasecmp(name, "pep-", 4) == 0) return false;
     if (in_list(name, never, PEP_ARRAY_LEN(never)) ||
         in_list(name, hop_by_hop, PEP_ARRAY_LEN(hop_by_hop)))
         return false;
     return !connection_names(connection_tokens, name);
 }
 
-bool forward_response_header_relayable(const char *name)
-{
+bool forward_response_header_relayable(const char *name) {
     static const char *const never[] = {"content-length", "date", "server"};
-    if (strncasecmp(name, "pep-", 4) == 0)
-        return false;
+    if (strncasecmp(name, "pep-", 4) == 0) return false;
     return !in_list(name, never, PEP_ARRAY_LEN(never)) &&
            !in_list(name, hop_by_hop, PEP_ARRAY_LEN(hop_by_hop));
 }
 
-const char *forward_error_name(enum forward_error e)
-{
+const char *forward_error_name(enum forward_error e) {
     switch (e) {
     case FORWARD_OK:
         return "ok";
@@ -108,8 +106,7 @@ const char *forward_error_name(enum forward_error e)
     return "error";
 }
 
-void forward_job_clear(struct forward_job *job)
-{
+void forward_job_clear(struct forward_job *job) {
     free(job->url);
     curl_slist_free_all(job->headers);
     free(job->body_out);
@@ -123,8 +120,7 @@ void forward_job_clear(struct forward_job *job)
 
 /* ---- curl callbacks (forwarder thread) ---------------------------------------------- */
 
-static size_t on_body(char *data, size_t size, size_t nmemb, void *arg)
-{
+static size_t on_body(char *data, size_t size, size_t nmemb, void *arg) {
     struct forward_job *job = arg;
     size_t n = size * nmemb;
     if (job->body_out_len + n > FORWARD_MAX_RESPONSE) {
@@ -132,8 +128,7 @@ static size_t on_body(char *data, size_t size, size_t nmemb, void *arg)
         return 0; /* makes curl fail the transfer with CURLE_WRITE_ERROR */
     }
     char *grown = realloc(job->body_out, job->body_out_len + n + 1);
-    if (!grown)
-        return 0;
+    if (!grown) return 0;
     memcpy(grown + job->body_out_len, data, n);
     job->body_out = grown;
     job->body_out_len += n;
@@ -141,8 +136,7 @@ static size_t on_body(char *data, size_t size, size_t nmemb, void *arg)
     return n;
 }
 
-static void drop_response_headers(struct forward_job *job)
-{
+static void drop_response_headers(struct forward_job *job) {
     for (size_t i = 0; i < job->resp_headers_len; i++) {
         free(job->resp_headers[i].name);
         free(job->resp_headers[i].value);
@@ -150,8 +144,7 @@ static void drop_response_headers(struct forward_job *job)
     job->resp_headers_len = 0;
 }
 
-static size_t on_header(char *line, size_t size, size_t nmemb, void *arg)
-{
+static size_t on_header(char *line, size_t size, size_t nmemb, void *arg) {
     struct forward_job *job = arg;
     size_t n = size * nmemb;
     if (n >= 5 && strncmp(line, "HTTP/", 5) == 0) {
@@ -159,8 +152,7 @@ static size_t on_header(char *line, size_t size, size_t nmemb, void *arg)
         return n;
     }
     const char *colon = memchr(line, ':', n);
-    if (!colon)
-        return n;
+    if (!colon) return n;
     size_t name_len = (size_t)(colon - line);
     const char *v = colon + 1, *end = line + n;
     while (v < end && (*v == ' ' || *v == '\t'))
@@ -168,8 +160,7 @@ static size_t on_header(char *line, size_t size, size_t nmemb, void *arg)
     while (end > v && (end[-1] == '\r' || end[-1] == '\n' || end[-1] == ' ' || end[-1] == '\t'))
         end--;
     char *name = strndup(line, name_len);
-    if (!name)
-        return 0;
+    if (!name) return 0;
     if (!forward_response_header_relayable(name)) {
         free(name);
         return n;
@@ -195,8 +186,7 @@ static size_t on_header(char *line, size_t size, size_t nmemb, void *arg)
 
 /* ---- the thread ------------------------------------------------------------------------ */
 
-static CURL *take_easy(struct forwarder *f)
-{
+static CURL *take_easy(struct forwarder *f) {
     if (f->idle_easy_len > 0) {
         CURL *e = f->idle_easy[--f->idle_easy_len];
         curl_easy_reset(e);
@@ -205,16 +195,14 @@ static CURL *take_easy(struct forwarder *f)
     return curl_easy_init();
 }
 
-static void put_easy(struct forwarder *f, CURL *e)
-{
+static void put_easy(struct forwarder *f, CURL *e) {
     if (f->idle_easy_len < PEP_ARRAY_LEN(f->idle_easy))
         f->idle_easy[f->idle_easy_len++] = e;
     else
         curl_easy_cleanup(e);
 }
 
-static void finish(struct forwarder *f, struct forward_job *job, enum forward_error error)
-{
+static void finish(struct forwarder *f, struct forward_job *job, enum forward_error error) {
     /* unlink from running */
     for (struct forward_job **pp = &f->running; *pp; pp = &(*pp)->next) {
         if (*pp == job) {
@@ -233,18 +221,15 @@ static void finish(struct forwarder *f, struct forward_job *job, enum forward_er
     job->done(job, job->done_arg);
 }
 
-static int setup(struct forwarder *f, struct forward_job *job)
-{
+static int setup(struct forwarder *f, struct forward_job *job) {
     CURL *e = take_easy(f);
-    if (!e)
-        return -1;
+    if (!e) return -1;
     job->easy = e;
     job->curl_errbuf[0] = '\0';
     int64_t connect_ms = job->timeout_ms < 10000 ? job->timeout_ms : 10000;
     CURLcode rc = CURLE_OK;
 #define SET(opt, val)                                                                              \
-    if (rc == CURLE_OK)                                                                            \
-    rc = curl_easy_setopt(e, opt, val)
+    if (rc == CURLE_OK) rc = curl_easy_setopt(e, opt, val)
     SET(CURLOPT_URL, job->url);
     SET(CURLOPT_PRIVATE, job);
     SET(CURLOPT_NOSIGNAL, 1L);
@@ -287,10 +272,8 @@ static int setup(struct forwarder *f, struct forward_job *job)
     return 0;
 }
 
-static enum forward_error classify(const struct forward_job *job, CURLcode result)
-{
-    if (job->error == FORWARD_TOO_LARGE)
-        return FORWARD_TOO_LARGE;
+static enum forward_error classify(const struct forward_job *job, CURLcode result) {
+    if (job->error == FORWARD_TOO_LARGE) return FORWARD_TOO_LARGE;
     switch (result) {
     case CURLE_OK:
         return FORWARD_OK;
@@ -306,8 +289,7 @@ static enum forward_error classify(const struct forward_job *job, CURLcode resul
     }
 }
 
-static void cancel_everything(struct forwarder *f, struct forward_job *queued)
-{
+static void cancel_everything(struct forwarder *f, struct forward_job *queued) {
     while (queued) {
         struct forward_job *next = queued->next;
         queued->started_mono_us = pep_mono_us();
@@ -319,8 +301,7 @@ static void cancel_everything(struct forwarder *f, struct forward_job *queued)
 }
 
 /* CURLMOPT_SOCKETFUNCTION: keep the epoll set in step with what libcurl waits for. */
-static int on_socket(CURL *easy, curl_socket_t fd, int what, void *arg, void *socketp)
-{
+static int on_socket(CURL *easy, curl_socket_t fd, int what, void *arg, void *socketp) {
     (void)easy;
     struct forwarder *f = arg;
     if (what == CURL_POLL_REMOVE) {
@@ -329,22 +310,18 @@ static int on_socket(CURL *easy, curl_socket_t fd, int what, void *arg, void *so
         return 0;
     }
     struct epoll_event ev = {.data.fd = fd};
-    if (what & CURL_POLL_IN)
-        ev.events |= EPOLLIN;
-    if (what & CURL_POLL_OUT)
-        ev.events |= EPOLLOUT;
+    if (what & CURL_POLL_IN) ev.events |= EPOLLIN;
+    if (what & CURL_POLL_OUT) ev.events |= EPOLLOUT;
     /* socketp marks sockets already in the set (MOD) versus new ones (ADD). */
     int op = socketp ? EPOLL_CTL_MOD : EPOLL_CTL_ADD;
     if (epoll_ctl(f->epoll_fd, op, fd, &ev) != 0 && errno == EEXIST)
         epoll_ctl(f->epoll_fd, EPOLL_CTL_MOD, fd, &ev);
-    if (!socketp)
-        curl_multi_assign(f->multi, fd, f);
+    if (!socketp) curl_multi_assign(f->multi, fd, f);
     return 0;
 }
 
 /* CURLMOPT_TIMERFUNCTION: libcurl's next deadline, honoured by epoll_wait's timeout. */
-static int on_timer(CURLM *multi, long timeout_ms, void *arg)
-{
+static int on_timer(CURLM *multi, long timeout_ms, void *arg) {
     (void)multi;
     struct forwarder *f = arg;
     f->deadline_us = timeout_ms < 0 ? -1 : pep_mono_us() + (int64_t)timeout_ms * 1000;
@@ -352,13 +329,11 @@ static int on_timer(CURLM *multi, long timeout_ms, void *arg)
 }
 
 /* Finishes every transfer libcurl reports done. */
-static void reap(struct forwarder *f)
-{
+static void reap(struct forwarder *f) {
     CURLMsg *msg;
     int left;
     while ((msg = curl_multi_info_read(f->multi, &left))) {
-        if (msg->msg != CURLMSG_DONE)
-            continue;
+        if (msg->msg != CURLMSG_DONE) continue;
         struct forward_job *job = NULL;
         curl_easy_getinfo(msg->easy_handle, CURLINFO_PRIVATE, (char **)&job);
         CURLcode result = msg->data.result;
@@ -368,8 +343,7 @@ static void reap(struct forwarder *f)
     }
 }
 
-static void *forwarder_main(void *arg)
-{
+static void *forwarder_main(void *arg) {
     struct forwarder *f = arg;
     pthread_setname_np(pthread_self(), "pep-forward");
     int running = 0;
@@ -383,8 +357,7 @@ static void *forwarder_main(void *arg)
 
         if (stopping || cancel) {
             cancel_everything(f, batch);
-            if (stopping)
-                break;
+            if (stopping) break;
             continue;
         }
         bool added = batch != NULL;
@@ -392,8 +365,7 @@ static void *forwarder_main(void *arg)
             struct forward_job *next = batch->next;
             batch->next = NULL;
             batch->started_mono_us = pep_mono_us();
-            if (setup(f, batch) != 0)
-                finish(f, batch, FORWARD_CONNECT_ERROR);
+            if (setup(f, batch) != 0) finish(f, batch, FORWARD_CONNECT_ERROR);
             batch = next;
         }
         if (added) /* new handles start on the timeout path */
@@ -415,12 +387,9 @@ static void *forwarder_main(void *arg)
                 continue;
             }
             int flags = 0;
-            if (events[i].events & (EPOLLIN | EPOLLHUP))
-                flags |= CURL_CSELECT_IN;
-            if (events[i].events & EPOLLOUT)
-                flags |= CURL_CSELECT_OUT;
-            if (events[i].events & EPOLLERR)
-                flags |= CURL_CSELECT_ERR;
+            if (events[i].events & (EPOLLIN | EPOLLHUP)) flags |= CURL_CSELECT_IN;
+            if (events[i].events & EPOLLOUT) flags |= CURL_CSELECT_OUT;
+            if (events[i].events & EPOLLERR) flags |= CURL_CSELECT_ERR;
             curl_multi_socket_action(f->multi, events[i].data.fd, flags, &running);
         }
         if (f->deadline_us >= 0 && pep_mono_us() >= f->deadline_us) {
@@ -432,32 +401,25 @@ static void *forwarder_main(void *arg)
     return NULL;
 }
 
-static void wake(struct forwarder *f)
-{
+static void wake(struct forwarder *f) {
     uint64_t one = 1;
     if (write(f->wake_fd, &one, sizeof one) < 0 && errno != EAGAIN)
         fprintf(stderr, "pep: forwarder: wake write failed\n");
 }
 
-static void forwarder_free(struct forwarder *f)
-{
+static void forwarder_free(struct forwarder *f) {
     for (size_t i = 0; i < f->idle_easy_len; i++)
         curl_easy_cleanup(f->idle_easy[i]);
-    if (f->multi)
-        curl_multi_cleanup(f->multi);
-    if (f->epoll_fd >= 0)
-        close(f->epoll_fd);
-    if (f->wake_fd >= 0)
-        close(f->wake_fd);
+    if (f->multi) curl_multi_cleanup(f->multi);
+    if (f->epoll_fd >= 0) close(f->epoll_fd);
+    if (f->wake_fd >= 0) close(f->wake_fd);
     pthread_mutex_destroy(&f->queue_lock);
     free(f);
 }
 
-int forwarder_start(struct forwarder **out, struct pep_err *err)
-{
+int forwarder_start(struct forwarder **out, struct pep_err *err) {
     struct forwarder *f = calloc(1, sizeof *f);
-    if (!f)
-        return pep_err_set(err, PEP_ENOMEM, "forwarder: out of memory");
+    if (!f) return pep_err_set(err, PEP_ENOMEM, "forwarder: out of memory");
     pthread_mutex_init(&f->queue_lock, NULL);
     f->deadline_us = -1;
     f->multi = curl_multi_init();
@@ -483,8 +445,7 @@ int forwarder_start(struct forwarder **out, struct pep_err *err)
     return 0;
 }
 
-int forwarder_submit(struct forwarder *f, struct forward_job *job)
-{
+int forwarder_submit(struct forwarder *f, struct forward_job *job) {
     job->next = NULL;
     pthread_mutex_lock(&f->queue_lock);
     if (f->stopping) {
@@ -501,18 +462,15 @@ int forwarder_submit(struct forwarder *f, struct forward_job *job)
     return 0;
 }
 
-void forwarder_cancel_all(struct forwarder *f)
-{
+void forwarder_cancel_all(struct forwarder *f) {
     pthread_mutex_lock(&f->queue_lock);
     f->cancel_requested = true;
     pthread_mutex_unlock(&f->queue_lock);
     wake(f);
 }
 
-void forwarder_stop(struct forwarder *f)
-{
-    if (!f)
-        return;
+void forwarder_stop(struct forwarder *f) {
+    if (!f) return;
     pthread_mutex_lock(&f->queue_lock);
     f->stopping = true;
     pthread_mutex_unlock(&f->queue_lock);

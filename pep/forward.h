@@ -26,12 +26,12 @@
 #define FORWARD_MAX_RESPONSE (32u * 1024 * 1024)
 
 enum forward_error {
-    FORWARD_OK = 0,          /* an HTTP answer arrived (any status) */
-    FORWARD_TIMEOUT,         /* no complete answer within timeout_ms */
-    FORWARD_IDLE_TIMEOUT,    /* silence longer than idle_timeout_ms */
-    FORWARD_CONNECT_ERROR,   /* refused, reset, or closed before a complete answer */
-    FORWARD_TOO_LARGE,       /* answer over FORWARD_MAX_RESPONSE */
-    FORWARD_CANCELLED,       /* pep is shutting down */
+    FORWARD_OK = 0,        /* an HTTP answer arrived (any status) */
+    FORWARD_TIMEOUT,       /* no complete answer within timeout_ms */
+    FORWARD_IDLE_TIMEOUT,  /* silence longer than idle_timeout_ms */
+    FORWARD_CONNECT_ERROR, /* refused, reset, or closed before a complete answer */
+    FORWARD_TOO_LARGE,     /* answer over FORWARD_MAX_RESPONSE */
+    FORWARD_CANCELLED,     /* pep is shutting down */
 };
 
 /* One response header kept for relaying to the agent. */
@@ -42,18 +42,18 @@ struct forward_header {
 
 struct forward_job {
     /* --- request, filled by the submitter; must stay valid until done is called --- */
-    char *url;                   /* owned by the job (freed by forward_job_clear) */
+    char *url; /* owned by the job (freed by forward_job_clear) */
     const char *method;
-    struct curl_slist *headers;  /* owned by the job */
-    const char *body;            /* not owned */
+    struct curl_slist *headers; /* owned by the job */
+    const char *body;           /* not owned */
     size_t body_len;
     int64_t timeout_ms;
-    int64_t idle_timeout_ms;     /* 0 = none */
+    int64_t idle_timeout_ms; /* 0 = none */
 
     /* --- result, filled by the forwarder before done --- */
     enum forward_error error;
-    long status;                 /* HTTP status when error == FORWARD_OK */
-    char *body_out;              /* malloc'd answer body (NUL-terminated), owned by the job */
+    long status;    /* HTTP status when error == FORWARD_OK */
+    char *body_out; /* malloc'd answer body (NUL-terminated), owned by the job */
     size_t body_out_len;
     struct forward_header *resp_headers; /* relayable headers, owned by the job */
     size_t resp_headers_len;

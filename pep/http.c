@@ -33,30 +33,25 @@
 #define CONNECTION_TIMEOUT_S 30u
 #define LISTENER_THREADS 2u /* per listener: one epoll loop each */
 
-struct policy *server_policy(struct server *s)
-{
+struct policy *server_policy(struct server *s) {
     pthread_mutex_lock(&s->policy_lock);
     struct policy *p = policy_retain(s->policy);
     pthread_mutex_unlock(&s->policy_lock);
     return p;
 }
 
-json_t *server_record(const char *kind, const char *request_id)
-{
+json_t *server_record(const char *kind, const char *request_id) {
     char ts[32];
     pep_format_rfc3339_us(pep_now_us(), ts);
     json_t *rec = json_pack("{s:s, s:s}", "ts", ts, "kind", kind);
-    if (rec && request_id)
-        json_object_set_new(rec, "request_id", json_string(request_id));
+    if (rec && request_id) json_object_set_new(rec, "request_id", json_string(request_id));
     return rec;
 }
 
 /* ---- replies ------------------------------------------------------------------------- */
 
-int reply_set_header(struct reply *rep, const char *name, const char *value)
-{
-    if (rep->headers_len == REQUEST_MAX_HEADERS)
-        return PEP_ENOMEM;
+int reply_set_header(struct reply *rep, const char *name, const char *value) {
+    if (rep->headers_len == REQUEST_MAX_HEADERS) return PEP_ENOMEM;
     char *n = strdup(name), *v = strdup(value);
     if (!n || !v) {
         free(n);
@@ -69,8 +64,7 @@ int reply_set_header(struct reply *rep, const char *name, const char *value)
     return 0;
 }
 
-static void reply_clear(struct reply *rep)
-{
+static void reply_clear(struct reply *rep) {
     free(rep->body);
     for (size_t i = 0; i < rep->headers_len; i++) {
         free(rep->headers[i].name);
@@ -79,8 +73,7 @@ static void reply_clear(struct reply *rep)
     memset(rep, 0, sizeof *rep);
 }
 
-void reply_json(struct request *r, int status, json_t *body)
-{
+void reply_json(struct request *r, int status, json_t *body) {
     reply_clear(&r->reply);
     r->reply.status = status;
     r->reply.content_type = "application/json";
@@ -90,12 +83,10 @@ void reply_json(struct request *r, int status, json_t *body)
 }
 
 void reply_error(struct request *r, int status, const char *code, const char *message,
-                 json_t *extra)
-{
+                 json_t *extra) {
     json_t *err = json_pack("{s:s, s:s, s:s, s:s}", "type", "pep_error", "code", code, "message",
                             message, "request_id", r->id);
-    if (err && extra)
-        json_object_update(err, extra);
+    if (err && extra) json_object_update(err, extra);
     json_decref(extra);
     reply_json(r, status, json_pack("{s:o}", "error", err));
     if (status == 401 && strcmp(code, "invalid_token") == 0)
@@ -103,13 +94,11 @@ void reply_error(struct request *r, int status, const char *code, const char *me
 }
 
 /* Queues r->reply (plus Pep-Request-Id and, when audited, Pep-Audit-Seq). */
-static enum MHD_Result send_reply(struct request *r)
-{
+static enum MHD_Result send_reply(struct request *r) {
     struct reply *rep = &r->reply;
     struct MHD_Response *resp =
         MHD_create_response_from_buffer(rep->body_len, rep->body, MHD_RESPMEM_MUST_FREE);
-    if (!resp)
-        return MHD_NO;
+    if (!resp) return MHD_NO;
     rep->body = NULL; /* owned by the response now */
     bool ok = MHD_add_response_header(resp, "Pep-Request-Id", r->id) == MHD_YES;
     if (rep->content_type)
@@ -131,27 +120,23 @@ static enum MHD_Result send_reply(struct request *r)
 
 /* ---- suspend / resume ------------------------------------------------------------------ */
 
-void request_suspend(struct request *r)
-{
+void request_suspend(struct request *r) {
     r->phase = PHASE_WAITING;
     MHD_suspend_connection(r->conn);
 }
 
-void request_resume(struct request *r)
-{
+void request_resume(struct request *r) {
     r->phase = PHASE_RESPOND;
     MHD_resume_connection(r->conn);
 }
 
 /* ---- request lifetime ------------------------------------------------------------------- */
 
-static void *on_uri(void *cls, const char *uri, struct MHD_Connection *conn)
-{
+static void *on_uri(void *cls, const char *uri, struct MHD_Connection *conn) {
     const struct listener *l = cls;
     struct server *s = l->srv;
     struct request *r = calloc(1, sizeof *r);
-    if (!r)
-        return NULL;
+    if (!r) return NULL;
     r->srv = s;
     r->conn = conn;
     r->admin = l->admin;
@@ -163,17 +148,14 @@ static void *on_uri(void *cls, const char *uri, struct MHD_Connection *conn)
     return r;
 }
 
-static void request_free(struct request *r)
-{
-    if (r->admin_op_free && r->admin_op)
-        r->admin_op_free(r->admin_op);
+static void request_free(struct request *r) {
+    if (r->admin_op_free && r->admin_op) r->admin_op_free(r->admin_op);
     forward_job_clear(&r->job);
     reply_clear(&r->reply);
     token_claims_release(r->claims);
     agent_release(r->agent);
     operator_release(r->operator_rec);
-    if (r->policy)
-        policy_release(r->policy);
+    if (r->policy) policy_release(r->policy);
     __atomic_sub_fetch(&r->srv->inflight, 1, __ATOMIC_RELAXED);
     free(r->body);
     free(r->path);
@@ -182,29 +164,23 @@ static void request_free(struct request *r)
 }
 
 static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
-                         enum MHD_RequestTerminationCode toe)
-{
+                         enum MHD_RequestTerminationCode toe) {
     (void)cls;
     (void)conn;
     (void)toe;
-    if (*con_cls)
-        request_free(*con_cls);
+    if (*con_cls) request_free(*con_cls);
     *con_cls = NULL;
 }
 
 /* ---- audit records ---------------------------------------------------------------------- */
 
-static void set_str(json_t *rec, const char *key, const char *value)
-{
-    if (value)
-        json_object_set_new(rec, key, json_string(value));
+static void set_str(json_t *rec, const char *key, const char *value) {
+    if (value) json_object_set_new(rec, key, json_string(value));
 }
 
-static json_t *decision_record(const struct request *r)
-{
+static json_t *decision_record(const struct request *r) {
     json_t *rec = server_record("decision", r->id);
-    if (!rec)
-        return NULL;
+    if (!rec) return NULL;
     set_str(rec, "method", r->method);
     set_str(rec, "path", r->path);
     if (!r->path && r->target) {
@@ -216,24 +192,20 @@ static json_t *decision_record(const struct request *r)
     json_object_set_new(rec, "decision", json_string(d->allow ? "allow" : "deny"));
     set_str(rec, "code", d->code);
     set_str(rec, "reason", d->reason);
-    if (d->action)
-        set_str(rec, "action", d->action->name);
+    if (d->action) set_str(rec, "action", d->action->name);
     if (r->agent)
         set_str(rec, "agent", r->agent->id);
     else if (r->claims)
         set_str(rec, "agent", r->claims->sub);
-    if (d->tenant)
-        json_object_set_new(rec, "tenant", json_stringn(d->tenant, d->tenant_len));
-    if (r->policy)
-        set_str(rec, "policy_hash", r->policy->policy_hash);
+    if (d->tenant) json_object_set_new(rec, "tenant", json_stringn(d->tenant, d->tenant_len));
+    if (r->policy) set_str(rec, "policy_hash", r->policy->policy_hash);
     return rec;
 }
 
 static void on_decision_durable(void *arg, int rc, int64_t seq);
 
 /* Audits r->decision and suspends; the writer's callback continues the request. */
-static enum MHD_Result audit_and_wait(struct request *r)
-{
+static enum MHD_Result audit_and_wait(struct request *r) {
     json_t *rec = decision_record(r);
     request_suspend(r);
     if (!rec || audit_submit(r->srv->audit, rec, NULL, NULL, on_decision_durable, r) != 0)
@@ -242,21 +214,18 @@ static enum MHD_Result audit_and_wait(struct request *r)
 }
 
 /* Fills r->decision with a refusal decided before any identity is known. */
-static void set_refusal(struct request *r, int status, const char *code, const char *reason)
-{
+static void set_refusal(struct request *r, int status, const char *code, const char *reason) {
     r->decision.allow = false;
     r->decision.status = status;
     r->decision.code = code;
     snprintf(r->decision.reason, sizeof r->decision.reason, "%s", reason);
-    if (r->match.route)
-        r->decision.action = r->match.route->action;
+    if (r->match.route) r->decision.action = r->match.route->action;
 }
 
 /* Refuses from the request line and headers alone, audits it and answers as soon as the
  * record is durable — without reading the body, so the connection is then closed. */
 static enum MHD_Result refuse_now(struct request *r, int status, const char *code,
-                                  const char *reason)
-{
+                                  const char *reason) {
     set_refusal(r, status, code, reason);
     return audit_and_wait(r);
 }
@@ -270,8 +239,7 @@ struct framing {
 };
 
 static enum MHD_Result count_framing(void *cls, enum MHD_ValueKind kind, const char *key,
-                                     const char *value)
-{
+                                     const char *value) {
     (void)kind;
     struct framing *f = cls;
     if (strcasecmp(key, "Content-Length") == 0)
@@ -284,12 +252,10 @@ static enum MHD_Result count_framing(void *cls, enum MHD_ValueKind kind, const c
 }
 
 /* Returns NULL when framing is unambiguous, else the reason to refuse with 400. */
-static const char *framing_problem(struct MHD_Connection *conn)
-{
+static const char *framing_problem(struct MHD_Connection *conn) {
     struct framing f = {0};
     MHD_get_connection_values(conn, MHD_HEADER_KIND, count_framing, &f);
-    if (f.content_length_count > 1)
-        return "ambiguous framing: more than one Content-Length header";
+    if (f.content_length_count > 1) return "ambiguous framing: more than one Content-Length header";
     if (f.transfer_encoding_count > 1)
         return "ambiguous framing: more than one Transfer-Encoding header";
     if (f.transfer_encoding_count == 1 && f.content_length_count == 1)
@@ -302,18 +268,15 @@ static const char *framing_problem(struct MHD_Connection *conn)
 /* ---- the data plane ------------------------------------------------------------------------ */
 
 /* /healthz, /readyz and the JWKS: not policy routes, not audited. */
-static bool is_builtin(const struct request *r)
-{
-    if (strcmp(r->method, "GET") != 0 && strcmp(r->method, "HEAD") != 0)
-        return false;
+static bool is_builtin(const struct request *r) {
+    if (strcmp(r->method, "GET") != 0 && strcmp(r->method, "HEAD") != 0) return false;
     size_t n = strcspn(r->target, "?");
     return (n == 8 && strncmp(r->target, "/healthz", 8) == 0) ||
            (n == 7 && strncmp(r->target, "/readyz", 7) == 0) ||
            (n == 22 && strncmp(r->target, "/.well-known/jwks.json", 22) == 0);
 }
 
-static enum MHD_Result answer_builtin(struct request *r)
-{
+static enum MHD_Result answer_builtin(struct request *r) {
     if (strncmp(r->target, "/healthz", 8) == 0) {
         reply_json(r, 200, json_pack("{s:s}", "status", "ok"));
     } else if (strncmp(r->target, "/readyz", 7) == 0) {
@@ -337,15 +300,13 @@ static enum MHD_Result answer_builtin(struct request *r)
 /* Records a refusal decided from the request line and headers alone.  Its answer waits
  * for the end of the (small, bounded) body so that the connection can be kept alive. */
 static enum MHD_Result refuse_after_body(struct request *r, int status, const char *code,
-                                         const char *reason)
-{
+                                         const char *reason) {
     r->decided_early = true;
     set_refusal(r, status, code, reason);
     return MHD_YES;
 }
 
-static enum MHD_Result data_on_headers(struct request *r)
-{
+static enum MHD_Result data_on_headers(struct request *r) {
     if (is_builtin(r)) {
         r->builtin = true;
         return MHD_YES;
@@ -356,8 +317,7 @@ static enum MHD_Result data_on_headers(struct request *r)
     /* SECURITY: ambiguous framing is answered at once and the connection closed: its body
      * must not be read, since pep and the client disagree on where it ends. */
     const char *problem = framing_problem(r->conn);
-    if (problem)
-        return refuse_now(r, 400, "bad_request", problem);
+    if (problem) return refuse_now(r, 400, "bad_request", problem);
 
     const char *cl = MHD_lookup_connection_value(r->conn, MHD_HEADER_KIND, "Content-Length");
     if (cl) {
@@ -372,8 +332,7 @@ static enum MHD_Result data_on_headers(struct request *r)
     }
 
     size_t path_len = strcspn(r->target, "?");
-    if (r->target[path_len] == '?')
-        r->query = r->target + path_len + 1;
+    if (r->target[path_len] == '?') r->query = r->target + path_len + 1;
     const char *why = NULL;
     if (route_normalize_path(r->target, path_len, &r->path, &why) != 0) {
         char reason[128];
@@ -385,10 +344,8 @@ static enum MHD_Result data_on_headers(struct request *r)
     return MHD_YES;
 }
 
-static void append_body(struct request *r, const char *data, size_t len)
-{
-    if (r->body_too_large || r->decided_early || r->builtin)
-        return; /* not needed: discarded */
+static void append_body(struct request *r, const char *data, size_t len) {
+    if (r->body_too_large || r->decided_early || r->builtin) return; /* not needed: discarded */
     if (r->body_len + len > r->body_limit) {
         r->body_too_large = true; /* chunked upload over the limit: discard, answer 413 */
         return;
@@ -411,11 +368,9 @@ static void append_body(struct request *r, const char *data, size_t len)
 }
 
 /* "Bearer <token>" → the token, or NULL. */
-static const char *bearer_token(struct MHD_Connection *conn)
-{
+static const char *bearer_token(struct MHD_Connection *conn) {
     const char *h = MHD_lookup_connection_value(conn, MHD_HEADER_KIND, "Authorization");
-    if (!h || strncasecmp(h, "Bearer ", 7) != 0)
-        return NULL;
+    if (!h || strncasecmp(h, "Bearer ", 7) != 0) return NULL;
     h += 7;
     while (*h == ' ')
         h++;
@@ -429,12 +384,10 @@ struct header_copy {
 };
 
 static enum MHD_Result copy_header(void *cls, enum MHD_ValueKind kind, const char *key,
-                                   const char *value)
-{
+                                   const char *value) {
     (void)kind;
     struct header_copy *hc = cls;
-    if (!forward_header_allowed(key, hc->connection_tokens))
-        return MHD_YES;
+    if (!forward_header_allowed(key, hc->connection_tokens)) return MHD_YES;
     char line[8192];
     if (snprintf(line, sizeof line, "%s: %s", key, value ? value : "") >= (int)sizeof line)
         return MHD_YES; /* an oversized header is not relayed */
@@ -447,35 +400,28 @@ static enum MHD_Result copy_header(void *cls, enum MHD_ValueKind kind, const cha
     return MHD_YES;
 }
 
-static int add_header_line(struct curl_slist **list, const char *name, const char *value)
-{
+static int add_header_line(struct curl_slist **list, const char *name, const char *value) {
     char line[8192];
-    if (snprintf(line, sizeof line, "%s: %s", name, value) >= (int)sizeof line)
-        return PEP_EINVAL;
+    if (snprintf(line, sizeof line, "%s: %s", name, value) >= (int)sizeof line) return PEP_EINVAL;
     struct curl_slist *n = curl_slist_append(*list, line);
-    if (!n)
-        return PEP_ENOMEM;
+    if (!n) return PEP_ENOMEM;
     *list = n;
     return 0;
 }
 
 /* The model the agent asked for, when the body is a JSON object with a "model" string. */
-static void read_model(struct request *r)
-{
+static void read_model(struct request *r) {
     const char *ct = MHD_lookup_connection_value(r->conn, MHD_HEADER_KIND, "Content-Type");
-    if (!r->body_len || !ct || !strstr(ct, "json"))
-        return;
+    if (!r->body_len || !ct || !strstr(ct, "json")) return;
     json_t *doc = json_loadb(r->body, r->body_len, 0, NULL);
     const char *model = json_string_value(json_object_get(doc, "model"));
-    if (model)
-        snprintf(r->model, sizeof r->model, "%s", model);
+    if (model) snprintf(r->model, sizeof r->model, "%s", model);
     json_decref(doc);
 }
 
 /* Builds the upstream call of an allowed request (SPEC 4.7).  Returns 0 or a negative
  * code (then the request is answered 503). */
-static int prepare_forward(struct request *r)
-{
+static int prepare_forward(struct request *r) {
     const struct route *route = r->match.route;
     const struct upstream *up = route->upstream;
     struct forward_job *job = &r->job;
@@ -483,19 +429,16 @@ static int prepare_forward(struct request *r)
     size_t path_len = route->forward_path ? strlen(path) : strcspn(r->target, "?");
     size_t url_len = strlen(up->base_url) + path_len + (r->query ? strlen(r->query) + 1 : 0) + 1;
     job->url = malloc(url_len);
-    if (!job->url)
-        return PEP_ENOMEM;
+    if (!job->url) return PEP_ENOMEM;
     snprintf(job->url, url_len, "%s%.*s%s%s", up->base_url, (int)path_len, path,
              r->query ? "?" : "", r->query ? r->query : "");
 
     struct header_copy hc = {
-        .connection_tokens =
-            MHD_lookup_connection_value(r->conn, MHD_HEADER_KIND, "Connection"),
+        .connection_tokens = MHD_lookup_connection_value(r->conn, MHD_HEADER_KIND, "Connection"),
     };
     MHD_get_connection_values(r->conn, MHD_HEADER_KIND, copy_header, &hc);
     job->headers = hc.list;
-    if (hc.failed)
-        return PEP_ENOMEM;
+    if (hc.failed) return PEP_ENOMEM;
     int rc = 0;
     if (up->api_key_env) {
         /* SECURITY: the upstream key goes only into this header, to this upstream. */
@@ -508,11 +451,9 @@ static int prepare_forward(struct request *r)
     }
     for (size_t i = 0; rc == 0 && i < up->headers_len; i++) {
         const char *v = up->headers[i].env ? getenv(up->headers[i].env) : up->headers[i].value;
-        if (v)
-            rc = add_header_line(&job->headers, up->headers[i].name, v);
+        if (v) rc = add_header_line(&job->headers, up->headers[i].name, v);
     }
-    if (rc == 0)
-        rc = add_header_line(&job->headers, "X-Request-Id", r->id);
+    if (rc == 0) rc = add_header_line(&job->headers, "X-Request-Id", r->id);
     if (rc == 0) /* no "Expect: 100-continue" round trip */
         rc = add_header_line(&job->headers, "Expect", "");
     job->method = r->method;
@@ -524,14 +465,12 @@ static int prepare_forward(struct request *r)
     return rc;
 }
 
-static void on_forward_done(struct forward_job *job, void *arg)
-{
+static void on_forward_done(struct forward_job *job, void *arg) {
     (void)job;
     request_resume(arg);
 }
 
-static void on_decision_durable(void *arg, int rc, int64_t seq)
-{
+static void on_decision_durable(void *arg, int rc, int64_t seq) {
     struct request *r = arg;
     r->audit_rc = rc;
     r->audit_seq = seq;
@@ -540,18 +479,15 @@ static void on_decision_durable(void *arg, int rc, int64_t seq)
         r->job.done = on_forward_done;
         r->job.done_arg = r;
         if (forwarder_submit(r->srv->forwarder, &r->job) == 0)
-            return; /* the forwarder resumes it */
+            return;                       /* the forwarder resumes it */
         r->job.error = FORWARD_CANCELLED; /* shutting down: answered as a failed attempt */
     }
     request_resume(r);
 }
 
-static enum MHD_Result data_on_complete(struct request *r)
-{
-    if (r->builtin)
-        return answer_builtin(r);
-    if (r->decided_early)
-        return audit_and_wait(r);
+static enum MHD_Result data_on_complete(struct request *r) {
+    if (r->builtin) return answer_builtin(r);
+    if (r->decided_early) return audit_and_wait(r);
     if (r->body_too_large) {
         char reason[96];
         snprintf(reason, sizeof reason, "body exceeds max_body %llu",
@@ -593,25 +529,20 @@ static enum MHD_Result data_on_complete(struct request *r)
 
 /* Statuses that end a one-step chain as "upstream unavailable" (SPEC 3.3, 4.1): the
  * route's retry.on, which the policy compiler fills with the defaults when absent. */
-static bool retryable_status(const struct route *route, long status)
-{
+static bool retryable_status(const struct route *route, long status) {
     for (size_t i = 0; i < route->retry.on_status_len; i++)
-        if (route->retry.on_status[i] == status)
-            return true;
+        if (route->retry.on_status[i] == status) return true;
     return false;
 }
 
-static void submit_outcome(struct request *r, const char *code, int status)
-{
+static void submit_outcome(struct request *r, const char *code, int status) {
     const struct route *route = r->match.route;
     const struct forward_job *job = &r->job;
     json_t *rec = server_record("outcome", r->id);
-    if (!rec)
-        return;
+    if (!rec) return;
     json_t *attempt = json_pack("{s:s, s:I}", "upstream", route->upstream->name, "ms",
                                 (json_int_t)(job->elapsed_us / 1000));
-    if (r->model[0])
-        json_object_set_new(attempt, "model", json_string(r->model));
+    if (r->model[0]) json_object_set_new(attempt, "model", json_string(r->model));
     if (job->error == FORWARD_OK)
         json_object_set_new(attempt, "status", json_integer(job->status));
     else
@@ -620,13 +551,12 @@ static void submit_outcome(struct request *r, const char *code, int status)
     set_str(rec, "code", code);
     json_object_set_new(rec, "status", json_integer(status));
     set_str(rec, "upstream", route->upstream->name);
-    if (r->model[0])
-        set_str(rec, "model", r->model);
+    if (r->model[0]) set_str(rec, "model", r->model);
     set_str(rec, "action", route->action->name);
-    if (r->agent)
-        set_str(rec, "agent", r->agent->id);
+    if (r->agent) set_str(rec, "agent", r->agent->id);
     if (r->decision.tenant)
-        json_object_set_new(rec, "tenant", json_stringn(r->decision.tenant, r->decision.tenant_len));
+        json_object_set_new(rec, "tenant",
+                            json_stringn(r->decision.tenant, r->decision.tenant_len));
     json_object_set_new(rec, "fallback_step", json_integer(0));
     json_object_set_new(rec, "latency_us", json_integer(pep_mono_us() - r->start_mono_us));
     if (audit_submit(r->srv->audit, rec, NULL, NULL, NULL, NULL) != 0)
@@ -634,8 +564,7 @@ static void submit_outcome(struct request *r, const char *code, int status)
 }
 
 /* The answer to a forwarded request: the upstream's, or a pep error (SPEC 3.3, 4.3). */
-static enum MHD_Result respond_forwarded(struct request *r)
-{
+static enum MHD_Result respond_forwarded(struct request *r) {
     const struct route *route = r->match.route;
     struct forward_job *job = &r->job;
     const char *code = "ok";
@@ -664,15 +593,13 @@ static enum MHD_Result respond_forwarded(struct request *r)
             reply_set_header(&r->reply, job->resp_headers[i].name, job->resp_headers[i].value);
     }
     reply_set_header(&r->reply, "Pep-Upstream", route->upstream->name);
-    if (r->model[0])
-        reply_set_header(&r->reply, "Pep-Model", r->model);
+    if (r->model[0]) reply_set_header(&r->reply, "Pep-Model", r->model);
     reply_set_header(&r->reply, "Pep-Attempts", job->error == FORWARD_CANCELLED ? "0" : "1");
     submit_outcome(r, code, r->reply.status);
     return send_reply(r);
 }
 
-static enum MHD_Result data_respond(struct request *r)
-{
+static enum MHD_Result data_respond(struct request *r) {
     if (r->audit_rc != 0 && r->policy->on_failure == AUDIT_ON_FAILURE_DENY) {
         r->audit_seq = 0;
         reply_error(r, 503, "audit_unavailable",
@@ -684,28 +611,24 @@ static enum MHD_Result data_respond(struct request *r)
         reply_error(r, r->decision.status, r->decision.code, r->decision.reason, NULL);
         return send_reply(r);
     }
-    if (r->forwarding)
-        return respond_forwarded(r);
+    if (r->forwarding) return respond_forwarded(r);
     reply_json(r, 200,
-               json_pack("{s:s, s:s, s:s}", "decision", "allow", "action",
-                         r->decision.action->name, "request_id", r->id));
+               json_pack("{s:s, s:s, s:s}", "decision", "allow", "action", r->decision.action->name,
+                         "request_id", r->id));
     return send_reply(r);
 }
 
 /* ---- the handler ---------------------------------------------------------------------------- */
 
 static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const char *url,
-                                  const char *method, const char *version,
-                                  const char *upload_data, size_t *upload_data_size,
-                                  void **con_cls)
-{
+                                  const char *method, const char *version, const char *upload_data,
+                                  size_t *upload_data_size, void **con_cls) {
     (void)cls;
     (void)conn;
     (void)url;
     (void)version;
     struct request *r = *con_cls;
-    if (!r)
-        return MHD_NO; /* out of memory when the request line arrived */
+    if (!r) return MHD_NO; /* out of memory when the request line arrived */
     switch (r->phase) {
     case PHASE_HEADERS:
         r->method = method;
@@ -747,12 +670,12 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
     return MHD_YES;
 }
 
-/* ---- listeners --------------------------------------------------------------------------------- */
+/* ---- listeners ---------------------------------------------------------------------------------
+ */
 
 /* Splits "HOST:PORT" / "[V6]:PORT" and resolves it for binding. */
-static int resolve_listen(const char *spec, struct sockaddr_storage *ss, socklen_t *len,
-                          char *host, size_t host_cap, struct pep_err *err)
-{
+static int resolve_listen(const char *spec, struct sockaddr_storage *ss, socklen_t *len, char *host,
+                          size_t host_cap, struct pep_err *err) {
     const char *colon = strrchr(spec, ':');
     if (!colon || colon == spec)
         return pep_err_set(err, PEP_EINVAL, "listen address '%s' is not HOST:PORT", spec);
@@ -766,7 +689,8 @@ static int resolve_listen(const char *spec, struct sockaddr_storage *ss, socklen
         return pep_err_set(err, PEP_EINVAL, "listen address '%s' is too long", spec);
     memcpy(host, h, hlen);
     host[hlen] = '\0';
-    struct addrinfo hints = {.ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM,
+    struct addrinfo hints = {.ai_family = AF_UNSPEC,
+                             .ai_socktype = SOCK_STREAM,
                              .ai_flags = AI_PASSIVE | AI_NUMERICSERV};
     struct addrinfo *res = NULL;
     int gai = getaddrinfo(host, colon + 1, &hints, &res);
@@ -780,25 +704,21 @@ static int resolve_listen(const char *spec, struct sockaddr_storage *ss, socklen
 
 /* Starts one listener; both share the handler and tell themselves apart by `l`. */
 static struct MHD_Daemon *start_listener(struct listener *l, const char *spec,
-                                         struct pep_err *err)
-{
+                                         struct pep_err *err) {
     struct sockaddr_storage ss;
     socklen_t sslen;
     char host[256];
-    if (resolve_listen(spec, &ss, &sslen, host, sizeof host, err) != 0)
-        return NULL;
+    if (resolve_listen(spec, &ss, &sslen, host, sizeof host, err) != 0) return NULL;
     bool admin = l->admin;
     unsigned flags = MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_EPOLL | MHD_ALLOW_SUSPEND_RESUME |
                      MHD_USE_TURBO | MHD_USE_ERROR_LOG;
-    if (ss.ss_family == AF_INET6)
-        flags |= MHD_USE_IPv6;
+    if (ss.ss_family == AF_INET6) flags |= MHD_USE_IPv6;
     struct MHD_Daemon *d = MHD_start_daemon(
         flags, 0, NULL, NULL, on_request, l, MHD_OPTION_SOCK_ADDR, (struct sockaddr *)&ss,
         MHD_OPTION_URI_LOG_CALLBACK, on_uri, l, MHD_OPTION_NOTIFY_COMPLETED, on_completed, l,
         MHD_OPTION_CONNECTION_TIMEOUT, (unsigned int)CONNECTION_TIMEOUT_S,
-        MHD_OPTION_THREAD_POOL_SIZE, (unsigned int)LISTENER_THREADS,
-        MHD_OPTION_CONNECTION_LIMIT, (unsigned int)4096, MHD_OPTION_LISTEN_BACKLOG_SIZE,
-        (unsigned int)1024, MHD_OPTION_END);
+        MHD_OPTION_THREAD_POOL_SIZE, (unsigned int)LISTENER_THREADS, MHD_OPTION_CONNECTION_LIMIT,
+        (unsigned int)4096, MHD_OPTION_LISTEN_BACKLOG_SIZE, (unsigned int)1024, MHD_OPTION_END);
     if (!d) {
         pep_err_set(err, PEP_EIO, "cannot listen on %s", spec);
         return NULL;
@@ -812,16 +732,14 @@ static struct MHD_Daemon *start_listener(struct listener *l, const char *spec,
     return d;
 }
 
-int server_start_listeners(struct server *s, struct pep_err *err)
-{
+int server_start_listeners(struct server *s, struct pep_err *err) {
     const char *data = s->listen_override ? s->listen_override : s->policy->listen;
     const char *admin =
         s->admin_listen_override ? s->admin_listen_override : s->policy->admin_listen;
     s->data_listener = (struct listener){.srv = s, .admin = false};
     s->admin_listener = (struct listener){.srv = s, .admin = true};
     s->data_daemon = start_listener(&s->data_listener, data, err);
-    if (!s->data_daemon)
-        return err ? err->code : PEP_EIO;
+    if (!s->data_daemon) return err ? err->code : PEP_EIO;
     s->admin_daemon = start_listener(&s->admin_listener, admin, err);
     if (!s->admin_daemon) {
         MHD_stop_daemon(s->data_daemon);
@@ -831,16 +749,14 @@ int server_start_listeners(struct server *s, struct pep_err *err)
     return 0;
 }
 
-void server_stop_listeners(struct server *s)
-{
-    if (s->data_daemon)
-        MHD_stop_daemon(s->data_daemon);
-    if (s->admin_daemon)
-        MHD_stop_daemon(s->admin_daemon);
+void server_stop_listeners(struct server *s) {
+    if (s->data_daemon) MHD_stop_daemon(s->data_daemon);
+    if (s->admin_daemon) MHD_stop_daemon(s->admin_daemon);
     s->data_daemon = s->admin_daemon = NULL;
 }
 
-/* ---- synchronous audit (startup, shutdown) ----------------------------------------------------- */
+/* ---- synchronous audit (startup, shutdown) -----------------------------------------------------
+ */
 
 struct sync_wait {
     pthread_mutex_t lock;
@@ -850,8 +766,7 @@ struct sync_wait {
     int64_t seq;
 };
 
-static void on_sync_done(void *arg, int rc, int64_t seq)
-{
+static void on_sync_done(void *arg, int rc, int64_t seq) {
     struct sync_wait *w = arg;
     pthread_mutex_lock(&w->lock);
     w->done = true;
@@ -862,17 +777,14 @@ static void on_sync_done(void *arg, int rc, int64_t seq)
 }
 
 int server_audit_sync(struct server *s, json_t *record, audit_apply_fn apply, void *apply_arg,
-                      int64_t *seq)
-{
+                      int64_t *seq) {
     struct sync_wait w = {.lock = PTHREAD_MUTEX_INITIALIZER, .cond = PTHREAD_COND_INITIALIZER};
     int rc = audit_submit(s->audit, record, apply, apply_arg, on_sync_done, &w);
-    if (rc != 0)
-        return rc;
+    if (rc != 0) return rc;
     pthread_mutex_lock(&w.lock);
     while (!w.done)
         pthread_cond_wait(&w.cond, &w.lock);
     pthread_mutex_unlock(&w.lock);
-    if (seq)
-        *seq = w.seq;
+    if (seq) *seq = w.seq;
     return w.rc;
 }

@@ -22,8 +22,7 @@
 
 #define PEP_VERSION "0.2.0"
 
-static void usage(FILE *f)
-{
+static void usage(FILE *f) {
     fprintf(f, "usage:\n"
                "  pep serve -c FILE [--data-dir DIR] [--listen HOST:PORT] [--admin-listen "
                "HOST:PORT]\n"
@@ -31,14 +30,12 @@ static void usage(FILE *f)
                "  pep version\n");
 }
 
-static void print_errors(const struct policy_errors *errs)
-{
+static void print_errors(const struct policy_errors *errs) {
     for (size_t i = 0; i < errs->len; i++)
         fprintf(stderr, "%s\n", errs->items[i]);
 }
 
-static int cmd_check(const char *file)
-{
+static int cmd_check(const char *file) {
     struct policy *p = NULL;
     struct policy_errors errs = {0};
     int rc = policy_load(file, NULL, &p, &errs);
@@ -49,14 +46,13 @@ static int cmd_check(const char *file)
         policy_errors_free(&errs);
         return 2;
     }
-    printf("%s: ok (policy_hash %s, %zu routes, %zu actions, %zu upstreams, %zu agents)\n",
-           file, p->policy_hash, p->routes_len, p->actions_len, p->upstreams_len, p->agents_len);
+    printf("%s: ok (policy_hash %s, %zu routes, %zu actions, %zu upstreams, %zu agents)\n", file,
+           p->policy_hash, p->routes_len, p->actions_len, p->upstreams_len, p->agents_len);
     policy_release(p);
     return 0;
 }
 
-static int cmd_version(void)
-{
+static int cmd_version(void) {
     printf("pep %s\n", PEP_VERSION);
     printf("libmicrohttpd %s\n", MHD_get_version());
     printf("libjwt %s\n", PEP_LIBJWT_VERSION);
@@ -72,8 +68,7 @@ static int cmd_version(void)
 
 static pthread_mutex_t reload_lock = PTHREAD_MUTEX_INITIALIZER;
 
-int server_reload(struct server *s, struct policy_errors *errs)
-{
+int server_reload(struct server *s, struct policy_errors *errs) {
     pthread_mutex_lock(&reload_lock);
     struct policy *p = NULL;
     int rc = policy_load(s->policy_path, NULL, &p, errs);
@@ -94,45 +89,37 @@ int server_reload(struct server *s, struct policy_errors *errs)
             fprintf(stderr, "pep: reload: the reload record could not be queued\n");
         if (server_seed_agents(s, p) != 0)
             fprintf(stderr, "pep: reload: policy agents could not be seeded\n");
-        fprintf(stderr, "pep: policy reloaded from %s (policy_hash %s)\n", p->file,
-                p->policy_hash);
+        fprintf(stderr, "pep: policy reloaded from %s (policy_hash %s)\n", p->file, p->policy_hash);
     } else if (errs->len == 0) {
         /* Unreadable file: say so in the same shape as a compile error. */
         char msg[4200];
         snprintf(msg, sizeof msg, "%s:1:1: cannot read the policy file: %s", s->policy_path,
                  strerror(errno));
         errs->items = calloc(1, sizeof(char *));
-        if (errs->items && (errs->items[0] = strdup(msg)))
-            errs->len = 1;
+        if (errs->items && (errs->items[0] = strdup(msg))) errs->len = 1;
     }
     pthread_mutex_unlock(&reload_lock);
     return rc;
 }
 
-static char *checkpoint_sign(void *arg, int64_t seq, const uint8_t hash[32])
-{
+static char *checkpoint_sign(void *arg, int64_t seq, const uint8_t hash[32]) {
     struct server *s = arg;
     return keys_sign_checkpoint(s->keys, seq, hash, pep_now_us() / 1000000);
 }
 
-static int make_dir(const char *path, struct pep_err *err)
-{
-    if (mkdir(path, 0700) == 0 || errno == EEXIST)
-        return 0;
+static int make_dir(const char *path, struct pep_err *err) {
+    if (mkdir(path, 0700) == 0 || errno == EEXIST) return 0;
     return pep_err_set(err, PEP_EIO, "cannot create %s: %s", path, strerror(errno));
 }
 
 /* Opens everything the listeners need.  Returns 0 or a negative code with err filled. */
-static int server_open(struct server *s, struct pep_err *err)
-{
+static int server_open(struct server *s, struct pep_err *err) {
     int rc = make_dir(s->data_dir, err);
-    if (rc == 0)
-        rc = keys_load_or_create(s->data_dir, &s->keys, err);
+    if (rc == 0) rc = keys_load_or_create(s->data_dir, &s->keys, err);
     if (rc == 0) {
         s->verifier = token_verifier_new(0);
         s->registry = registry_new();
-        if (!s->verifier || !s->registry)
-            rc = pep_err_set(err, PEP_ENOMEM, "out of memory");
+        if (!s->verifier || !s->registry) rc = pep_err_set(err, PEP_ENOMEM, "out of memory");
     }
     if (rc == 0) {
         struct audit_options opt = {
@@ -147,36 +134,29 @@ static int server_open(struct server *s, struct pep_err *err)
     if (rc == 0) {
         sqlite3 *db = NULL;
         rc = audit_open_reader(s->db_path, &db, err);
-        if (rc == 0)
-            rc = registry_load(s->registry, db, err);
+        if (rc == 0) rc = registry_load(s->registry, db, err);
         sqlite3_close(db);
     }
     if (rc == 0 && server_seed_agents(s, s->policy) != 0)
         rc = pep_err_set(err, PEP_EDB, "cannot seed the policy's agents");
-    if (rc == 0)
-        rc = server_bootstrap_admin(s, err);
-    if (rc == 0)
-        rc = forwarder_start(&s->forwarder, err);
+    if (rc == 0) rc = server_bootstrap_admin(s, err);
+    if (rc == 0) rc = forwarder_start(&s->forwarder, err);
     return rc;
 }
 
-static void server_close(struct server *s)
-{
+static void server_close(struct server *s) {
     server_stop_listeners(s);
     forwarder_stop(s->forwarder);
-    if (s->audit)
-        audit_close(s->audit);
+    if (s->audit) audit_close(s->audit);
     token_verifier_free(s->verifier);
     registry_free(s->registry);
     keys_free(s->keys);
-    if (s->policy)
-        policy_release(s->policy);
+    if (s->policy) policy_release(s->policy);
     free(s->data_dir);
     free(s->db_path);
 }
 
-static void audit_system(struct server *s, const char *action, const char *reason)
-{
+static void audit_system(struct server *s, const char *action, const char *reason) {
     json_t *rec = server_record("system", NULL);
     json_object_set_new(rec, "action", json_string(action));
     json_object_set_new(rec, "reason", json_string(reason));
@@ -186,25 +166,20 @@ static void audit_system(struct server *s, const char *action, const char *reaso
 }
 
 /* Waits until no request is in flight or the deadline passes; true when drained. */
-static bool wait_idle(struct server *s, int64_t deadline_mono_us)
-{
+static bool wait_idle(struct server *s, int64_t deadline_mono_us) {
     while (__atomic_load_n(&s->inflight, __ATOMIC_RELAXED) > 0) {
-        if (pep_mono_us() >= deadline_mono_us)
-            return false;
+        if (pep_mono_us() >= deadline_mono_us) return false;
         usleep(10000);
     }
     return true;
 }
 
-static void drain(struct server *s)
-{
+static void drain(struct server *s) {
     __atomic_store_n(&s->draining, 1, __ATOMIC_RELAXED);
     MHD_socket fd = MHD_quiesce_daemon(s->data_daemon);
-    if (fd != MHD_INVALID_SOCKET)
-        close(fd);
+    if (fd != MHD_INVALID_SOCKET) close(fd);
     fd = MHD_quiesce_daemon(s->admin_daemon);
-    if (fd != MHD_INVALID_SOCKET)
-        close(fd);
+    if (fd != MHD_INVALID_SOCKET) close(fd);
     int64_t deadline = pep_mono_us() + s->policy->drain_timeout_ms * 1000;
     if (!wait_idle(s, deadline)) {
         fprintf(stderr, "pep: drain timeout: cancelling upstream calls still in flight\n");
@@ -225,8 +200,7 @@ static void drain(struct server *s)
 }
 
 static int cmd_serve(const char *file, const char *data_dir, const char *listen,
-                     const char *admin_listen)
-{
+                     const char *admin_listen) {
     struct server s = {.policy_path = (char *)file,
                        .listen_override = listen,
                        .admin_listen_override = admin_listen};
@@ -242,8 +216,7 @@ static int cmd_serve(const char *file, const char *data_dir, const char *listen,
     s.policy_loaded_at_us = pep_now_us();
     s.data_dir = strdup(data_dir ? data_dir : s.policy->data_dir);
     s.db_path = malloc(strlen(s.data_dir) + 8);
-    if (!s.data_dir || !s.db_path)
-        return 1;
+    if (!s.data_dir || !s.db_path) return 1;
     sprintf(s.db_path, "%s/pep.db", s.data_dir);
 
     /* Every thread started from here inherits this mask; only the main thread takes the
@@ -261,8 +234,7 @@ static int cmd_serve(const char *file, const char *data_dir, const char *listen,
 
     struct pep_err err = {0};
     int rc = server_open(&s, &err);
-    if (rc == 0)
-        rc = server_start_listeners(&s, &err);
+    if (rc == 0) rc = server_start_listeners(&s, &err);
     if (rc != 0) {
         fprintf(stderr, "pep: %s\n", err.msg[0] ? err.msg : pep_strerror(rc));
         server_close(&s);
@@ -274,8 +246,7 @@ static int cmd_serve(const char *file, const char *data_dir, const char *listen,
 
     for (;;) {
         int sig = 0;
-        if (sigwait(&set, &sig) != 0)
-            continue;
+        if (sigwait(&set, &sig) != 0) continue;
         if (sig == SIGHUP) {
             struct policy_errors rerrs = {0};
             if (server_reload(&s, &rerrs) != 0) {
@@ -294,14 +265,12 @@ static int cmd_serve(const char *file, const char *data_dir, const char *listen,
     return 0;
 }
 
-int main(int argc, char **argv)
-{
+int main(int argc, char **argv) {
     if (argc < 2) {
         usage(stderr);
         return 2;
     }
-    const char *cmd = argv[1], *file = NULL, *data_dir = NULL, *listen = NULL,
-               *admin_listen = NULL;
+    const char *cmd = argv[1], *file = NULL, *data_dir = NULL, *listen = NULL, *admin_listen = NULL;
     for (int i = 2; i < argc; i++) {
         const char *a = argv[i];
         const char **slot = NULL;
@@ -320,16 +289,13 @@ int main(int argc, char **argv)
         }
         *slot = argv[++i];
     }
-    if (strcmp(cmd, "version") == 0 || strcmp(cmd, "--version") == 0)
-        return cmd_version();
+    if (strcmp(cmd, "version") == 0 || strcmp(cmd, "--version") == 0) return cmd_version();
     if ((strcmp(cmd, "check") == 0 || strcmp(cmd, "serve") == 0) && !file) {
         fprintf(stderr, "pep: %s needs -c FILE\n", cmd);
         return 2;
     }
-    if (strcmp(cmd, "check") == 0)
-        return cmd_check(file);
-    if (strcmp(cmd, "serve") == 0)
-        return cmd_serve(file, data_dir, listen, admin_listen);
+    if (strcmp(cmd, "check") == 0) return cmd_check(file);
+    if (strcmp(cmd, "serve") == 0) return cmd_serve(file, data_dir, listen, admin_listen);
     if (strcmp(cmd, "help") == 0 || strcmp(cmd, "--help") == 0) {
         usage(stdout);
         return 0;

@@ -37,10 +37,10 @@ struct policy_loc {
 /* ---- conditions (SPEC 2, `when`) ---------------------------------------------------- */
 
 enum cond_field_kind {
-    COND_FIELD_BODY,        /* body.<dotted.path>: segments in path[] */
-    COND_FIELD_HEADER,      /* header.<lowercase-name>: name */
-    COND_FIELD_QUERY,       /* query.<name>: name */
-    COND_FIELD_PATH,        /* path.<param>: name (must be a template parameter) */
+    COND_FIELD_BODY,   /* body.<dotted.path>: segments in path[] */
+    COND_FIELD_HEADER, /* header.<lowercase-name>: name */
+    COND_FIELD_QUERY,  /* query.<name>: name */
+    COND_FIELD_PATH,   /* path.<param>: name (must be a template parameter) */
     COND_FIELD_METHOD,
     COND_FIELD_TENANT,
     COND_FIELD_AGENT_ID,
@@ -65,14 +65,14 @@ enum cond_op {
 /* One `field: {op: value}` test.  A field with several ops compiles to several tests. */
 struct cond_test {
     enum cond_field_kind kind;
-    char *name;          /* header (lowercased), query or path parameter name; else NULL */
-    char **path;         /* body: dotted path split into segments */
+    char *name;  /* header (lowercased), query or path parameter name; else NULL */
+    char **path; /* body: dotted path split into segments */
     size_t path_len;
     enum cond_op op;
-    json_t *value;       /* scalar (string, number, bool, null) or, for in/not_in, an
-                            array of scalars; for exists, a JSON boolean.  YAML scalars
-                            are typed as YAML 1.2 core: 10 → integer, 1.5 → real,
-                            true/false → bool, null/~ → null, quoted → string. */
+    json_t *value; /* scalar (string, number, bool, null) or, for in/not_in, an
+                      array of scalars; for exists, a JSON boolean.  YAML scalars
+                      are typed as YAML 1.2 core: 10 → integer, 1.5 → real,
+                      true/false → bool, null/~ → null, quoted → string. */
     struct policy_loc loc;
 };
 
@@ -80,9 +80,9 @@ struct cond_test {
 struct cond {
     struct cond_test *tests;
     size_t tests_len;
-    struct cond *any;    /* alternatives, each itself a struct cond (no nested any) */
+    struct cond *any; /* alternatives, each itself a struct cond (no nested any) */
     size_t any_len;
-    bool reads_body;     /* some test (here or in any) reads body.* */
+    bool reads_body; /* some test (here or in any) reads body.* */
     struct policy_loc loc;
 };
 
@@ -92,7 +92,7 @@ enum ratelimit_key { RATELIMIT_KEY_AGENT, RATELIMIT_KEY_TENANT, RATELIMIT_KEY_GL
 
 struct ratelimit_rule {
     enum ratelimit_key key;
-    int64_t limit;       /* requests per window, ≥ 1 */
+    int64_t limit; /* requests per window, ≥ 1 */
     int64_t window_ms;
     struct policy_loc loc;
 };
@@ -100,13 +100,13 @@ struct ratelimit_rule {
 enum control_kind { CONTROL_DENY, CONTROL_STEP_UP, CONTROL_REQUIRE_APPROVAL };
 
 struct control {
-    struct cond *when;   /* NULL: always applies */
+    struct cond *when; /* NULL: always applies */
     enum control_kind kind;
-    char *deny_reason;   /* CONTROL_DENY */
-    char *acr;           /* CONTROL_STEP_UP: required acr value */
-    int64_t max_age_ms;  /* CONTROL_STEP_UP: auth_time must be within this; 0 (max_age
-                            not written) = any age */
-    char **approvers;    /* CONTROL_REQUIRE_APPROVAL: operator roles that may decide */
+    char *deny_reason;  /* CONTROL_DENY */
+    char *acr;          /* CONTROL_STEP_UP: required acr value */
+    int64_t max_age_ms; /* CONTROL_STEP_UP: auth_time must be within this; 0 (max_age
+                           not written) = any age */
+    char **approvers;   /* CONTROL_REQUIRE_APPROVAL: operator roles that may decide */
     size_t approvers_len;
     int64_t approval_ttl_ms;  /* `ttl`, default 1h */
     bool distinct_from_owner; /* default false */
@@ -120,16 +120,16 @@ struct action {
     size_t rate_limits_len;
     struct control *controls;
     size_t controls_len;
-    bool reads_body;     /* a control's condition reads body.*: parse the body only then */
+    bool reads_body; /* a control's condition reads body.*: parse the body only then */
     struct policy_loc loc;
 };
 
 /* ---- upstreams ---------------------------------------------------------------------- */
 
 struct upstream_header {
-    char *name;          /* as written, sent as-is */
-    char *env;           /* value read from this environment variable at request time, or */
-    char *value;         /* a literal value (exactly one of env / value is set) */
+    char *name;  /* as written, sent as-is */
+    char *env;   /* value read from this environment variable at request time, or */
+    char *value; /* a literal value (exactly one of env / value is set) */
 };
 
 struct breaker_config {
@@ -147,8 +147,8 @@ struct breaker_config {
 
 struct upstream {
     char *name;
-    char *base_url;      /* http:// or https://, no trailing slash */
-    char *api_key_env;   /* NULL if none: sent as "Authorization: Bearer $VALUE" */
+    char *base_url;    /* http:// or https://, no trailing slash */
+    char *api_key_env; /* NULL if none: sent as "Authorization: Bearer $VALUE" */
     struct upstream_header *headers;
     size_t headers_len;
     int64_t timeout_ms;      /* default 30s */
@@ -165,16 +165,16 @@ enum retry_jitter { RETRY_JITTER_NONE, RETRY_JITTER_FULL, RETRY_JITTER_EQUAL };
  * When `on` is not written it defaults to [429, 500, 502, 503, 504, timeout,
  * connect_error]; that default is filled in even when the whole `retry:` is absent. */
 struct retry_config {
-    int *on_status;      /* HTTP statuses that are retryable */
+    int *on_status; /* HTTP statuses that are retryable */
     size_t on_status_len;
-    bool on_timeout;     /* `timeout` listed (idle_timeout counts as timeout) */
+    bool on_timeout; /* `timeout` listed (idle_timeout counts as timeout) */
     bool on_connect_error;
-    int64_t max_attempts; /* per step, first try included; default 1 */
-    int64_t base_ms;      /* default 1s */
-    int64_t max_ms;       /* default 60s */
+    int64_t max_attempts;     /* per step, first try included; default 1 */
+    int64_t base_ms;          /* default 1s */
+    int64_t max_ms;           /* default 60s */
     enum retry_jitter jitter; /* default full */
     bool respect_retry_after; /* default true */
-    bool present;         /* written in the file */
+    bool present;             /* written in the file */
     struct policy_loc loc;
 };
 
@@ -190,13 +190,13 @@ struct chain {
     struct chain_step *steps;
     size_t steps_len;
     bool has_context_overflow;
-    int context_overflow_status;          /* match.status */
+    int context_overflow_status;           /* match.status */
     char **context_overflow_body_contains; /* match.body_contains */
     size_t context_overflow_body_contains_len;
     struct chain_step context_overflow_step;
-    int64_t deadline_ms;                  /* 0 = none */
-    char *escalate_webhook;               /* NULL: no escalation */
-    int64_t escalate_after_attempts;      /* 0 = only on exhaustion */
+    int64_t deadline_ms;             /* 0 = none */
+    char *escalate_webhook;          /* NULL: no escalation */
+    int64_t escalate_after_attempts; /* 0 = only on exhaustion */
     struct policy_loc loc;
 };
 
@@ -204,23 +204,23 @@ struct chain {
 
 /* One segment of a compiled path template: a literal or a `{param}`. */
 struct route_segment {
-    char *literal;       /* NULL for a parameter */
-    char *param;         /* NULL for a literal */
+    char *literal; /* NULL for a parameter */
+    char *param;   /* NULL for a literal */
 };
 
 struct route {
-    char *method;        /* uppercase; NULL matches any method */
-    char *path;          /* the template as written */
+    char *method; /* uppercase; NULL matches any method */
+    char *path;   /* the template as written */
     struct route_segment *segments;
     size_t segments_len;
-    int tenant_param;    /* index into segments of {tenant}, or -1 */
-    struct action *action;       /* resolved */
+    int tenant_param;      /* index into segments of {tenant}, or -1 */
+    struct action *action; /* resolved */
     /* forward: exactly one of upstream / chain, or neither when the route has no forward */
     bool forwards;
-    struct upstream *upstream;   /* forward: {upstream: X} */
-    struct chain *chain;         /* forward: {chain: X} */
-    char *forward_path;  /* rewrite, NULL = same path + query; in normal form (SPEC 3.3) */
-    bool retry_safe;     /* forward.retry_safe, default false */
+    struct upstream *upstream; /* forward: {upstream: X} */
+    struct chain *chain;       /* forward: {chain: X} */
+    char *forward_path;        /* rewrite, NULL = same path + query; in normal form (SPEC 3.3) */
+    bool retry_safe;           /* forward.retry_safe, default false */
     struct retry_config retry; /* forward.retry, only with forward.upstream */
     struct policy_loc loc;
 };
@@ -234,7 +234,7 @@ struct policy_agent {
     size_t tenants_len;
     char **scopes;
     size_t scopes_len;
-    bool enabled;        /* default true */
+    bool enabled; /* default true */
     struct policy_loc loc;
 };
 
@@ -244,14 +244,14 @@ enum audit_durability { AUDIT_DURABILITY_FULL, AUDIT_DURABILITY_NORMAL };
 enum audit_on_failure { AUDIT_ON_FAILURE_DENY, AUDIT_ON_FAILURE_ALLOW };
 
 struct policy {
-    char *file;              /* path as given */
-    char policy_hash[65];    /* hex SHA-256 of the file bytes */
+    char *file;           /* path as given */
+    char policy_hash[65]; /* hex SHA-256 of the file bytes */
 
     /* server */
-    char *listen;            /* default 127.0.0.1:8080 */
-    char *admin_listen;      /* default 127.0.0.1:8081 */
-    char *data_dir;          /* default ./var */
-    uint64_t max_body;       /* default 1 MiB */
+    char *listen;             /* default 127.0.0.1:8080 */
+    char *admin_listen;       /* default 127.0.0.1:8081 */
+    char *data_dir;           /* default ./var */
+    uint64_t max_body;        /* default 1 MiB */
     int64_t drain_timeout_ms; /* default 10s */
 
     /* audit */
@@ -260,10 +260,10 @@ struct policy {
     int64_t checkpoint_every;         /* default 1000 */
 
     /* identity */
-    char *issuer;            /* default "pep" */
-    int64_t token_ttl_ms;    /* default 24h */
+    char *issuer;             /* default "pep" */
+    int64_t token_ttl_ms;     /* default 24h */
     int64_t max_token_ttl_ms; /* default 7d */
-    int64_t clock_skew_ms;   /* default 30s */
+    int64_t clock_skew_ms;    /* default 30s */
 
     struct policy_agent *agents;
     size_t agents_len;
@@ -271,12 +271,12 @@ struct policy {
     size_t upstreams_len;
     struct chain *chains;
     size_t chains_len;
-    struct route *routes;    /* in file order: first match wins */
+    struct route *routes; /* in file order: first match wins */
     size_t routes_len;
     struct action *actions;
     size_t actions_len;
 
-    int refcount;            /* atomic; see policy_retain */
+    int refcount; /* atomic; see policy_retain */
 };
 
 /* The errors of one load, each "FILE:LINE:COL: message", in file order. */

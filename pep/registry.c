@@ -13,26 +13,23 @@
 #include <string.h>
 
 struct registry {
-    pthread_rwlock_t lock;  /* guards the three maps; records themselves are immutable */
-    struct strmap *agents;  /* id → struct agent* (one reference held by the map) */
+    pthread_rwlock_t lock;    /* guards the three maps; records themselves are immutable */
+    struct strmap *agents;    /* id → struct agent* (one reference held by the map) */
     struct strmap *operators; /* id → struct operator_rec* */
-    struct strmap *tokens;  /* jti → struct token_rec* (owned by the map) */
+    struct strmap *tokens;    /* jti → struct token_rec* (owned by the map) */
 };
 
 /* ---- string arrays ------------------------------------------------------------------ */
 
-static void free_strv(char **v, size_t n)
-{
+static void free_strv(char **v, size_t n) {
     for (size_t i = 0; i < n; i++)
         free(v[i]);
     free(v);
 }
 
-static char **copy_strv(const char *const *src, size_t n)
-{
+static char **copy_strv(const char *const *src, size_t n) {
     char **v = calloc(n ? n : 1, sizeof *v);
-    if (!v)
-        return NULL;
+    if (!v) return NULL;
     for (size_t i = 0; i < n; i++) {
         v[i] = strdup(src[i]);
         if (!v[i]) {
@@ -43,18 +40,14 @@ static char **copy_strv(const char *const *src, size_t n)
     return v;
 }
 
-static bool strv_equal(char **a, size_t an, char **b, size_t bn)
-{
-    if (an != bn)
-        return false;
+static bool strv_equal(char **a, size_t an, char **b, size_t bn) {
+    if (an != bn) return false;
     for (size_t i = 0; i < an; i++)
-        if (strcmp(a[i], b[i]) != 0)
-            return false;
+        if (strcmp(a[i], b[i]) != 0) return false;
     return true;
 }
 
-static json_t *strv_to_json(char **v, size_t n)
-{
+static json_t *strv_to_json(char **v, size_t n) {
     json_t *arr = json_array();
     for (size_t i = 0; arr && i < n; i++)
         json_array_append_new(arr, json_string(v[i]));
@@ -62,8 +55,7 @@ static json_t *strv_to_json(char **v, size_t n)
 }
 
 /* Parses a JSON array of strings stored in a TEXT column. */
-static int strv_from_json_text(const char *text, char ***out, size_t *out_len)
-{
+static int strv_from_json_text(const char *text, char ***out, size_t *out_len) {
     json_t *arr = json_loads(text ? text : "[]", 0, NULL);
     if (!json_is_array(arr)) {
         json_decref(arr);
@@ -74,30 +66,26 @@ static int strv_from_json_text(const char *text, char ***out, size_t *out_len)
     int rc = tmp ? 0 : PEP_ENOMEM;
     for (size_t i = 0; rc == 0 && i < n; i++) {
         tmp[i] = json_string_value(json_array_get(arr, i));
-        if (!tmp[i])
-            rc = PEP_EINVAL;
+        if (!tmp[i]) rc = PEP_EINVAL;
     }
     if (rc == 0) {
         *out = copy_strv(tmp, n);
         *out_len = n;
-        if (!*out)
-            rc = PEP_ENOMEM;
+        if (!*out) rc = PEP_ENOMEM;
     }
     free(tmp);
     json_decref(arr);
     return rc;
 }
 
-static char *strv_to_json_text(char **v, size_t n)
-{
+static char *strv_to_json_text(char **v, size_t n) {
     json_t *arr = strv_to_json(v, n);
     char *s = arr ? json_dumps(arr, JSON_COMPACT) : NULL;
     json_decref(arr);
     return s;
 }
 
-static json_t *time_json(int64_t us)
-{
+static json_t *time_json(int64_t us) {
     char buf[32];
     pep_format_rfc3339_us(us, buf);
     return json_string(buf);
@@ -107,11 +95,9 @@ static json_t *time_json(int64_t us)
 
 struct agent *agent_new(const char *id, const char *owner, const char *const *tenants,
                         size_t tenants_len, const char *const *scopes, size_t scopes_len,
-                        bool enabled, int64_t created_at_us, int64_t updated_at_us)
-{
+                        bool enabled, int64_t created_at_us, int64_t updated_at_us) {
     struct agent *a = calloc(1, sizeof *a);
-    if (!a)
-        return NULL;
+    if (!a) return NULL;
     a->id = strdup(id);
     a->owner = strdup(owner ? owner : "");
     a->tenants = copy_strv(tenants, tenants_len);
@@ -129,52 +115,40 @@ struct agent *agent_new(const char *id, const char *owner, const char *const *te
     return a;
 }
 
-struct agent *agent_with_enabled(const struct agent *a, bool enabled, int64_t now_us)
-{
+struct agent *agent_with_enabled(const struct agent *a, bool enabled, int64_t now_us) {
     return agent_new(a->id, a->owner, (const char *const *)a->tenants, a->tenants_len,
                      (const char *const *)a->scopes, a->scopes_len, enabled, a->created_at_us,
                      now_us);
 }
 
-struct agent *agent_retain(struct agent *a)
-{
-    if (a)
-        __atomic_add_fetch(&a->refcount, 1, __ATOMIC_RELAXED);
+struct agent *agent_retain(struct agent *a) {
+    if (a) __atomic_add_fetch(&a->refcount, 1, __ATOMIC_RELAXED);
     return a;
 }
 
-void agent_release(struct agent *a)
-{
-    if (!a || __atomic_sub_fetch(&a->refcount, 1, __ATOMIC_ACQ_REL) != 0)
-        return;
+void agent_release(struct agent *a) {
+    if (!a || __atomic_sub_fetch(&a->refcount, 1, __ATOMIC_ACQ_REL) != 0) return;
     free(a->id);
     free(a->owner);
-    if (a->tenants)
-        free_strv(a->tenants, a->tenants_len);
-    if (a->scopes)
-        free_strv(a->scopes, a->scopes_len);
+    if (a->tenants) free_strv(a->tenants, a->tenants_len);
+    if (a->scopes) free_strv(a->scopes, a->scopes_len);
     free(a);
 }
 
-bool agent_has_tenant(const struct agent *a, const char *tenant, size_t len)
-{
+bool agent_has_tenant(const struct agent *a, const char *tenant, size_t len) {
     for (size_t i = 0; i < a->tenants_len; i++)
-        if (strlen(a->tenants[i]) == len && memcmp(a->tenants[i], tenant, len) == 0)
-            return true;
+        if (strlen(a->tenants[i]) == len && memcmp(a->tenants[i], tenant, len) == 0) return true;
     return false;
 }
 
-json_t *agent_to_json(const struct agent *a)
-{
+json_t *agent_to_json(const struct agent *a) {
     return json_pack("{s:s, s:s, s:o, s:o, s:b, s:o, s:o}", "id", a->id, "owner", a->owner,
                      "tenants", strv_to_json(a->tenants, a->tenants_len), "scopes",
-                     strv_to_json(a->scopes, a->scopes_len), "enabled", a->enabled,
-                     "created_at", time_json(a->created_at_us), "updated_at",
-                     time_json(a->updated_at_us));
+                     strv_to_json(a->scopes, a->scopes_len), "enabled", a->enabled, "created_at",
+                     time_json(a->created_at_us), "updated_at", time_json(a->updated_at_us));
 }
 
-bool agent_same(const struct agent *a, const struct agent *b)
-{
+bool agent_same(const struct agent *a, const struct agent *b) {
     return strcmp(a->id, b->id) == 0 && strcmp(a->owner, b->owner) == 0 &&
            a->enabled == b->enabled &&
            strv_equal(a->tenants, a->tenants_len, b->tenants, b->tenants_len) &&
@@ -184,11 +158,9 @@ bool agent_same(const struct agent *a, const struct agent *b)
 /* ---- operators ---------------------------------------------------------------------- */
 
 struct operator_rec *operator_new(const char *id, const char *const *roles, size_t roles_len,
-                                  int64_t created_at_us)
-{
+                                  int64_t created_at_us) {
     struct operator_rec *o = calloc(1, sizeof *o);
-    if (!o)
-        return NULL;
+    if (!o) return NULL;
     o->id = strdup(id);
     o->roles = copy_strv(roles, roles_len);
     o->roles_len = roles_len;
@@ -201,45 +173,34 @@ struct operator_rec *operator_new(const char *id, const char *const *roles, size
     return o;
 }
 
-struct operator_rec *operator_retain(struct operator_rec *o)
-{
-    if (o)
-        __atomic_add_fetch(&o->refcount, 1, __ATOMIC_RELAXED);
+struct operator_rec *operator_retain(struct operator_rec *o) {
+    if (o) __atomic_add_fetch(&o->refcount, 1, __ATOMIC_RELAXED);
     return o;
 }
 
-void operator_release(struct operator_rec *o)
-{
-    if (!o || __atomic_sub_fetch(&o->refcount, 1, __ATOMIC_ACQ_REL) != 0)
-        return;
+void operator_release(struct operator_rec *o) {
+    if (!o || __atomic_sub_fetch(&o->refcount, 1, __ATOMIC_ACQ_REL) != 0) return;
     free(o->id);
-    if (o->roles)
-        free_strv(o->roles, o->roles_len);
+    if (o->roles) free_strv(o->roles, o->roles_len);
     free(o);
 }
 
-bool operator_has_role(const struct operator_rec *o, const char *role)
-{
+bool operator_has_role(const struct operator_rec *o, const char *role) {
     for (size_t i = 0; i < o->roles_len; i++)
-        if (strcmp(o->roles[i], role) == 0)
-            return true;
+        if (strcmp(o->roles[i], role) == 0) return true;
     return false;
 }
 
-json_t *operator_to_json(const struct operator_rec *o)
-{
-    return json_pack("{s:s, s:o, s:o}", "id", o->id, "roles",
-                     strv_to_json(o->roles, o->roles_len), "created_at",
-                     time_json(o->created_at_us));
+json_t *operator_to_json(const struct operator_rec *o) {
+    return json_pack("{s:s, s:o, s:o}", "id", o->id, "roles", strv_to_json(o->roles, o->roles_len),
+                     "created_at", time_json(o->created_at_us));
 }
 
-json_t *token_rec_to_json(const struct token_rec *t)
-{
-    json_t *j = json_pack("{s:s, s:s, s:s, s:o, s:o}", "jti", t->jti,
-                          t->operator_token ? "operator" : "agent", t->subject, "kind",
-                          t->operator_token ? "operator" : "agent", "issued_at",
-                          time_json(t->issued_at_s * 1000000), "expires_at",
-                          time_json(t->expires_at_s * 1000000));
+json_t *token_rec_to_json(const struct token_rec *t) {
+    json_t *j = json_pack(
+        "{s:s, s:s, s:s, s:o, s:o}", "jti", t->jti, t->operator_token ? "operator" : "agent",
+        t->subject, "kind", t->operator_token ? "operator" : "agent", "issued_at",
+        time_json(t->issued_at_s * 1000000), "expires_at", time_json(t->expires_at_s * 1000000));
     if (j)
         json_object_set_new(j, "revoked_at",
                             t->revoked_at_s ? time_json(t->revoked_at_s * 1000000) : json_null());
@@ -248,11 +209,9 @@ json_t *token_rec_to_json(const struct token_rec *t)
 
 /* ---- the registry --------------------------------------------------------------------- */
 
-struct registry *registry_new(void)
-{
+struct registry *registry_new(void) {
     struct registry *r = calloc(1, sizeof *r);
-    if (!r)
-        return NULL;
+    if (!r) return NULL;
     pthread_rwlock_init(&r->lock, NULL);
     r->agents = strmap_new();
     r->operators = strmap_new();
@@ -264,27 +223,22 @@ struct registry *registry_new(void)
     return r;
 }
 
-static void release_agent_value(void *v)
-{
+static void release_agent_value(void *v) {
     agent_release(v);
 }
 
-static void release_operator_value(void *v)
-{
+static void release_operator_value(void *v) {
     operator_release(v);
 }
 
-static void free_token_value(void *v)
-{
+static void free_token_value(void *v) {
     struct token_rec *t = v;
     free(t->subject);
     free(t);
 }
 
-void registry_free(struct registry *r)
-{
-    if (!r)
-        return;
+void registry_free(struct registry *r) {
+    if (!r) return;
     strmap_free(r->agents, release_agent_value);
     strmap_free(r->operators, release_operator_value);
     strmap_free(r->tokens, free_token_value);
@@ -292,8 +246,7 @@ void registry_free(struct registry *r)
     free(r);
 }
 
-const char *registry_schema_sql(void)
-{
+const char *registry_schema_sql(void) {
     return "CREATE TABLE IF NOT EXISTS agents ("
            " id TEXT PRIMARY KEY, owner TEXT NOT NULL, tenants TEXT NOT NULL,"
            " scopes TEXT NOT NULL, enabled INTEGER NOT NULL,"
@@ -306,8 +259,7 @@ const char *registry_schema_sql(void)
            "CREATE INDEX IF NOT EXISTS tokens_subject ON tokens(subject);";
 }
 
-static int load_agents(struct registry *r, sqlite3 *db, struct pep_err *err)
-{
+static int load_agents(struct registry *r, sqlite3 *db, struct pep_err *err) {
     sqlite3_stmt *st = NULL;
     int rc = 0;
     if (sqlite3_prepare_v2(db,
@@ -323,31 +275,28 @@ static int load_agents(struct registry *r, sqlite3 *db, struct pep_err *err)
             rc = pep_err_set(err, PEP_EDB, "registry: agent %s has a malformed row",
                              (const char *)sqlite3_column_text(st, 0));
         } else {
-            struct agent *a = agent_new(
-                (const char *)sqlite3_column_text(st, 0), (const char *)sqlite3_column_text(st, 1),
-                (const char *const *)tenants, nt, (const char *const *)scopes, ns,
-                sqlite3_column_int(st, 4) != 0, sqlite3_column_int64(st, 5),
-                sqlite3_column_int64(st, 6));
+            struct agent *a =
+                agent_new((const char *)sqlite3_column_text(st, 0),
+                          (const char *)sqlite3_column_text(st, 1), (const char *const *)tenants,
+                          nt, (const char *const *)scopes, ns, sqlite3_column_int(st, 4) != 0,
+                          sqlite3_column_int64(st, 5), sqlite3_column_int64(st, 6));
             if (!a)
                 rc = pep_err_set(err, PEP_ENOMEM, "registry: out of memory");
             else
                 registry_publish_agent(r, a);
         }
-        if (tenants)
-            free_strv(tenants, nt);
-        if (scopes)
-            free_strv(scopes, ns);
+        if (tenants) free_strv(tenants, nt);
+        if (scopes) free_strv(scopes, ns);
     }
     sqlite3_finalize(st);
     return rc;
 }
 
-static int load_operators(struct registry *r, sqlite3 *db, struct pep_err *err)
-{
+static int load_operators(struct registry *r, sqlite3 *db, struct pep_err *err) {
     sqlite3_stmt *st = NULL;
     int rc = 0;
-    if (sqlite3_prepare_v2(db, "SELECT id, roles, created_at_us FROM operators", -1, &st,
-                           NULL) != SQLITE_OK)
+    if (sqlite3_prepare_v2(db, "SELECT id, roles, created_at_us FROM operators", -1, &st, NULL) !=
+        SQLITE_OK)
         return pep_err_set(err, PEP_EDB, "registry: %s", sqlite3_errmsg(db));
     while (rc == 0 && sqlite3_step(st) == SQLITE_ROW) {
         char **roles = NULL;
@@ -356,9 +305,9 @@ static int load_operators(struct registry *r, sqlite3 *db, struct pep_err *err)
             rc = pep_err_set(err, PEP_EDB, "registry: operator row malformed");
             break;
         }
-        struct operator_rec *o = operator_new((const char *)sqlite3_column_text(st, 0),
-                                              (const char *const *)roles, n,
-                                              sqlite3_column_int64(st, 2));
+        struct operator_rec *o =
+            operator_new((const char *)sqlite3_column_text(st, 0), (const char *const *)roles, n,
+                         sqlite3_column_int64(st, 2));
         free_strv(roles, n);
         if (!o)
             rc = pep_err_set(err, PEP_ENOMEM, "registry: out of memory");
@@ -369,8 +318,7 @@ static int load_operators(struct registry *r, sqlite3 *db, struct pep_err *err)
     return rc;
 }
 
-static int load_tokens(struct registry *r, sqlite3 *db, struct pep_err *err)
-{
+static int load_tokens(struct registry *r, sqlite3 *db, struct pep_err *err) {
     sqlite3_stmt *st = NULL;
     if (sqlite3_prepare_v2(db,
                            "SELECT jti, subject, operator, issued_at, expires_at,"
@@ -391,34 +339,28 @@ static int load_tokens(struct registry *r, sqlite3 *db, struct pep_err *err)
     return 0;
 }
 
-int registry_load(struct registry *r, sqlite3 *db, struct pep_err *err)
-{
+int registry_load(struct registry *r, sqlite3 *db, struct pep_err *err) {
     int rc = load_agents(r, db, err);
-    if (rc == 0)
-        rc = load_operators(r, db, err);
-    if (rc == 0)
-        rc = load_tokens(r, db, err);
+    if (rc == 0) rc = load_operators(r, db, err);
+    if (rc == 0) rc = load_tokens(r, db, err);
     return rc;
 }
 
-struct agent *registry_get_agent(struct registry *r, const char *id)
-{
+struct agent *registry_get_agent(struct registry *r, const char *id) {
     pthread_rwlock_rdlock(&r->lock);
     struct agent *a = agent_retain(strmap_get(r->agents, id));
     pthread_rwlock_unlock(&r->lock);
     return a;
 }
 
-struct operator_rec *registry_get_operator(struct registry *r, const char *id)
-{
+struct operator_rec *registry_get_operator(struct registry *r, const char *id) {
     pthread_rwlock_rdlock(&r->lock);
     struct operator_rec *o = operator_retain(strmap_get(r->operators, id));
     pthread_rwlock_unlock(&r->lock);
     return o;
 }
 
-bool registry_is_revoked(struct registry *r, const char *jti)
-{
+bool registry_is_revoked(struct registry *r, const char *jti) {
     pthread_rwlock_rdlock(&r->lock);
     const struct token_rec *t = strmap_get(r->tokens, jti);
     bool revoked = t && t->revoked_at_s != 0;
@@ -426,8 +368,7 @@ bool registry_is_revoked(struct registry *r, const char *jti)
     return revoked;
 }
 
-bool registry_get_token(struct registry *r, const char *jti, struct token_rec *out)
-{
+bool registry_get_token(struct registry *r, const char *jti, struct token_rec *out) {
     pthread_rwlock_rdlock(&r->lock);
     const struct token_rec *t = strmap_get(r->tokens, jti);
     if (t) {
@@ -448,39 +389,32 @@ struct collect {
     const void *keep_arg;
 };
 
-static void collect_value(const char *key, void *value, void *arg)
-{
+static void collect_value(const char *key, void *value, void *arg) {
     (void)key;
     struct collect *c = arg;
-    if (!c->keep || c->keep(value, c->keep_arg))
-        c->items[c->len++] = value;
+    if (!c->keep || c->keep(value, c->keep_arg)) c->items[c->len++] = value;
 }
 
-static int cmp_agent_id(const void *a, const void *b)
-{
+static int cmp_agent_id(const void *a, const void *b) {
     const struct agent *x = *(const struct agent *const *)a, *y = *(const struct agent *const *)b;
     return strcmp(x->id, y->id);
 }
 
-static int cmp_token_issued(const void *a, const void *b)
-{
+static int cmp_token_issued(const void *a, const void *b) {
     const struct token_rec *x = *(const struct token_rec *const *)a;
     const struct token_rec *y = *(const struct token_rec *const *)b;
-    if (x->issued_at_s != y->issued_at_s)
-        return x->issued_at_s < y->issued_at_s ? -1 : 1;
+    if (x->issued_at_s != y->issued_at_s) return x->issued_at_s < y->issued_at_s ? -1 : 1;
     return strcmp(x->jti, y->jti);
 }
 
 /* Collects a map's kept values under the read lock, sorts them and renders each. */
-static json_t *list_sorted(struct registry *r, struct strmap *m, keep_fn keep,
-                           const void *keep_arg, int (*cmp)(const void *, const void *),
-                           json_t *(*render)(const void *))
-{
+static json_t *list_sorted(struct registry *r, struct strmap *m, keep_fn keep, const void *keep_arg,
+                           int (*cmp)(const void *, const void *),
+                           json_t *(*render)(const void *)) {
     json_t *arr = json_array();
     pthread_rwlock_rdlock(&r->lock);
-    struct collect c = {.items = calloc(strmap_len(m) + 1, sizeof(void *)),
-                        .keep = keep,
-                        .keep_arg = keep_arg};
+    struct collect c = {
+        .items = calloc(strmap_len(m) + 1, sizeof(void *)), .keep = keep, .keep_arg = keep_arg};
     if (c.items && arr) {
         strmap_each(m, collect_value, &c);
         qsort(c.items, c.len, sizeof(void *), cmp);
@@ -492,41 +426,34 @@ static json_t *list_sorted(struct registry *r, struct strmap *m, keep_fn keep,
     return arr;
 }
 
-static json_t *render_agent(const void *v)
-{
+static json_t *render_agent(const void *v) {
     return agent_to_json(v);
 }
 
-static json_t *render_token(const void *v)
-{
+static json_t *render_token(const void *v) {
     return token_rec_to_json(v);
 }
 
 /* Agent tokens, of the agent named by arg when it is not NULL. */
-static bool keep_agent_token(const void *value, const void *arg)
-{
+static bool keep_agent_token(const void *value, const void *arg) {
     const struct token_rec *t = value;
     return !t->operator_token && (!arg || strcmp(t->subject, arg) == 0);
 }
 
-json_t *registry_list_agents(struct registry *r)
-{
+json_t *registry_list_agents(struct registry *r) {
     return list_sorted(r, r->agents, NULL, NULL, cmp_agent_id, render_agent);
 }
 
-json_t *registry_list_tokens(struct registry *r, const char *agent_filter)
-{
+json_t *registry_list_tokens(struct registry *r, const char *agent_filter) {
     return list_sorted(r, r->tokens, keep_agent_token, agent_filter, cmp_token_issued,
                        render_token);
 }
 
 /* ---- write-through ---------------------------------------------------------------------- */
 
-static int exec_bound(sqlite3 *db, const char *sql, const char *types, ...)
-{
+static int exec_bound(sqlite3 *db, const char *sql, const char *types, ...) {
     sqlite3_stmt *st = NULL;
-    if (sqlite3_prepare_v2(db, sql, -1, &st, NULL) != SQLITE_OK)
-        return PEP_EDB;
+    if (sqlite3_prepare_v2(db, sql, -1, &st, NULL) != SQLITE_OK) return PEP_EDB;
     va_list ap;
     va_start(ap, types);
     for (int i = 0; types[i]; i++) {
@@ -543,8 +470,7 @@ static int exec_bound(sqlite3 *db, const char *sql, const char *types, ...)
     return rc;
 }
 
-int registry_sql_put_agent(sqlite3 *db, const struct agent *a)
-{
+int registry_sql_put_agent(sqlite3 *db, const struct agent *a) {
     char *tenants = strv_to_json_text(a->tenants, a->tenants_len);
     char *scopes = strv_to_json_text(a->scopes, a->scopes_len);
     int rc = PEP_ENOMEM;
@@ -561,8 +487,7 @@ int registry_sql_put_agent(sqlite3 *db, const struct agent *a)
     return rc;
 }
 
-int registry_sql_put_operator(sqlite3 *db, const struct operator_rec *o)
-{
+int registry_sql_put_operator(sqlite3 *db, const struct operator_rec *o) {
     char *roles = strv_to_json_text(o->roles, o->roles_len);
     int rc = PEP_ENOMEM;
     if (roles)
@@ -574,8 +499,7 @@ int registry_sql_put_operator(sqlite3 *db, const struct operator_rec *o)
     return rc;
 }
 
-int registry_sql_put_token(sqlite3 *db, const struct token_rec *t)
-{
+int registry_sql_put_token(sqlite3 *db, const struct token_rec *t) {
     return exec_bound(db,
                       "INSERT INTO tokens(jti, subject, operator, issued_at, expires_at)"
                       " VALUES(?1, ?2, ?3, ?4, ?5)",
@@ -583,14 +507,12 @@ int registry_sql_put_token(sqlite3 *db, const struct token_rec *t)
                       t->expires_at_s);
 }
 
-int registry_sql_revoke_token(sqlite3 *db, const char *jti, int64_t revoked_at_s)
-{
+int registry_sql_revoke_token(sqlite3 *db, const char *jti, int64_t revoked_at_s) {
     return exec_bound(db, "UPDATE tokens SET revoked_at = ?2 WHERE jti = ?1 AND revoked_at IS NULL",
                       "si", jti, revoked_at_s);
 }
 
-void registry_publish_agent(struct registry *r, struct agent *a)
-{
+void registry_publish_agent(struct registry *r, struct agent *a) {
     void *old = NULL;
     pthread_rwlock_wrlock(&r->lock);
     if (strmap_put(r->agents, a->id, a, &old) != 0)
@@ -599,21 +521,17 @@ void registry_publish_agent(struct registry *r, struct agent *a)
     agent_release(old);
 }
 
-void registry_publish_operator(struct registry *r, struct operator_rec *o)
-{
+void registry_publish_operator(struct registry *r, struct operator_rec *o) {
     void *old = NULL;
     pthread_rwlock_wrlock(&r->lock);
-    if (strmap_put(r->operators, o->id, o, &old) != 0)
-        old = o;
+    if (strmap_put(r->operators, o->id, o, &old) != 0) old = o;
     pthread_rwlock_unlock(&r->lock);
     operator_release(old);
 }
 
-void registry_publish_token(struct registry *r, const struct token_rec *t)
-{
+void registry_publish_token(struct registry *r, const struct token_rec *t) {
     struct token_rec *copy = malloc(sizeof *copy);
-    if (!copy)
-        return;
+    if (!copy) return;
     *copy = *t;
     copy->subject = strdup(t->subject);
     if (!copy->subject) {
@@ -622,18 +540,14 @@ void registry_publish_token(struct registry *r, const struct token_rec *t)
     }
     void *old = NULL;
     pthread_rwlock_wrlock(&r->lock);
-    if (strmap_put(r->tokens, copy->jti, copy, &old) != 0)
-        old = copy;
+    if (strmap_put(r->tokens, copy->jti, copy, &old) != 0) old = copy;
     pthread_rwlock_unlock(&r->lock);
-    if (old)
-        free_token_value(old);
+    if (old) free_token_value(old);
 }
 
-void registry_publish_revoke(struct registry *r, const char *jti, int64_t revoked_at_s)
-{
+void registry_publish_revoke(struct registry *r, const char *jti, int64_t revoked_at_s) {
     pthread_rwlock_wrlock(&r->lock);
     struct token_rec *t = strmap_get(r->tokens, jti);
-    if (t && t->revoked_at_s == 0)
-        t->revoked_at_s = revoked_at_s;
+    if (t && t->revoked_at_s == 0) t->revoked_at_s = revoked_at_s;
     pthread_rwlock_unlock(&r->lock);
 }

@@ -27,14 +27,14 @@
 struct agent {
     char *id;
     char *owner;
-    char **tenants;      /* the first is the default tenant of routes without {tenant} */
+    char **tenants; /* the first is the default tenant of routes without {tenant} */
     size_t tenants_len;
     char **scopes;
     size_t scopes_len;
     bool enabled;
     int64_t created_at_us;
     int64_t updated_at_us;
-    int refcount;        /* atomic */
+    int refcount; /* atomic */
 };
 
 struct operator_rec {
@@ -42,7 +42,7 @@ struct operator_rec {
     char **roles;
     size_t roles_len;
     int64_t created_at_us;
-    int refcount;        /* atomic */
+    int refcount; /* atomic */
 };
 
 struct token_rec {

@@ -28,8 +28,8 @@
 int route_normalize_path(const char *raw, size_t raw_len, char **decoded, const char **why);
 
 struct route_param {
-    const char *name;    /* the template's parameter name (owned by the policy) */
-    const char *value;   /* points into the decoded path passed to route_match */
+    const char *name;  /* the template's parameter name (owned by the policy) */
+    const char *value; /* points into the decoded path passed to route_match */
     size_t value_len;
 };
 

@@ -25,7 +25,7 @@
 /* What a listener's callbacks receive as their closure. */
 struct listener {
     struct server *srv;
-    bool admin;                   /* the admin API rather than the data plane */
+    bool admin; /* the admin API rather than the data plane */
 };
 
 struct server {
@@ -35,8 +35,8 @@ struct server {
     const char *listen_override;       /* --listen, or NULL */
     const char *admin_listen_override; /* --admin-listen, or NULL */
 
-    pthread_mutex_t policy_lock;  /* guards `policy` (the pointer swap on reload) */
-    struct policy *policy;        /* current snapshot; requests retain their own */
+    pthread_mutex_t policy_lock; /* guards `policy` (the pointer swap on reload) */
+    struct policy *policy;       /* current snapshot; requests retain their own */
     int64_t policy_loaded_at_us;
 
     struct keyring *keys;
@@ -49,8 +49,8 @@ struct server {
     struct listener data_listener;
     struct listener admin_listener;
 
-    int draining;                 /* atomic: SIGTERM received, /readyz answers 503 */
-    long inflight;                /* atomic: requests between URI and completion */
+    int draining;  /* atomic: SIGTERM received, /readyz answers 503 */
+    long inflight; /* atomic: requests between URI and completion */
 };
 
 /* The current policy snapshot, retained (caller releases).  Any thread. */
@@ -59,20 +59,20 @@ struct policy *server_policy(struct server *s);
 /* ---- per-request context -------------------------------------------------------------- */
 
 enum request_phase {
-    PHASE_HEADERS,  /* created; first handler call not yet seen */
-    PHASE_BODY,     /* receiving the body */
-    PHASE_WAITING,  /* suspended: the audit writer or the forwarder will resume it */
-    PHASE_RESPOND,  /* resumed: the handler builds and queues the answer */
-    PHASE_DONE,     /* answer queued */
+    PHASE_HEADERS, /* created; first handler call not yet seen */
+    PHASE_BODY,    /* receiving the body */
+    PHASE_WAITING, /* suspended: the audit writer or the forwarder will resume it */
+    PHASE_RESPOND, /* resumed: the handler builds and queues the answer */
+    PHASE_DONE,    /* answer queued */
 };
 
 #define REQUEST_MAX_HEADERS 16
 
 struct reply {
     int status;
-    char *body;                    /* malloc'd, freed with the request */
+    char *body; /* malloc'd, freed with the request */
     size_t body_len;
-    const char *content_type;      /* static */
+    const char *content_type; /* static */
     struct {
         char *name;
         char *value;
@@ -83,27 +83,27 @@ struct reply {
 struct request {
     struct server *srv;
     struct MHD_Connection *conn;
-    bool admin;                   /* arrived on the admin listener */
-    char id[27];                  /* ULID, also sent as Pep-Request-Id */
+    bool admin;  /* arrived on the admin listener */
+    char id[27]; /* ULID, also sent as Pep-Request-Id */
     int64_t start_mono_us;
     int64_t start_wall_us;
     enum request_phase phase;
 
-    char *target;                 /* the raw request target (path and query), as received */
-    const char *method;           /* libmicrohttpd's copy, valid for the request */
-    char *path;                   /* decoded, normalized path (NULL when refused) */
-    const char *query;            /* raw query after '?', into target, or NULL */
-    struct policy *policy;        /* the snapshot this request uses (retained) */
+    char *target;          /* the raw request target (path and query), as received */
+    const char *method;    /* libmicrohttpd's copy, valid for the request */
+    char *path;            /* decoded, normalized path (NULL when refused) */
+    const char *query;     /* raw query after '?', into target, or NULL */
+    struct policy *policy; /* the snapshot this request uses (retained) */
     struct route_match match;
 
-    char *body;                   /* request body (at most max_body bytes) */
+    char *body; /* request body (at most max_body bytes) */
     size_t body_len;
     size_t body_cap;
     uint64_t body_limit;
     bool body_too_large;
-    bool decided_early;           /* refused at headers; answered after the body is read
-                                     (so the connection stays alive) */
-    bool builtin;                 /* /healthz, /readyz or the JWKS: answered unaudited */
+    bool decided_early; /* refused at headers; answered after the body is read
+                           (so the connection stays alive) */
+    bool builtin;       /* /healthz, /readyz or the JWKS: answered unaudited */
 
     /* identity (retained, released with the request) */
     struct token_claims *claims;
@@ -111,12 +111,12 @@ struct request {
     struct operator_rec *operator_rec;
 
     struct decision decision;
-    int audit_rc;                 /* of the decision (or admin) record */
-    int64_t audit_seq;            /* 0 when not audited */
+    int audit_rc;      /* of the decision (or admin) record */
+    int64_t audit_seq; /* 0 when not audited */
 
     bool forwarding;
     struct forward_job job;
-    char model[128];              /* the model sent upstream, if known */
+    char model[128]; /* the model sent upstream, if known */
 
     struct reply reply;
 

@@ -22,10 +22,9 @@
 #include <time.h>
 #include <unistd.h>
 
-const char *pep_strerror(int code)
-{
+const char *pep_strerror(int code) {
     switch (code) {
-#define PEP_X_CASE(name, value, msg)                                                              \
+#define PEP_X_CASE(name, value, msg)                                                               \
     case (value):                                                                                  \
         return msg;
         PEP_ERRORS(PEP_X_CASE)
@@ -34,8 +33,7 @@ const char *pep_strerror(int code)
     return "unknown error";
 }
 
-int pep_err_set(struct pep_err *err, int code, const char *fmt, ...)
-{
+int pep_err_set(struct pep_err *err, int code, const char *fmt, ...) {
     if (err) {
         va_list ap;
         va_start(ap, fmt);
@@ -46,22 +44,19 @@ int pep_err_set(struct pep_err *err, int code, const char *fmt, ...)
     return code;
 }
 
-int64_t pep_now_us(void)
-{
+int64_t pep_now_us(void) {
     struct timespec ts;
     clock_gettime(CLOCK_REALTIME, &ts);
     return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
 }
 
-int64_t pep_mono_us(void)
-{
+int64_t pep_mono_us(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
 }
 
-void pep_format_rfc3339_us(int64_t us, char out[32])
-{
+void pep_format_rfc3339_us(int64_t us, char out[32]) {
     time_t secs = (time_t)(us / 1000000);
     long frac = (long)(us % 1000000);
     if (frac < 0) {
@@ -74,12 +69,10 @@ void pep_format_rfc3339_us(int64_t us, char out[32])
     snprintf(out + n, 32 - n, ".%06ldZ", frac % 1000000);
 }
 
-static int parse_digits(const char **p, int n, int *out)
-{
+static int parse_digits(const char **p, int n, int *out) {
     int v = 0;
     for (int i = 0; i < n; i++) {
-        if (!isdigit((unsigned char)(*p)[i]))
-            return -1;
+        if (!isdigit((unsigned char)(*p)[i])) return -1;
         v = v * 10 + ((*p)[i] - '0');
     }
     *p += n;
@@ -87,8 +80,7 @@ static int parse_digits(const char **p, int n, int *out)
     return 0;
 }
 
-int pep_parse_rfc3339(const char *s, int64_t *out_us)
-{
+int pep_parse_rfc3339(const char *s, int64_t *out_us) {
     int Y, M, D, h, m, sec;
     const char *p = s;
     if (parse_digits(&p, 4, &Y) || *p++ != '-' || parse_digits(&p, 2, &M) || *p++ != '-' ||
@@ -98,8 +90,7 @@ int pep_parse_rfc3339(const char *s, int64_t *out_us)
     if (parse_digits(&p, 2, &h) || *p++ != ':' || parse_digits(&p, 2, &m) || *p++ != ':' ||
         parse_digits(&p, 2, &sec))
         return PEP_EINVAL;
-    if (M < 1 || M > 12 || D < 1 || D > 31 || h > 23 || m > 59 || sec > 60)
-        return PEP_EINVAL;
+    if (M < 1 || M > 12 || D < 1 || D > 31 || h > 23 || m > 59 || sec > 60) return PEP_EINVAL;
     int64_t frac_us = 0;
     if (*p == '.') {
         p++;
@@ -111,8 +102,7 @@ int pep_parse_rfc3339(const char *s, int64_t *out_us)
             }
             p++;
         }
-        if (digits == 0)
-            return PEP_EINVAL;
+        if (digits == 0) return PEP_EINVAL;
         while (digits++ < 6)
             frac_us *= 10;
     }
@@ -129,43 +119,40 @@ int pep_parse_rfc3339(const char *s, int64_t *out_us)
     } else {
         return PEP_EINVAL;
     }
-    if (*p != '\0')
-        return PEP_EINVAL;
-    struct tm tm = {.tm_year = Y - 1900, .tm_mon = M - 1, .tm_mday = D, .tm_hour = h,
-                    .tm_min = m, .tm_sec = sec};
+    if (*p != '\0') return PEP_EINVAL;
+    struct tm tm = {.tm_year = Y - 1900,
+                    .tm_mon = M - 1,
+                    .tm_mday = D,
+                    .tm_hour = h,
+                    .tm_min = m,
+                    .tm_sec = sec};
     time_t t = timegm(&tm);
     *out_us = ((int64_t)t - offset_s) * 1000000 + frac_us;
     return 0;
 }
 
-static int parse_number_unit(const char *s, uint64_t *num, const char **unit)
-{
-    if (!s || !isdigit((unsigned char)*s))
-        return PEP_EINVAL;
+static int parse_number_unit(const char *s, uint64_t *num, const char **unit) {
+    if (!s || !isdigit((unsigned char)*s)) return PEP_EINVAL;
     errno = 0;
     char *end;
     unsigned long long v = strtoull(s, &end, 10);
-    if (errno == ERANGE)
-        return PEP_EINVAL;
+    if (errno == ERANGE) return PEP_EINVAL;
     *num = v;
     *unit = end;
     return 0;
 }
 
-int pep_parse_duration_ms(const char *s, int64_t *out_ms)
-{
+int pep_parse_duration_ms(const char *s, int64_t *out_ms) {
     uint64_t n;
     const char *unit;
-    if (parse_number_unit(s, &n, &unit))
-        return PEP_EINVAL;
+    if (parse_number_unit(s, &n, &unit)) return PEP_EINVAL;
     static const struct {
         const char *name;
         uint64_t ms;
     } units[] = {{"ms", 1}, {"s", 1000}, {"m", 60000}, {"h", 3600000}, {"d", 86400000}};
     for (size_t i = 0; i < PEP_ARRAY_LEN(units); i++) {
         if (strcmp(unit, units[i].name) == 0) {
-            if (n == 0 || n > (uint64_t)INT64_MAX / units[i].ms / 1000)
-                return PEP_EINVAL;
+            if (n == 0 || n > (uint64_t)INT64_MAX / units[i].ms / 1000) return PEP_EINVAL;
             *out_ms = (int64_t)(n * units[i].ms);
             return 0;
         }
@@ -173,21 +160,18 @@ int pep_parse_duration_ms(const char *s, int64_t *out_ms)
     return PEP_EINVAL;
 }
 
-int pep_parse_size(const char *s, uint64_t *out_bytes)
-{
+int pep_parse_size(const char *s, uint64_t *out_bytes) {
     uint64_t n;
     const char *unit;
-    if (parse_number_unit(s, &n, &unit))
-        return PEP_EINVAL;
+    if (parse_number_unit(s, &n, &unit)) return PEP_EINVAL;
     static const struct {
         const char *name;
         uint64_t mult;
-    } units[] = {{"", 1},          {"B", 1},           {"KB", 1000},      {"KiB", 1024},
-                 {"MB", 1000000},  {"MiB", 1048576},   {"GB", 1000000000}, {"GiB", 1073741824}};
+    } units[] = {{"", 1},         {"B", 1},         {"KB", 1000},       {"KiB", 1024},
+                 {"MB", 1000000}, {"MiB", 1048576}, {"GB", 1000000000}, {"GiB", 1073741824}};
     for (size_t i = 0; i < PEP_ARRAY_LEN(units); i++) {
         if (strcmp(unit, units[i].name) == 0) {
-            if (n > UINT64_MAX / units[i].mult)
-                return PEP_EINVAL;
+            if (n > UINT64_MAX / units[i].mult) return PEP_EINVAL;
             *out_bytes = n * units[i].mult;
             return 0;
         }
@@ -195,13 +179,11 @@ int pep_parse_size(const char *s, uint64_t *out_bytes)
     return PEP_EINVAL;
 }
 
-void pep_sha256(const void *data, size_t len, uint8_t out[32])
-{
+void pep_sha256(const void *data, size_t len, uint8_t out[32]) {
     SHA256(data, len, out);
 }
 
-void pep_hex(const uint8_t *data, size_t len, char *out)
-{
+void pep_hex(const uint8_t *data, size_t len, char *out) {
     static const char digits[] = "0123456789abcdef";
     for (size_t i = 0; i < len; i++) {
         out[2 * i] = digits[data[i] >> 4];
@@ -210,35 +192,27 @@ void pep_hex(const uint8_t *data, size_t len, char *out)
     out[2 * len] = '\0';
 }
 
-static int hex_value(char c)
-{
-    if (c >= '0' && c <= '9')
-        return c - '0';
-    if (c >= 'a' && c <= 'f')
-        return c - 'a' + 10;
-    if (c >= 'A' && c <= 'F')
-        return c - 'A' + 10;
+static int hex_value(char c) {
+    if (c >= '0' && c <= '9') return c - '0';
+    if (c >= 'a' && c <= 'f') return c - 'a' + 10;
+    if (c >= 'A' && c <= 'F') return c - 'A' + 10;
     return -1;
 }
 
-int pep_unhex(const char *hex, uint8_t *out, size_t len)
-{
+int pep_unhex(const char *hex, uint8_t *out, size_t len) {
     for (size_t i = 0; i < len; i++) {
         int hi = hex_value(hex[2 * i]);
         int lo = hi < 0 ? -1 : hex_value(hex[2 * i + 1]);
-        if (hi < 0 || lo < 0)
-            return PEP_EINVAL;
+        if (hi < 0 || lo < 0) return PEP_EINVAL;
         out[i] = (uint8_t)(hi << 4 | lo);
     }
     return hex[2 * len] == '\0' ? 0 : PEP_EINVAL;
 }
 
-char *pep_base64url_encode(const uint8_t *data, size_t len)
-{
+char *pep_base64url_encode(const uint8_t *data, size_t len) {
     size_t cap = 4 * ((len + 2) / 3) + 1;
     char *out = malloc(cap);
-    if (!out)
-        return NULL;
+    if (!out) return NULL;
     int n = EVP_EncodeBlock((unsigned char *)out, data, (int)len);
     while (n > 0 && out[n - 1] == '=')
         n--;
@@ -252,8 +226,7 @@ char *pep_base64url_encode(const uint8_t *data, size_t len)
     return out;
 }
 
-int pep_random_bytes(void *buf, size_t len)
-{
+int pep_random_bytes(void *buf, size_t len) {
     return RAND_bytes(buf, (int)len) == 1 ? 0 : PEP_ECRYPTO;
 }
 
@@ -263,8 +236,7 @@ static pthread_mutex_t ulid_lock = PTHREAD_MUTEX_INITIALIZER;
 static uint64_t ulid_last_ms;
 static uint8_t ulid_rand[10];
 
-void pep_request_id(char out[27])
-{
+void pep_request_id(char out[27]) {
     static const char alphabet[] = "0123456789ABCDEFGHJKMNPQRSTVWXYZ";
     uint8_t bytes[16];
     uint64_t ms = (uint64_t)(pep_now_us() / 1000);
@@ -300,11 +272,9 @@ void pep_request_id(char out[27])
     out[26] = '\0';
 }
 
-int pep_read_file(const char *path, size_t max_bytes, char **out, size_t *out_len)
-{
+int pep_read_file(const char *path, size_t max_bytes, char **out, size_t *out_len) {
     FILE *f = fopen(path, "rb");
-    if (!f)
-        return PEP_EIO;
+    if (!f) return PEP_EIO;
     size_t cap = 4096, len = 0;
     char *buf = malloc(cap + 1);
     int rc = 0;
@@ -329,8 +299,7 @@ int pep_read_file(const char *path, size_t max_bytes, char **out, size_t *out_le
         size_t got = fread(buf + len, 1, cap - len, f);
         len += got;
         if (got == 0) {
-            if (ferror(f))
-                rc = PEP_EIO;
+            if (ferror(f)) rc = PEP_EIO;
             break;
         }
         if (len > max_bytes) {
@@ -345,40 +314,32 @@ int pep_read_file(const char *path, size_t max_bytes, char **out, size_t *out_le
     }
     buf[len] = '\0';
     *out = buf;
-    if (out_len)
-        *out_len = len;
+    if (out_len) *out_len = len;
     return 0;
 }
 
-int pep_write_file_atomic(const char *path, const void *data, size_t len, unsigned mode)
-{
+int pep_write_file_atomic(const char *path, const void *data, size_t len, unsigned mode) {
     char tmp[PATH_MAX];
     if (snprintf(tmp, sizeof tmp, "%s.tmp.%d", path, (int)getpid()) >= (int)sizeof tmp)
         return PEP_EINVAL;
     int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, mode);
-    if (fd < 0)
-        return PEP_EIO;
+    if (fd < 0) return PEP_EIO;
     int rc = 0;
     const char *p = data;
     size_t left = len;
     while (left > 0) {
         ssize_t n = write(fd, p, left);
         if (n < 0) {
-            if (errno == EINTR)
-                continue;
+            if (errno == EINTR) continue;
             rc = PEP_EIO;
             break;
         }
         p += n;
         left -= (size_t)n;
     }
-    if (rc == 0 && (fchmod(fd, mode) != 0 || fsync(fd) != 0))
-        rc = PEP_EIO;
-    if (close(fd) != 0)
-        rc = PEP_EIO;
-    if (rc == 0 && rename(tmp, path) != 0)
-        rc = PEP_EIO;
-    if (rc)
-        unlink(tmp);
+    if (rc == 0 && (fchmod(fd, mode) != 0 || fsync(fd) != 0)) rc = PEP_EIO;
+    if (close(fd) != 0) rc = PEP_EIO;
+    if (rc == 0 && rename(tmp, path) != 0) rc = PEP_EIO;
+    if (rc) unlink(tmp);
     return rc;
 }

@@ -12,7 +12,7 @@
 #include "tests/integration/harness.h"
 
 struct fx {
-    char dir[256];          /* temporary directory holding policy and data */
+    char dir[256]; /* temporary directory holding policy and data */
     char policy[300];
     char data[300];
     char db[320];

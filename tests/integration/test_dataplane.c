@@ -22,10 +22,12 @@ static const char *POLICY =
     "server: { max_body: 4KiB }\n"
     "audit: { durability: full }\n"
     "agents:\n"
-    "  - { id: bot, owner: alice@example.test, tenants: [acme, globex], scopes: [llm.chat, tool.*] }\n"
+    "  - { id: bot, owner: alice@example.test, tenants: [acme, globex], scopes: [llm.chat, tool.*] "
+    "}\n"
     "  - { id: narrow, owner: bob@example.test, tenants: [initech], scopes: [llm.chat] }\n"
     "  - { id: to-disable, owner: carol@example.test, tenants: [acme], scopes: [llm.chat] }\n"
-    "  - { id: to-shrink, owner: dan@example.test, tenants: [acme], scopes: [llm.chat, tool.search] }\n"
+    "  - { id: to-shrink, owner: dan@example.test, tenants: [acme], scopes: [llm.chat, "
+    "tool.search] }\n"
     "upstreams:\n"
     "  mock:\n"
     "    base_url: \"@MOCK@\"\n"
@@ -55,36 +57,30 @@ static char *BOT_TOKEN;
 static char BOT_JTI[64];
 static const char *UPSTREAM_KEY = "sk-upstream-secret-123";
 
-static int group_setup(void **state)
-{
+static int group_setup(void **state) {
     (void)state;
     char *env[] = {"IT_UPSTREAM_KEY=sk-upstream-secret-123", "IT_EXTRA=extra-value", NULL};
-    if (fx_start(&F, POLICY, env, NULL) != 0)
-        return -1;
+    if (fx_start(&F, POLICY, env, NULL) != 0) return -1;
     BOT_TOKEN = fx_issue(&F, "bot", NULL, BOT_JTI);
     return BOT_TOKEN ? 0 : -1;
 }
 
-static int group_teardown(void **state)
-{
+static int group_teardown(void **state) {
     (void)state;
     free(BOT_TOKEN);
     fx_stop(&F);
     return 0;
 }
 
-static char *url(const char *path)
-{
+static char *url(const char *path) {
     static char buf[512];
     snprintf(buf, sizeof buf, "%s%s", F.pep.url, path);
     return buf;
 }
 
 /* Asserts the SPEC 3.3 error shape and code, and that the answer carries its ids. */
-static void assert_error(const struct h_resp *r, long status, const char *code)
-{
-    if (r->status != status)
-        fprintf(stderr, "unexpected answer %ld: %s\n", r->status, r->body);
+static void assert_error(const struct h_resp *r, long status, const char *code) {
+    if (r->status != status) fprintf(stderr, "unexpected answer %ld: %s\n", r->status, r->body);
     assert_int_equal(r->status, status);
     json_t *j = h_json(r);
     assert_non_null(j);
@@ -100,8 +96,7 @@ static void assert_error(const struct h_resp *r, long status, const char *code)
 }
 
 /* The decision record of the answer r, asserted to exist with the given code. */
-static json_t *decision_of(const struct h_resp *r, const char *code)
-{
+static json_t *decision_of(const struct h_resp *r, const char *code) {
     json_t *rec = fx_record(&F, h_header(r, "Pep-Request-Id"), "decision");
     assert_non_null(rec);
     assert_string_equal(json_string_value(json_object_get(rec, "code")), code);
@@ -113,8 +108,7 @@ static json_t *decision_of(const struct h_resp *r, const char *code)
     return rec;
 }
 
-static void test_health_ready_jwks(void **state)
-{
+static void test_health_ready_jwks(void **state) {
     (void)state;
     struct h_resp r = {0};
     assert_int_equal(h_http(&r, "GET", url("/healthz"), NULL, NULL), 0);
@@ -138,8 +132,7 @@ static void test_health_ready_jwks(void **state)
     h_resp_free(&r);
 }
 
-static void test_no_route_is_audited(void **state)
-{
+static void test_no_route_is_audited(void **state) {
     (void)state;
     struct h_resp r = {0};
     assert_int_equal(h_http(&r, "GET", url("/no/such/route?x=1"), NULL, NULL), 0);
@@ -156,11 +149,9 @@ static void test_no_route_is_audited(void **state)
 }
 
 /* Sends raw bytes and returns the status of the answer (0 if none). */
-static int raw_status(const char *raw, char **reply_out)
-{
+static int raw_status(const char *raw, char **reply_out) {
     char *reply = NULL;
-    if (h_raw_request(F.pep.url, raw, &reply) != 0)
-        return -1;
+    if (h_raw_request(F.pep.url, raw, &reply) != 0) return -1;
     int status = 0;
     sscanf(reply, "HTTP/1.1 %d", &status);
     if (reply_out)
@@ -170,11 +161,10 @@ static int raw_status(const char *raw, char **reply_out)
     return status;
 }
 
-static void test_non_normalized_paths_refused(void **state)
-{
+static void test_non_normalized_paths_refused(void **state) {
     (void)state;
     static const char *const paths[] = {
-        "/v1/../v1/chat/completions", "/v1/./chat/completions", "/v1//chat/completions",
+        "/v1/../v1/chat/completions",  "/v1/./chat/completions", "/v1//chat/completions",
         "/v1/%2e%2e/chat/completions", "/v1/chat%2fcompletions", "/v1/chat/completions%00",
         "/v1/%2E/chat/completions",    "/v1/chat/completions/.",
     };
@@ -185,8 +175,7 @@ static void test_non_normalized_paths_refused(void **state)
                  "Content-Length: 2\r\nConnection: close\r\n\r\n{}",
                  paths[i], BOT_TOKEN);
         int status = raw_status(raw, &reply);
-        if (status != 400)
-            fprintf(stderr, "path %s answered %d\n", paths[i], status);
+        if (status != 400) fprintf(stderr, "path %s answered %d\n", paths[i], status);
         assert_int_equal(status, 400);
         assert_non_null(strstr(reply, "\"bad_request\""));
         assert_non_null(strcasestr(reply, "Pep-Audit-Seq:"));
@@ -194,8 +183,7 @@ static void test_non_normalized_paths_refused(void **state)
     }
 }
 
-static void test_ambiguous_framing_refused(void **state)
-{
+static void test_ambiguous_framing_refused(void **state) {
     (void)state;
     static const char *const raws[] = {
         "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n"
@@ -211,7 +199,8 @@ static void test_ambiguous_framing_refused(void **state)
     for (size_t i = 0; i < sizeof raws / sizeof *raws; i++) {
         char *reply = NULL;
         assert_int_equal(raw_status(raws[i], &reply), 400);
-        assert_non_null(strstr(reply, "ambiguous framing") ? reply : strstr(reply, "Transfer-Encoding"));
+        assert_non_null(strstr(reply, "ambiguous framing") ? reply
+                                                           : strstr(reply, "Transfer-Encoding"));
         free(reply);
     }
     json_t *after = h_mock_stats(F.mock.url);
@@ -219,8 +208,7 @@ static void test_ambiguous_framing_refused(void **state)
     json_decref(after);
 }
 
-static void test_body_too_large(void **state)
-{
+static void test_body_too_large(void **state) {
     (void)state;
     char *big = malloc(8192);
     memset(big, 'a', 8191);
@@ -234,10 +222,11 @@ static void test_body_too_large(void **state)
     json_decref(decision_of(&r, "body_too_large"));
     /* the same without a Content-Length: a chunked upload counted as it arrives */
     char raw[16384];
-    int n = snprintf(raw, sizeof raw,
-                     "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\n"
-                     "Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n1fff\r\n%s\r\n0\r\n\r\n",
-                     BOT_TOKEN, big);
+    int n =
+        snprintf(raw, sizeof raw,
+                 "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\n"
+                 "Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n1fff\r\n%s\r\n0\r\n\r\n",
+                 BOT_TOKEN, big);
     assert_true(n > 0 && n < (int)sizeof raw);
     char *reply = NULL;
     assert_int_equal(raw_status(raw, &reply), 413);
@@ -246,12 +235,12 @@ static void test_body_too_large(void **state)
     h_resp_free(&r);
 }
 
-static void test_allowed_call_is_forwarded_and_audited(void **state)
-{
+static void test_allowed_call_is_forwarded_and_audited(void **state) {
     (void)state;
     char auth[2100];
     struct h_resp r = {0};
-    const char *body = "{\"model\":\"gpt-test\",\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}]}";
+    const char *body =
+        "{\"model\":\"gpt-test\",\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}]}";
     assert_int_equal(h_http(&r, "POST", url("/v1/chat/completions?trace=1"), body,
                             fx_bearer(auth, sizeof auth, BOT_TOKEN), "Cookie: session=agent-cookie",
                             "Pep-Debug: 1", "X-Agent-Header: kept", NULL),
@@ -291,8 +280,7 @@ static void test_allowed_call_is_forwarded_and_audited(void **state)
     json_t *out = NULL;
     for (int i = 0; i < 200 && !out; i++) {
         out = fx_record(&F, h_header(&r, "Pep-Request-Id"), "outcome");
-        if (!out)
-            usleep(10000);
+        if (!out) usleep(10000);
     }
     assert_non_null(out);
     assert_string_equal(json_string_value(json_object_get(out, "code")), "ok");
@@ -309,8 +297,8 @@ static void test_allowed_call_is_forwarded_and_audited(void **state)
     for (size_t i = 0; i < 2; i++) {
         snprintf(path, sizeof path, "%s/%s", F.data, files[i]);
         int has_token = h_file_contains(path, BOT_TOKEN, strlen(BOT_TOKEN));
-        int has_sig = h_file_contains(path, strrchr(BOT_TOKEN, '.') + 1,
-                                      strlen(strrchr(BOT_TOKEN, '.') + 1));
+        int has_sig =
+            h_file_contains(path, strrchr(BOT_TOKEN, '.') + 1, strlen(strrchr(BOT_TOKEN, '.') + 1));
         assert_true(has_token == 0 || (has_token == -1 && i == 1));
         assert_true(has_sig == 0 || (has_sig == -1 && i == 1));
         assert_true(h_file_contains(path, UPSTREAM_KEY, strlen(UPSTREAM_KEY)) != 1);
@@ -318,8 +306,7 @@ static void test_allowed_call_is_forwarded_and_audited(void **state)
     h_resp_free(&r);
 }
 
-static void test_tenant_from_path(void **state)
-{
+static void test_tenant_from_path(void **state) {
     (void)state;
     char auth[2100];
     struct h_resp r = {0};
@@ -340,8 +327,7 @@ static void test_tenant_from_path(void **state)
     h_resp_free(&r);
 }
 
-static void test_insufficient_scope(void **state)
-{
+static void test_insufficient_scope(void **state) {
     (void)state;
     /* a token narrowed at issue time */
     char *tok = fx_issue(&F, "bot", "{\"scopes\":[\"tool.search\"]}", NULL);
@@ -372,8 +358,7 @@ static void test_insufficient_scope(void **state)
     h_resp_free(&r);
 }
 
-static void test_missing_and_garbage_tokens(void **state)
-{
+static void test_missing_and_garbage_tokens(void **state) {
     (void)state;
     struct h_resp r = {0};
     assert_int_equal(h_http(&r, "POST", url("/v1/chat/completions"), "{}", NULL), 0);
@@ -394,15 +379,13 @@ static void test_missing_and_garbage_tokens(void **state)
     /* and an agent token is not an operator token */
     char admin_url[512];
     snprintf(admin_url, sizeof admin_url, "%s/admin/v1/agents", F.pep.admin_url);
-    assert_int_equal(h_http(&r, "GET", admin_url, NULL, fx_bearer(auth, sizeof auth, BOT_TOKEN),
-                            NULL),
-                     0);
+    assert_int_equal(
+        h_http(&r, "GET", admin_url, NULL, fx_bearer(auth, sizeof auth, BOT_TOKEN), NULL), 0);
     assert_error(&r, 401, "invalid_token");
     h_resp_free(&r);
 }
 
-static void test_revocation_takes_effect_before_the_call_returns(void **state)
-{
+static void test_revocation_takes_effect_before_the_call_returns(void **state) {
     (void)state;
     char jti[64], auth[2100], path[128];
     char *tok = fx_issue(&F, "bot", "{\"ttl\":\"1h\"}", jti);
@@ -429,8 +412,7 @@ static void test_revocation_takes_effect_before_the_call_returns(void **state)
     free(tok);
 }
 
-static void test_disable_and_shrink_agent(void **state)
-{
+static void test_disable_and_shrink_agent(void **state) {
     (void)state;
     char auth[2100];
     char *tok = fx_issue(&F, "to-disable", NULL, NULL);
@@ -464,23 +446,23 @@ static void test_disable_and_shrink_agent(void **state)
     h_resp_free(&r);
 }
 
-static void test_upstream_failures(void **state)
-{
+static void test_upstream_failures(void **state) {
     (void)state;
     char auth[2100];
     fx_bearer(auth, sizeof auth, BOT_TOKEN);
     struct h_resp r = {0};
     /* a retryable status ends the one-step chain: 503 with the upstream's status */
-    assert_int_equal(h_mock_fault(F.mock.url, "{\"kind\":\"status\",\"status\":503,\"count\":1}"), 0);
+    assert_int_equal(h_mock_fault(F.mock.url, "{\"kind\":\"status\",\"status\":503,\"count\":1}"),
+                     0);
     assert_int_equal(h_http(&r, "POST", url("/v1/chat/completions"), "{}", auth, NULL), 0);
     assert_error(&r, 503, "upstream_unavailable");
     json_t *j = h_json(&r);
-    assert_int_equal(json_integer_value(json_object_get(json_object_get(j, "error"),
-                                                        "upstream_status")),
-                     503);
+    assert_int_equal(
+        json_integer_value(json_object_get(json_object_get(j, "error"), "upstream_status")), 503);
     json_decref(j);
     /* the upstream refusing pep's credentials is an operator problem: 502 */
-    assert_int_equal(h_mock_fault(F.mock.url, "{\"kind\":\"status\",\"status\":401,\"count\":1}"), 0);
+    assert_int_equal(h_mock_fault(F.mock.url, "{\"kind\":\"status\",\"status\":401,\"count\":1}"),
+                     0);
     assert_int_equal(h_http(&r, "POST", url("/v1/chat/completions"), "{}", auth, NULL), 0);
     assert_error(&r, 502, "upstream_auth_failed");
     /* a non-retryable status is relayed as the upstream sent it */
@@ -501,8 +483,7 @@ static void test_upstream_failures(void **state)
     json_t *out = NULL;
     for (int i = 0; i < 200 && !out; i++) {
         out = fx_record(&F, h_header(&r, "Pep-Request-Id"), "outcome");
-        if (!out)
-            usleep(10000);
+        if (!out) usleep(10000);
     }
     assert_non_null(out);
     json_t *attempt = json_array_get(json_object_get(out, "attempts"), 0);
@@ -512,8 +493,7 @@ static void test_upstream_failures(void **state)
     h_resp_free(&r);
 }
 
-static void test_upstream_timeout(void **state)
-{
+static void test_upstream_timeout(void **state) {
     (void)state;
     char auth[2100];
     fx_bearer(auth, sizeof auth, BOT_TOKEN);
@@ -530,8 +510,7 @@ struct call {
     long status;
 };
 
-static void *one_call(void *arg)
-{
+static void *one_call(void *arg) {
     struct call *c = arg;
     struct h_resp r = {0};
     h_http(&r, "POST", url("/v1/chat/completions"), "{}", c->auth, NULL);
@@ -540,8 +519,7 @@ static void *one_call(void *arg)
     return NULL;
 }
 
-static void test_listener_is_not_blocked_by_slow_upstream(void **state)
-{
+static void test_listener_is_not_blocked_by_slow_upstream(void **state) {
     (void)state;
     enum { N = 100 };
     assert_int_equal(
@@ -566,8 +544,7 @@ static void test_listener_is_not_blocked_by_slow_upstream(void **state)
     assert_true(secs < 10.0);
 }
 
-int main(void)
-{
+int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_health_ready_jwks),
         cmocka_unit_test(test_no_route_is_audited),

@@ -34,16 +34,14 @@ static const char *POLICY =
     "actions:\n"
     "  llm.chat: { scope: llm.chat }\n";
 
-static mode_t file_mode(const char *dir, const char *name)
-{
+static mode_t file_mode(const char *dir, const char *name) {
     char path[512];
     snprintf(path, sizeof path, "%s/%s", dir, name);
     struct stat st;
     return stat(path, &st) == 0 ? (st.st_mode & 0777) : (mode_t)-1;
 }
 
-static void test_first_start_creates_data_dir(void **state)
-{
+static void test_first_start_creates_data_dir(void **state) {
     (void)state;
     struct fx f;
     assert_int_equal(fx_start(&f, POLICY, NULL, NULL), 0);
@@ -90,23 +88,23 @@ struct burst {
     const char *url;
     char auth[2100];
     int sent;
-    int answered;                /* requests that got an HTTP answer */
-    long seqs[4096];             /* their Pep-Audit-Seq */
-    char ids[4096][27];          /* their request ids */
+    int answered;       /* requests that got an HTTP answer */
+    long seqs[4096];    /* their Pep-Audit-Seq */
+    char ids[4096][27]; /* their request ids */
     volatile int stop;
 };
 
-static void *burst_main(void *arg)
-{
+static void *burst_main(void *arg) {
     struct burst *b = arg;
     struct h_resp r = {0};
     while (!b->stop && b->answered < 4096) {
         b->sent++;
-        struct h_req req = {.url = b->url, .method = "POST", .body = "{}",
+        struct h_req req = {.url = b->url,
+                            .method = "POST",
+                            .body = "{}",
                             .headers = (const char *const[]){b->auth, NULL},
                             .timeout_ms = 5000};
-        if (h_request(&r, &req) != 0 || r.status == 0)
-            break; /* pep is gone */
+        if (h_request(&r, &req) != 0 || r.status == 0) break; /* pep is gone */
         const char *seq = h_header(&r, "Pep-Audit-Seq");
         const char *id = h_header(&r, "Pep-Request-Id");
         if (seq && id && r.status == 200) {
@@ -119,8 +117,7 @@ static void *burst_main(void *arg)
     return NULL;
 }
 
-static void test_kill_9_during_burst_keeps_every_answered_record(void **state)
-{
+static void test_kill_9_during_burst_keeps_every_answered_record(void **state) {
     (void)state;
     struct fx f;
     assert_int_equal(fx_start(&f, POLICY, NULL, NULL), 0);
@@ -181,8 +178,7 @@ static void test_kill_9_during_burst_keeps_every_answered_record(void **state)
     fx_stop(&f);
 }
 
-static void test_sigterm_drains_and_exits_zero(void **state)
-{
+static void test_sigterm_drains_and_exits_zero(void **state) {
     (void)state;
     struct fx f;
     assert_int_equal(fx_start(&f, POLICY, NULL, NULL), 0);
@@ -217,8 +213,7 @@ static void test_sigterm_drains_and_exits_zero(void **state)
     fx_stop(&f);
 }
 
-static void test_reload_keeps_policy_on_errors(void **state)
-{
+static void test_reload_keeps_policy_on_errors(void **state) {
     (void)state;
     struct fx f;
     assert_int_equal(fx_start(&f, POLICY, NULL, NULL), 0);
@@ -239,8 +234,7 @@ static void test_reload_keeps_policy_on_errors(void **state)
     json_t *err = json_object_get(j, "error");
     assert_string_equal(json_string_value(json_object_get(err, "code")), "invalid_policy");
     json_t *errors = json_object_get(err, "errors");
-    if (!errors)
-        errors = json_object_get(j, "errors");
+    if (!errors) errors = json_object_get(j, "errors");
     assert_true(json_array_size(errors) >= 2);
     assert_non_null(strstr(json_string_value(json_array_get(errors, 0)), "policy.yaml:2:"));
     json_decref(j);
@@ -270,11 +264,9 @@ static void test_reload_keeps_policy_on_errors(void **state)
     snprintf(url, sizeof url, "%s/v2/chat", f.pep.url);
     long status = 0;
     for (int i = 0; i < 100 && status != 200; i++) { /* the reload is asynchronous */
-        assert_int_equal(h_http(&r, "POST", url, "{}", fx_bearer(auth, sizeof auth, tok), NULL),
-                         0);
+        assert_int_equal(h_http(&r, "POST", url, "{}", fx_bearer(auth, sizeof auth, tok), NULL), 0);
         status = r.status;
-        if (status != 200)
-            usleep(20000);
+        if (status != 200) usleep(20000);
     }
     assert_int_equal(status, 200);
     h_resp_free(&r);
@@ -282,8 +274,7 @@ static void test_reload_keeps_policy_on_errors(void **state)
     fx_stop(&f);
 }
 
-static void test_audit_write_failure_fails_closed(void **state)
-{
+static void test_audit_write_failure_fails_closed(void **state) {
     (void)state;
     struct fx f;
     /* A file-size limit the audit store will hit after a few hundred records: every write
@@ -305,9 +296,8 @@ static void test_audit_write_failure_fails_closed(void **state)
     fprintf(stderr, "audit store full after %d requests\n", i);
     assert_int_equal(status, 503);
     json_t *j = h_json(&r);
-    assert_string_equal(
-        json_string_value(json_object_get(json_object_get(j, "error"), "code")),
-        "audit_unavailable");
+    assert_string_equal(json_string_value(json_object_get(json_object_get(j, "error"), "code")),
+                        "audit_unavailable");
     json_decref(j);
     assert_null(h_header(&r, "Pep-Audit-Seq"));
     /* nothing is forwarded while the log cannot be written */
@@ -339,8 +329,7 @@ static void test_audit_write_failure_fails_closed(void **state)
     fx_stop(&f);
 }
 
-int main(void)
-{
+int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_first_start_creates_data_dir),
         cmocka_unit_test(test_kill_9_during_burst_keeps_every_answered_record),

@@ -14,53 +14,48 @@
 #include <string.h>
 #include <cmocka.h>
 
-static void test_durations(void **state)
-{
+static void test_durations(void **state) {
     (void)state;
     static const struct {
         const char *in;
         int rc;
         int64_t ms;
     } cases[] = {
-        {"250ms", 0, 250},   {"30s", 0, 30000},   {"5m", 0, 300000},  {"1h", 0, 3600000},
-        {"24h", 0, 86400000}, {"7d", 0, 604800000}, {"0s", PEP_EINVAL, 0}, {"", PEP_EINVAL, 0},
-        {"10", PEP_EINVAL, 0}, {"1.5s", PEP_EINVAL, 0}, {"-1s", PEP_EINVAL, 0},
-        {"1 s", PEP_EINVAL, 0}, {"1sec", PEP_EINVAL, 0}, {"s", PEP_EINVAL, 0},
-        {"99999999999999999999d", PEP_EINVAL, 0},
+        {"250ms", 0, 250},       {"30s", 0, 30000},      {"5m", 0, 300000},
+        {"1h", 0, 3600000},      {"24h", 0, 86400000},   {"7d", 0, 604800000},
+        {"0s", PEP_EINVAL, 0},   {"", PEP_EINVAL, 0},    {"10", PEP_EINVAL, 0},
+        {"1.5s", PEP_EINVAL, 0}, {"-1s", PEP_EINVAL, 0}, {"1 s", PEP_EINVAL, 0},
+        {"1sec", PEP_EINVAL, 0}, {"s", PEP_EINVAL, 0},   {"99999999999999999999d", PEP_EINVAL, 0},
     };
     for (size_t i = 0; i < PEP_ARRAY_LEN(cases); i++) {
         int64_t ms = -1;
         int rc = pep_parse_duration_ms(cases[i].in, &ms);
-        if (rc != cases[i].rc)
-            fprintf(stderr, "duration '%s': rc %d\n", cases[i].in, rc);
+        if (rc != cases[i].rc) fprintf(stderr, "duration '%s': rc %d\n", cases[i].in, rc);
         assert_int_equal(rc, cases[i].rc);
-        if (rc == 0)
-            assert_int_equal(ms, cases[i].ms);
+        if (rc == 0) assert_int_equal(ms, cases[i].ms);
     }
 }
 
-static void test_sizes(void **state)
-{
+static void test_sizes(void **state) {
     (void)state;
     static const struct {
         const char *in;
         int rc;
         uint64_t bytes;
     } cases[] = {
-        {"1MiB", 0, 1048576}, {"1MB", 0, 1000000}, {"4KiB", 0, 4096}, {"512", 0, 512},
-        {"10B", 0, 10},       {"2GiB", 0, 2147483648ull}, {"1mib", PEP_EINVAL, 0},
-        {"MiB", PEP_EINVAL, 0}, {"1.5MiB", PEP_EINVAL, 0}, {"", PEP_EINVAL, 0},
+        {"1MiB", 0, 1048576},    {"1MB", 0, 1000000},    {"4KiB", 0, 4096},
+        {"512", 0, 512},         {"10B", 0, 10},         {"2GiB", 0, 2147483648ull},
+        {"1mib", PEP_EINVAL, 0}, {"MiB", PEP_EINVAL, 0}, {"1.5MiB", PEP_EINVAL, 0},
+        {"", PEP_EINVAL, 0},
     };
     for (size_t i = 0; i < PEP_ARRAY_LEN(cases); i++) {
         uint64_t b = 0;
         assert_int_equal(pep_parse_size(cases[i].in, &b), cases[i].rc);
-        if (cases[i].rc == 0)
-            assert_int_equal(b, cases[i].bytes);
+        if (cases[i].rc == 0) assert_int_equal(b, cases[i].bytes);
     }
 }
 
-static void test_rfc3339(void **state)
-{
+static void test_rfc3339(void **state) {
     (void)state;
     char buf[32];
     pep_format_rfc3339_us(1795468904123456LL, buf);
@@ -72,20 +67,23 @@ static void test_rfc3339(void **state)
     assert_int_equal(us, 1795468904000000LL);
     assert_int_equal(pep_parse_rfc3339("2026-11-23T21:21:44.5Z", &us), 0);
     assert_int_equal(us, 1795468904500000LL);
-    static const char *const bad[] = {"2026-11-23", "2026-13-01T00:00:00Z", "2026-11-23T20:01:44",
-                                      "2026-11-23T20:01:44Zjunk", "2026-11-23T25:00:00Z",
-                                      "2026-11-23T20:01:44.Z", ""};
+    static const char *const bad[] = {"2026-11-23",
+                                      "2026-13-01T00:00:00Z",
+                                      "2026-11-23T20:01:44",
+                                      "2026-11-23T20:01:44Zjunk",
+                                      "2026-11-23T25:00:00Z",
+                                      "2026-11-23T20:01:44.Z",
+                                      ""};
     for (size_t i = 0; i < PEP_ARRAY_LEN(bad); i++)
         assert_int_equal(pep_parse_rfc3339(bad[i], &us), PEP_EINVAL);
 }
 
-static void test_encodings(void **state)
-{
+static void test_encodings(void **state) {
     (void)state;
     /* RFC 4648 test vectors, in the url-safe alphabet without padding */
     static const struct {
         const char *in, *out;
-    } vectors[] = {{"", ""},        {"f", "Zg"},       {"fo", "Zm8"},      {"foo", "Zm9v"},
+    } vectors[] = {{"", ""},           {"f", "Zg"},          {"fo", "Zm8"},         {"foo", "Zm9v"},
                    {"foob", "Zm9vYg"}, {"fooba", "Zm9vYmE"}, {"foobar", "Zm9vYmFy"}};
     for (size_t i = 0; i < PEP_ARRAY_LEN(vectors); i++) {
         char *b = pep_base64url_encode((const uint8_t *)vectors[i].in, strlen(vectors[i].in));
@@ -111,21 +109,18 @@ static void test_encodings(void **state)
 #define IDS_PER_THREAD 20000
 static char ids[4][IDS_PER_THREAD][27];
 
-static void *make_ids(void *arg)
-{
-    char (*mine)[27] = arg;
+static void *make_ids(void *arg) {
+    char(*mine)[27] = arg;
     for (int i = 0; i < IDS_PER_THREAD; i++)
         pep_request_id(mine[i]);
     return NULL;
 }
 
-static int cmp_id(const void *a, const void *b)
-{
+static int cmp_id(const void *a, const void *b) {
     return strcmp(a, b);
 }
 
-static void test_request_ids_ordered_and_unique(void **state)
-{
+static void test_request_ids_ordered_and_unique(void **state) {
     (void)state;
     pthread_t th[4];
     for (int t = 0; t < 4; t++)
@@ -147,8 +142,7 @@ static void test_request_ids_ordered_and_unique(void **state)
         assert_true(strcmp(all[i - 1], all[i]) < 0);
 }
 
-static void test_strmap(void **state)
-{
+static void test_strmap(void **state) {
     (void)state;
     struct strmap *m = strmap_new();
     char key[32];
@@ -180,8 +174,7 @@ static void test_strmap(void **state)
     strmap_free(m, NULL);
 }
 
-int main(void)
-{
+int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_durations),
         cmocka_unit_test(test_sizes),
