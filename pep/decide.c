@@ -89,6 +89,10 @@ void decide(const struct decide_input *in, struct decision *out) {
     } else if (agent->tenants_len > 0) {
         out->tenant = agent->tenants[0];
         out->tenant_len = strlen(agent->tenants[0]);
+    } else {
+        /* Fail closed: an agent with no tenant acts for nobody. */
+        deny(out, 403, "tenant_mismatch", "agent %s has no tenant", agent->id);
+        return;
     }
 
     /* 4. scope */

@@ -127,12 +127,19 @@ static size_t on_body(char *data, size_t size, size_t nmemb, void *arg) {
         job->error = FORWARD_TOO_LARGE;
         return 0; /* makes curl fail the transfer with CURLE_WRITE_ERROR */
     }
-    char *grown = realloc(job->body_out, job->body_out_len + n + 1);
-    if (!grown) return 0;
-    memcpy(grown + job->body_out_len, data, n);
-    job->body_out = grown;
+    if (job->body_out_len + n + 1 > job->body_out_cap) {
+        /* Doubling keeps a large answer's copying linear in its size. */
+        size_t cap = job->body_out_cap ? job->body_out_cap : 4096;
+        while (cap < job->body_out_len + n + 1)
+            cap *= 2;
+        char *grown = realloc(job->body_out, cap);
+        if (!grown) return 0;
+        job->body_out = grown;
+        job->body_out_cap = cap;
+    }
+    memcpy(job->body_out + job->body_out_len, data, n);
     job->body_out_len += n;
-    grown[job->body_out_len] = '\0';
+    job->body_out[job->body_out_len] = '\0';
     return n;
 }
 

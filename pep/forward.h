@@ -55,6 +55,7 @@ struct forward_job {
     long status;    /* HTTP status when error == FORWARD_OK */
     char *body_out; /* malloc'd answer body (NUL-terminated), owned by the job */
     size_t body_out_len;
+    size_t body_out_cap;                 /* allocated size of body_out */
     struct forward_header *resp_headers; /* relayable headers, owned by the job */
     size_t resp_headers_len;
     size_t resp_headers_cap;

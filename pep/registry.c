@@ -212,7 +212,13 @@ json_t *token_rec_to_json(const struct token_rec *t) {
 struct registry *registry_new(void) {
     struct registry *r = calloc(1, sizeof *r);
     if (!r) return NULL;
-    pthread_rwlock_init(&r->lock, NULL);
+    /* Prefer writers: requests read the registry constantly, and the audit writer, which
+     * publishes changes, must not wait behind them (glibc's default favours readers). */
+    pthread_rwlockattr_t attr;
+    pthread_rwlockattr_init(&attr);
+    pthread_rwlockattr_setkind_np(&attr, PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP);
+    pthread_rwlock_init(&r->lock, &attr);
+    pthread_rwlockattr_destroy(&attr);
     r->agents = strmap_new();
     r->operators = strmap_new();
     r->tokens = strmap_new();
@@ -259,6 +265,12 @@ const char *registry_schema_sql(void) {
            "CREATE INDEX IF NOT EXISTS tokens_subject ON tokens(subject);";
 }
 
+/* SECURITY: a read that stops early must fail the start — a registry missing rows
+ * would, for one, accept tokens whose revocation it did not load. */
+static int load_failed(sqlite3 *db, const char *table, struct pep_err *err) {
+    return pep_err_set(err, PEP_EDB, "registry: reading %s failed: %s", table, sqlite3_errmsg(db));
+}
+
 static int load_agents(struct registry *r, sqlite3 *db, struct pep_err *err) {
     sqlite3_stmt *st = NULL;
     int rc = 0;
@@ -267,7 +279,8 @@ static int load_agents(struct registry *r, sqlite3 *db, struct pep_err *err) {
                            " updated_at_us FROM agents",
                            -1, &st, NULL) != SQLITE_OK)
         return pep_err_set(err, PEP_EDB, "registry: %s", sqlite3_errmsg(db));
-    while (rc == 0 && sqlite3_step(st) == SQLITE_ROW) {
+    int step;
+    while (rc == 0 && (step = sqlite3_step(st)) == SQLITE_ROW) {
         char **tenants = NULL, **scopes = NULL;
         size_t nt = 0, ns = 0;
         if (strv_from_json_text((const char *)sqlite3_column_text(st, 2), &tenants, &nt) ||
@@ -288,6 +301,7 @@ static int load_agents(struct registry *r, sqlite3 *db, struct pep_err *err) {
         if (tenants) free_strv(tenants, nt);
         if (scopes) free_strv(scopes, ns);
     }
+    if (rc == 0 && step != SQLITE_DONE) rc = load_failed(db, "agents", err);
     sqlite3_finalize(st);
     return rc;
 }
@@ -298,7 +312,8 @@ static int load_operators(struct registry *r, sqlite3 *db, struct pep_err *err) 
     if (sqlite3_prepare_v2(db, "SELECT id, roles, created_at_us FROM operators", -1, &st, NULL) !=
         SQLITE_OK)
         return pep_err_set(err, PEP_EDB, "registry: %s", sqlite3_errmsg(db));
-    while (rc == 0 && sqlite3_step(st) == SQLITE_ROW) {
+    int step;
+    while (rc == 0 && (step = sqlite3_step(st)) == SQLITE_ROW) {
         char **roles = NULL;
         size_t n = 0;
         if (strv_from_json_text((const char *)sqlite3_column_text(st, 1), &roles, &n)) {
@@ -314,6 +329,7 @@ static int load_operators(struct registry *r, sqlite3 *db, struct pep_err *err) 
         else
             registry_publish_operator(r, o);
     }
+    if (rc == 0 && step != SQLITE_DONE) rc = load_failed(db, "operators", err);
     sqlite3_finalize(st);
     return rc;
 }
@@ -325,7 +341,8 @@ static int load_tokens(struct registry *r, sqlite3 *db, struct pep_err *err) {
                            " coalesce(revoked_at, 0) FROM tokens",
                            -1, &st, NULL) != SQLITE_OK)
         return pep_err_set(err, PEP_EDB, "registry: %s", sqlite3_errmsg(db));
-    while (sqlite3_step(st) == SQLITE_ROW) {
+    int step, rc = 0;
+    while ((step = sqlite3_step(st)) == SQLITE_ROW) {
         struct token_rec t = {0};
         snprintf(t.jti, sizeof t.jti, "%s", (const char *)sqlite3_column_text(st, 0));
         t.subject = (char *)sqlite3_column_text(st, 1);
@@ -335,8 +352,9 @@ static int load_tokens(struct registry *r, sqlite3 *db, struct pep_err *err) {
         t.revoked_at_s = sqlite3_column_int64(st, 5);
         registry_publish_token(r, &t);
     }
+    if (step != SQLITE_DONE) rc = load_failed(db, "tokens", err);
     sqlite3_finalize(st);
-    return 0;
+    return rc;
 }
 
 int registry_load(struct registry *r, sqlite3 *db, struct pep_err *err) {
