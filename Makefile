@@ -25,7 +25,7 @@ ITEST_BIN  := $(ITEST_SRC:tests/integration/%.c=$(BUILD)/tests/i%)
 ITEST_LIB  := $(filter-out $(ITEST_SRC),$(wildcard tests/integration/*.c))
 TOOLS      := $(BUILD)/pep $(BUILD)/pepctl $(BUILD)/mockllm
 
-.PHONY: all deps run test unit integration test-one asan bench clean format lint
+.PHONY: all deps run test test-suite test-one bench clean format lint
 all: deps $(TOOLS) $(UNIT_BIN) $(ITEST_BIN)
 
 deps:
@@ -58,12 +58,15 @@ $(BUILD)/tests/itest_%: tests/integration/test_%.c $(ITEST_LIB) $(BUILD)/libpep.
 
 # Runs every unit test, then every integration test, in this build dir; prints
 # cmocka's summary lines and a total.
-unit integration: all
 test-suite: all
 	@sh tests/run.sh $(BUILD)
 
-# make test: the whole suite, then again under ASan+UBSan in build-asan/.
+# make test: style checks (when clang-format and cppcheck are installed), the whole suite,
+# then the suite again under ASan+UBSan in build-asan/.
 test: deps
+	@if command -v clang-format >/dev/null && command -v cppcheck >/dev/null; then \
+	    $(MAKE) --no-print-directory lint; \
+	else echo "lint: clang-format or cppcheck not installed, style checks skipped"; fi
 	@$(MAKE) --no-print-directory test-suite BUILD=build
 	@$(MAKE) --no-print-directory test-suite BUILD=build-asan \
 	    EXTRA_CFLAGS="-O1 -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=all"
