@@ -459,13 +459,17 @@ int forwarder_submit(struct forwarder *f, struct forward_job *job) {
         pthread_mutex_unlock(&f->queue_lock);
         return PEP_ECLOSED;
     }
+    /* Only the first job of a queue needs to wake the thread: it takes the whole queue
+     * at once, so later jobs ride along (one eventfd write per batch, not per job). */
+    bool was_empty = f->queue_head == NULL;
     if (f->queue_tail)
         f->queue_tail->next = job;
     else
         f->queue_head = job;
     f->queue_tail = job;
     pthread_mutex_unlock(&f->queue_lock);
-    wake(f);
+    if (was_empty)
+        wake(f);
     return 0;
 }
 
