@@ -468,8 +468,7 @@ int forwarder_submit(struct forwarder *f, struct forward_job *job) {
         f->queue_head = job;
     f->queue_tail = job;
     pthread_mutex_unlock(&f->queue_lock);
-    if (was_empty)
-        wake(f);
+    if (was_empty) wake(f);
     return 0;
 }
 

@@ -631,11 +631,14 @@ static int pepctl_print_token(struct pepctl *ctx, const json_t *answer) {
     return PEPCTL_OK;
 }
 
-static int pepctl_tokens_issue(struct pepctl *ctx, const struct pepctl_args *a) {
+/* POST /admin/v1/{collection}/ID/tokens with the flags given (--ttl; --scopes and --acr
+ * are accepted by the parser for agent tokens only) and prints the token. */
+static int pepctl_issue_token(struct pepctl *ctx, const struct pepctl_args *a,
+                              const char *collection) {
     json_t *answer = NULL;
     int rc = PEPCTL_FAIL;
     json_t *body = json_object();
-    char *path = pepctl_path(ctx, "agents", a->pos[2], "tokens");
+    char *path = pepctl_path(ctx, collection, a->pos[2], "tokens");
     if (!body || !path) {
         pepctl_errorf("out of memory");
         goto out;
@@ -659,6 +662,10 @@ out:
     json_decref(body);
     json_decref(answer);
     return rc;
+}
+
+static int pepctl_tokens_issue(struct pepctl *ctx, const struct pepctl_args *a) {
+    return pepctl_issue_token(ctx, a, "agents");
 }
 
 static int pepctl_tokens_list(struct pepctl *ctx, const struct pepctl_args *a) {
@@ -762,25 +769,7 @@ out:
 }
 
 static int pepctl_operators_token(struct pepctl *ctx, const struct pepctl_args *a) {
-    json_t *answer = NULL;
-    int rc = PEPCTL_FAIL;
-    json_t *body = json_object();
-    char *path = pepctl_path(ctx, "operators", a->pos[2], "tokens");
-    if (!body || !path) {
-        pepctl_errorf("out of memory");
-        goto out;
-    }
-    if (a->value[F_TTL]) {
-        json_t *ttl = pepctl_ttl(a->value[F_TTL]);
-        if (!ttl || json_object_set_new(body, "ttl", ttl) != 0) goto out;
-    }
-    if (pepctl_api(ctx, "POST", path, body, &answer, NULL) != 0) goto out;
-    rc = pepctl_print_token(ctx, answer);
-out:
-    free(path);
-    json_decref(body);
-    json_decref(answer);
-    return rc;
+    return pepctl_issue_token(ctx, a, "operators");
 }
 
 /* Prints a verification result ({ok, records, head_seq, head_hash, first_bad_seq?,

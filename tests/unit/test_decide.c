@@ -657,24 +657,30 @@ static void test_decide_table_covers_every_code(void **state) {
     }
 }
 
-/* The tenant returned points into the path the route was matched against (no copy). */
-static void test_decide_tenant_points_into_path(void **state) {
-    const struct fixture *fx = *state;
-    char path[] = "/v1/tenants/globex/search";
+/* Decides method+path for an agent holding a valid token with one scope. */
+static void decide_one(const struct fixture *fx, const char *method, const char *path,
+                       const struct agent *agent, const char *scope, struct decision *out) {
     struct route_match m;
-    assert_non_null(route_match(fx->policy, "GET", path, &m));
-    char *scopes[] = {"tool.search"};
+    assert_non_null(route_match(fx->policy, method, path, &m));
+    char *scopes[] = {(char *)scope};
     struct token_claims claims = {
-        .sub = "bot", .jti = "j", .scopes = scopes, .scopes_len = 1, .refcount = 1};
+        .sub = agent->id, .jti = "j", .scopes = scopes, .scopes_len = 1, .refcount = 1};
     struct decide_input in = {.policy = fx->policy,
                               .match = &m,
                               .token_present = true,
                               .token_status = TOKEN_OK,
                               .claims = &claims,
-                              .agent = fx->agents[AG_BOT],
+                              .agent = agent,
                               .now_s = NOW_S};
+    decide(&in, out);
+}
+
+/* The tenant returned points into the path the route was matched against (no copy). */
+static void test_decide_tenant_points_into_path(void **state) {
+    const struct fixture *fx = *state;
+    char path[] = "/v1/tenants/globex/search";
     struct decision out;
-    decide(&in, &out);
+    decide_one(fx, "GET", path, fx->agents[AG_BOT], "tool.search", &out);
     assert_true(out.allow);
     assert_ptr_equal(out.tenant, path + strlen("/v1/tenants/"));
     assert_int_equal(out.tenant_len, 6);
@@ -688,20 +694,8 @@ static void test_decide_long_tenant(void **state) {
     memset(tenant, 't', sizeof tenant - 1);
     tenant[sizeof tenant - 1] = '\0';
     snprintf(path, sizeof path, "/v1/tenants/%s/search", tenant);
-    struct route_match m;
-    assert_non_null(route_match(fx->policy, "GET", path, &m));
-    char *scopes[] = {"tool.search"};
-    struct token_claims claims = {
-        .sub = "bot", .jti = "j", .scopes = scopes, .scopes_len = 1, .refcount = 1};
-    struct decide_input in = {.policy = fx->policy,
-                              .match = &m,
-                              .token_present = true,
-                              .token_status = TOKEN_OK,
-                              .claims = &claims,
-                              .agent = fx->agents[AG_BOT],
-                              .now_s = NOW_S};
     struct decision out;
-    decide(&in, &out);
+    decide_one(fx, "GET", path, fx->agents[AG_BOT], "tool.search", &out);
     assert_false(out.allow);
     assert_int_equal(out.status, 403);
     assert_string_equal(out.code, "tenant_mismatch");
@@ -713,23 +707,11 @@ static void test_decide_long_tenant(void **state) {
 /* An agent with no tenant acts for nobody, even on a route without {tenant}. */
 static void test_decide_agent_without_tenant(void **state) {
     const struct fixture *fx = *state;
-    struct route_match m;
-    assert_non_null(route_match(fx->policy, "POST", "/v1/chat/completions", &m));
     const char *scopes[] = {"llm.chat"};
     struct agent *lonely = agent_new("lonely", "o", NULL, 0, scopes, 1, true, 1, 1);
     assert_non_null(lonely);
-    char *claim_scopes[] = {"llm.chat"};
-    struct token_claims claims = {
-        .sub = "lonely", .jti = "j", .scopes = claim_scopes, .scopes_len = 1, .refcount = 1};
-    struct decide_input in = {.policy = fx->policy,
-                              .match = &m,
-                              .token_present = true,
-                              .token_status = TOKEN_OK,
-                              .claims = &claims,
-                              .agent = lonely,
-                              .now_s = NOW_S};
     struct decision out;
-    decide(&in, &out);
+    decide_one(fx, "POST", "/v1/chat/completions", lonely, "llm.chat", &out);
     assert_false(out.allow);
     assert_int_equal(out.status, 403);
     assert_string_equal(out.code, "tenant_mismatch");
