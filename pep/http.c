@@ -51,7 +51,13 @@ json_t *server_record(const char *kind, const char *request_id) {
 /* ---- replies ------------------------------------------------------------------------- */
 
 int reply_set_header(struct reply *rep, const char *name, const char *value) {
-    if (rep->headers_len == REQUEST_MAX_HEADERS) return PEP_ENOMEM;
+    if (rep->headers_len == rep->headers_cap) {
+        size_t cap = rep->headers_cap ? rep->headers_cap * 2 : 8;
+        struct forward_header *grown = realloc(rep->headers, cap * sizeof *grown);
+        if (!grown) return PEP_ENOMEM;
+        rep->headers = grown;
+        rep->headers_cap = cap;
+    }
     char *n = strdup(name), *v = strdup(value);
     if (!n || !v) {
         free(n);
@@ -64,12 +70,13 @@ int reply_set_header(struct reply *rep, const char *name, const char *value) {
     return 0;
 }
 
-static void reply_clear(struct reply *rep) {
+void reply_clear(struct reply *rep) {
     free(rep->body);
     for (size_t i = 0; i < rep->headers_len; i++) {
         free(rep->headers[i].name);
         free(rep->headers[i].value);
     }
+    free(rep->headers);
     memset(rep, 0, sizeof *rep);
 }
 

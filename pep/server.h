@@ -66,18 +66,14 @@ enum request_phase {
     PHASE_DONE,    /* answer queued */
 };
 
-#define REQUEST_MAX_HEADERS 16
-
 struct reply {
     int status;
     char *body; /* malloc'd, freed with the request */
     size_t body_len;
-    const char *content_type; /* static */
-    struct {
-        char *name;
-        char *value;
-    } headers[REQUEST_MAX_HEADERS]; /* extra headers, malloc'd */
+    const char *content_type;       /* static */
+    struct forward_header *headers; /* extra headers (relayed ones too), malloc'd; grows */
     size_t headers_len;
+    size_t headers_cap;
 };
 
 struct request {
@@ -127,6 +123,8 @@ struct request {
 
 /* Reply helpers (listener thread, or a callback before resuming). */
 int reply_set_header(struct reply *rep, const char *name, const char *value);
+/* Frees what rep holds and zeroes it. */
+void reply_clear(struct reply *rep);
 void reply_json(struct request *r, int status, json_t *body); /* steals body */
 /* SPEC 3.3 error body with request_id; `extra` (may be NULL) members are merged in
  * (stolen).  401 invalid_token adds WWW-Authenticate. */

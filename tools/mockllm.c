@@ -213,6 +213,19 @@ out:
     return rc;
 }
 
+/* Sends doc (stolen) as a 200 JSON answer.  Called with g_mock.lock held, which it
+ * releases: doc shares objects (by_path, recent) that other requests mutate in place, so
+ * it is dumped before the lock is let go. */
+static enum MHD_Result mock_send_json_unlock(struct MHD_Connection *conn, json_t *doc) {
+    char *text = doc != NULL ? json_dumps(doc, JSON_COMPACT) : NULL;
+    json_decref(doc);
+    pthread_mutex_unlock(&g_mock.lock);
+    if (text == NULL) return MHD_NO;
+    enum MHD_Result rc = mock_send(conn, MHD_HTTP_OK, "application/json", text, strlen(text), NULL);
+    free(text);
+    return rc;
+}
+
 /* Queues obj as compact JSON and drops the reference to obj. */
 static enum MHD_Result mock_send_json(struct MHD_Connection *conn, unsigned status, json_t *obj,
                                       const char *retry_after) {
@@ -770,27 +783,11 @@ static enum MHD_Result mock_control(struct MHD_Connection *conn, const char *met
         json_t *stats = json_pack("{s:I, s:O?, s:O?, s:I}", "hits", (json_int_t)g_mock.hits,
                                   "by_path", g_mock.by_path, "last", g_mock.last, "faults_pending",
                                   (json_int_t)g_mock.pending);
-        /* Dumped under the lock: by_path is mutated in place by other requests. */
-        char *text = stats != NULL ? json_dumps(stats, JSON_COMPACT) : NULL;
-        json_decref(stats);
-        pthread_mutex_unlock(&g_mock.lock);
-        if (text == NULL) return MHD_NO;
-        enum MHD_Result rc =
-            mock_send(conn, MHD_HTTP_OK, "application/json", text, strlen(text), NULL);
-        free(text);
-        return rc;
+        return mock_send_json_unlock(conn, stats);
     }
     if (mock_path_eq(uri, "/_mock/requests") && get) {
         pthread_mutex_lock(&g_mock.lock);
-        json_t *list = json_pack("{s:O?}", "requests", g_mock.recent);
-        char *text = list != NULL ? json_dumps(list, JSON_COMPACT) : NULL;
-        json_decref(list);
-        pthread_mutex_unlock(&g_mock.lock);
-        if (text == NULL) return MHD_NO;
-        enum MHD_Result rc =
-            mock_send(conn, MHD_HTTP_OK, "application/json", text, strlen(text), NULL);
-        free(text);
-        return rc;
+        return mock_send_json_unlock(conn, json_pack("{s:O?}", "requests", g_mock.recent));
     }
     if (mock_path_eq(uri, "/_mock/faults") || mock_path_eq(uri, "/_mock/reset") ||
         mock_path_eq(uri, "/_mock/stats") || mock_path_eq(uri, "/_mock/requests"))

@@ -407,19 +407,27 @@ static void server_stop(struct server *s) {
     pthread_mutex_destroy(&s->lock);
 }
 
-/* Waits until n /slow requests reached the handler. */
-static void server_wait_slow(struct server *s, int n) {
+/* Waits (bounded by WAIT_GUARD_S) until *count, guarded by lock, reaches n; fails the test
+ * with `what` otherwise. */
+static void wait_count(pthread_mutex_t *lock, pthread_cond_t *cond, const int *count, int n,
+                       const char *what) {
     struct timespec deadline;
     clock_gettime(CLOCK_REALTIME, &deadline);
     deadline.tv_sec += WAIT_GUARD_S;
-    pthread_mutex_lock(&s->lock);
-    while (s->slow_arrived < n) {
-        if (pthread_cond_timedwait(&s->cond, &s->lock, &deadline) == ETIMEDOUT) {
-            pthread_mutex_unlock(&s->lock);
-            fail_msg("no /slow request arrived");
+    pthread_mutex_lock(lock);
+    while (*count < n) {
+        if (pthread_cond_timedwait(cond, lock, &deadline) == ETIMEDOUT) {
+            int got = *count;
+            pthread_mutex_unlock(lock);
+            fail_msg("%s: %d of %d", what, got, n);
         }
     }
-    pthread_mutex_unlock(&s->lock);
+    pthread_mutex_unlock(lock);
+}
+
+/* Waits until n /slow requests reached the handler. */
+static void server_wait_slow(struct server *s, int n) {
+    wait_count(&s->lock, &s->cond, &s->slow_arrived, n, "/slow requests arrived");
 }
 
 /* ---- jobs and their done callbacks --------------------------------------------------------- */
@@ -462,17 +470,7 @@ static void sync_destroy(struct sync *s) {
 }
 
 static void sync_wait(struct sync *s, int n) {
-    struct timespec deadline;
-    clock_gettime(CLOCK_REALTIME, &deadline);
-    deadline.tv_sec += WAIT_GUARD_S;
-    pthread_mutex_lock(&s->lock);
-    while (s->done < n) {
-        if (pthread_cond_timedwait(&s->cond, &s->lock, &deadline) == ETIMEDOUT) {
-            pthread_mutex_unlock(&s->lock);
-            fail_msg("only %d of %d jobs done", s->done, n);
-        }
-    }
-    pthread_mutex_unlock(&s->lock);
+    wait_count(&s->lock, &s->cond, &s->done, n, "jobs done");
 }
 
 static void tjob_init(struct tjob *t, struct sync *s, uint16_t port, const char *path,
