@@ -18,10 +18,8 @@
  *
  * Thread: cmocka's main thread only.
  */
-#include <arpa/inet.h>
 #include <errno.h>
 #include <fcntl.h>
-#include <netinet/in.h>
 #include <setjmp.h>
 #include <signal.h>
 #include <stdarg.h>
@@ -30,7 +28,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/socket.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -94,19 +91,10 @@ static void ctl_free(struct ctl_result *r) {
     memset(r, 0, sizeof(*r));
 }
 
-/* A loopback port nothing listens on (bound, read, closed: the kernel does not hand it out
- * again at once). */
-static int closed_port(void) {
-    int fd = socket(AF_INET, SOCK_STREAM, 0);
-    assert_true(fd >= 0);
-    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = 0};
-    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    socklen_t len = sizeof(a);
-    assert_int_equal(bind(fd, (struct sockaddr *)&a, sizeof(a)), 0);
-    assert_int_equal(getsockname(fd, (struct sockaddr *)&a, &len), 0);
-    close(fd);
-    return ntohs(a.sin_port);
-}
+/* A loopback port nothing listens on: tcpmux (1) is privileged and unused.  (A port
+ * bound and closed again is not safe: the kernel may hand it to pep's own listeners,
+ * which are started on port 0 right after.) */
+#define DEAD_PORT 1
 
 /* Runs $PEP_BUILD_DIR/pepctl with args (NULL-terminated) and extra environment ("N=v",
  * NULL-terminated, may be NULL), waits at most CTL_TIMEOUT_MS, and fills r. */
@@ -241,7 +229,7 @@ static int group_setup(void **state) {
     snprintf(g_data, sizeof(g_data), "%s/data", g_tmp);
     snprintf(g_policy, sizeof(g_policy), "%s/policy.yaml", g_tmp);
     char text[sizeof(g_policy_text) + 16];
-    snprintf(text, sizeof(text), g_policy_text, closed_port());
+    snprintf(text, sizeof(text), g_policy_text, DEAD_PORT);
     char *env[] = {"PEPCTL_TEST_KEY=test-upstream-key", NULL};
     if (h_write_file(g_policy, text) != 0 || h_start_pep(&g_pep, g_policy, g_data, env) != 0)
         return -1;
@@ -579,7 +567,7 @@ static void test_api_errors(void **state) {
 static void test_unreachable(void **state) {
     (void)state;
     char url[64];
-    snprintf(url, sizeof(url), "http://127.0.0.1:%d", closed_port());
+    snprintf(url, sizeof(url), "http://127.0.0.1:%d", DEAD_PORT);
     struct ctl_result r = {0};
     CTL_RAW(&r, NULL, "--url", url, "--token", "secret-token-4b1d", "agents", "list");
     assert_int_equal(r.code, 2);
