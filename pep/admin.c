@@ -404,7 +404,7 @@ static enum MHD_Result issue_agent_token(struct request *r, const char *id) {
                                    .acr = json_string_value(acr_v),
                                    .now_s = now,
                                    .ttl_s = ttl};
-        char *token = NULL, jti[32];
+        char *token = NULL, jti[TOKEN_JTI_SIZE];
         struct pep_err err = {0};
         struct admin_op *op = NULL;
         if (token_issue(r->srv->keys, &tr, &token, jti, &err) == 0)
@@ -497,7 +497,7 @@ static int issue_operator_token(struct server *s, const struct policy *p,
                                .roles_len = o->roles_len,
                                .now_s = now,
                                .ttl_s = ttl_s};
-    char jti[32];
+    char jti[TOKEN_JTI_SIZE];
     int rc = token_issue(s->keys, &tr, token, jti, NULL);
     if (rc != 0) return rc;
     *op_out = token_op(o->id, true, jti, now, ttl_s, *token);

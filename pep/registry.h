@@ -20,6 +20,7 @@
 #define PEP_REGISTRY_H
 
 #include "pep/common.h"
+#include "pep/token.h"
 
 #include <jansson.h>
 #include <sqlite3.h>
@@ -46,7 +47,7 @@ struct operator_rec {
 };
 
 struct token_rec {
-    char jti[32];
+    char jti[TOKEN_JTI_SIZE];
     char *subject;       /* agent or operator id */
     bool operator_token; /* aud pep-admin */
     int64_t issued_at_s;

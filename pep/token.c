@@ -124,9 +124,10 @@ static char *token_join_scopes(const char *const *scopes, size_t n) {
 }
 
 int token_issue(const struct keyring *k, const struct token_request *req, char **token,
-                char jti_out[32], struct pep_err *err) {
+                char jti_out[TOKEN_JTI_SIZE], struct pep_err *err) {
     json_t *claims = NULL, *roles = NULL;
-    char *jti = NULL, *scope = NULL, *jwt = NULL;
+    char jti[TOKEN_JTI_SIZE];
+    char *scope = NULL, *jwt = NULL;
     uint8_t rnd[16];
     int64_t exp;
     int rc;
@@ -156,11 +157,7 @@ int token_issue(const struct keyring *k, const struct token_request *req, char *
 
     if ((rc = pep_random_bytes(rnd, sizeof rnd)) != 0)
         return pep_err_set(err, rc, "no randomness for the token id");
-    jti = pep_base64url_encode(rnd, sizeof rnd);
-    if (!jti) {
-        rc = pep_err_set(err, PEP_ENOMEM, "out of memory");
-        goto out;
-    }
+    pep_hex(rnd, sizeof rnd, jti);
     /* json_pack refuses strings that are not UTF-8, as it refuses a failed allocation. */
     claims = json_pack("{s:s, s:s, s:s, s:s, s:I, s:I, s:I}", "iss", req->issuer, "aud", req->aud,
                        "sub", req->sub, "jti", jti, "iat", (json_int_t)req->now_s, "nbf",
@@ -207,14 +204,13 @@ int token_issue(const struct keyring *k, const struct token_request *req, char *
         rc = pep_err_set(err, PEP_EINVAL, "token would exceed %d bytes", TOKEN_MAX_LEN);
         goto out;
     }
-    memcpy(jti_out, jti, strlen(jti) + 1); /* 22 characters */
+    memcpy(jti_out, jti, sizeof jti);
     *token = jwt;
     jwt = NULL;
     rc = 0;
 out:
     free(jwt);
     free(scope);
-    free(jti);
     json_decref(roles);
     json_decref(claims);
     return rc;

@@ -62,10 +62,14 @@ struct token_request {
     int64_t ttl_s;
 };
 
-/* Issues a token.  Returns 0 with *token (malloc'd, caller frees) and jti_out filled (a
- * random 128-bit id in base64url, NUL-terminated), or a negative code. */
+/* A token id: 128 random bits as 32 lowercase hex digits, plus the NUL.  Hex, not base64url,
+ * so an id never starts with '-' and is never taken for a flag on a command line. */
+#define TOKEN_JTI_SIZE 33
+
+/* Issues a token.  Returns 0 with *token (malloc'd, caller frees) and jti_out filled, or a
+ * negative code. */
 int token_issue(const struct keyring *k, const struct token_request *req, char **token,
-                char jti_out[32], struct pep_err *err);
+                char jti_out[TOKEN_JTI_SIZE], struct pep_err *err);
 
 enum token_status {
     TOKEN_OK = 0,

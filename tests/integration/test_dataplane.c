@@ -169,11 +169,12 @@ static void test_non_normalized_paths_refused(void **state) {
         "/v1/%2E/chat/completions",    "/v1/chat/completions/.",
     };
     for (size_t i = 0; i < sizeof paths / sizeof *paths; i++) {
-        char raw[512], *reply = NULL;
-        snprintf(raw, sizeof raw,
-                 "POST %s HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\n"
-                 "Content-Length: 2\r\nConnection: close\r\n\r\n{}",
-                 paths[i], BOT_TOKEN);
+        char raw[4096], *reply = NULL;
+        int n = snprintf(raw, sizeof raw,
+                         "POST %s HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\n"
+                         "Content-Length: 2\r\nConnection: close\r\n\r\n{}",
+                         paths[i], BOT_TOKEN);
+        assert_true(n > 0 && (size_t)n < sizeof raw);
         int status = raw_status(raw, &reply);
         if (status != 400) fprintf(stderr, "path %s answered %d\n", paths[i], status);
         assert_int_equal(status, 400);

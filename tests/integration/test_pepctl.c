@@ -540,6 +540,12 @@ static void test_api_errors(void **state) {
     assert_string_equal(r.out, "");
     ctl_free(&r);
 
+    /* An argument after "--" is an operand even when it starts with '-'. */
+    CTL(&r, "tokens", "revoke", "--", "-no-such-jti");
+    assert_int_equal(r.code, 2);
+    assert_non_null(strstr(r.err, "pepctl: not_found: "));
+    ctl_free(&r);
+
     CTL(&r, "tokens", "issue", "seed-bot", "--scopes", "not.granted");
     assert_int_equal(r.code, 2);
     assert_non_null(strstr(r.err, "bad_request"));

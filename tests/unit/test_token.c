@@ -779,10 +779,11 @@ static void test_issue_agent_round_trip(void **state) {
                                 .scopes_len = 3,
                                 .now_s = 1700000000,
                                 .ttl_s = 3600};
-    char *t = NULL, jti[32];
+    char *t = NULL, jti[TOKEN_JTI_SIZE];
     struct pep_err err = {0};
     assert_int_equal(token_issue(fx.k, &req, &t, jti, &err), 0);
-    assert_int_equal(strlen(jti), 22);
+    assert_int_equal(strlen(jti), 32);
+    assert_int_equal(strspn(jti, "0123456789abcdef"), 32);
 
     json_t *h = token_header(t);
     assert_int_equal(json_object_size(h), 3);
@@ -822,7 +823,7 @@ static void test_issue_agent_round_trip(void **state) {
     assert_int_equal(token_verify(NULL, fx.k, t, ISS, AUD, 1700003600, 0, &c), TOKEN_EXPIRED);
 
     /* Two issues never share a jti. */
-    char *t2 = NULL, jti2[32];
+    char *t2 = NULL, jti2[TOKEN_JTI_SIZE];
     assert_int_equal(token_issue(fx.k, &req, &t2, jti2, &err), 0);
     assert_string_not_equal(jti, jti2);
     free(t);
@@ -840,7 +841,7 @@ static void test_issue_operator_and_acr(void **state) {
                                 .acr = "mfa",
                                 .now_s = 1700000000,
                                 .ttl_s = 60};
-    char *t = NULL, jti[32];
+    char *t = NULL, jti[TOKEN_JTI_SIZE];
     struct pep_err err = {0};
     assert_int_equal(token_issue(fx.k, &req, &t, jti, &err), 0);
     struct token_claims *c = NULL;
@@ -887,7 +888,7 @@ static void test_issue_refuses_bad_requests(void **state) {
         {"role not UTF-8", {ISS, AUD, "a", fine, 1, bad_utf8, 1, NULL, 1, 1}},
     };
     for (size_t i = 0; i < PEP_ARRAY_LEN(cases); i++) {
-        char *t = (char *)0x1, jti[32];
+        char *t = (char *)0x1, jti[TOKEN_JTI_SIZE];
         struct pep_err err = {0};
         int rc = token_issue(fx.k, &cases[i].req, &t, jti, &err);
         if (rc != PEP_EINVAL) fail_msg("case \"%s\": rc %d", cases[i].name, rc);
@@ -908,7 +909,7 @@ static char *issue_simple(const char *sub, int64_t now, int64_t ttl) {
                                 .scopes_len = 1,
                                 .now_s = now,
                                 .ttl_s = ttl};
-    char *t = NULL, jti[32];
+    char *t = NULL, jti[TOKEN_JTI_SIZE];
     struct pep_err err = {0};
     assert_int_equal(token_issue(fx.k, &req, &t, jti, &err), 0);
     return t;
