@@ -19,8 +19,8 @@
  * Threads: every function is pure and may be called from any thread.
  */
 #include "audit/audit.h"
+#include "pep/util.h"
 
-#include <openssl/evp.h>
 #include <string.h>
 
 /* True when v and everything under it can be dumped canonically (no reals, depth ok). */
@@ -61,17 +61,5 @@ char *audit_canonical_json(const json_t *record) {
 }
 
 int audit_chain_hash(const uint8_t prev_hash[32], const char *record, size_t len, uint8_t out[32]) {
-    int rc = PEP_ECRYPTO;
-    unsigned int outlen = 0;
-    EVP_MD_CTX *ctx = EVP_MD_CTX_new();
-    if (!ctx) goto out;
-    if (EVP_DigestInit_ex(ctx, EVP_sha256(), NULL) != 1 ||
-        EVP_DigestUpdate(ctx, prev_hash, 32) != 1 || EVP_DigestUpdate(ctx, record, len) != 1 ||
-        EVP_DigestFinal_ex(ctx, out, &outlen) != 1 || outlen != 32)
-        goto out;
-    rc = 0;
-out:
-    EVP_MD_CTX_free(ctx);
-    if (rc) memset(out, 0, 32);
-    return rc;
+    return pep_sha256_parts(prev_hash, 32, record, len, out);
 }

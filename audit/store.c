@@ -100,15 +100,14 @@ static const char *const audit_copy_fields[] = {
 
 /* One queued item; owned by the queue, then by the writer until its callback ran.
  *
- * The record is rendered by audit_submit, on the submitting thread, into the canonical
- * text of its members that sort before "seq" (before) and after it (after), without the
- * braces.  The writer only splices `"seq":N` between them: with keys sorted bytewise and
- * no whitespace, "{" before "," "seq":N "," after "}" is exactly the canonical text of the
- * whole record, and the serial writer spends no time in jansson. */
+ * The record is rendered by audit_submit, on the submitting thread, to its canonical text
+ * with "seq": 0; the writer only replaces that 0 with the seq it assigns.  The digits of
+ * a seq never change where "seq" sorts, so the result is exactly the canonical text of
+ * the record with its real seq, and the serial writer spends no time in jansson. */
 struct audit_item {
     struct audit_item *next; /* queue order */
-    char *before;            /* canonical members sorting before "seq" ("" if none) */
-    char *after;             /* canonical members sorting after "seq" ("" if none) */
+    char *text;              /* canonical text with "seq":0 ("" when invalid) */
+    size_t seq_at;           /* offset in text of that 0 */
     bool invalid;            /* the record has no canonical form: fails with PEP_EINVAL */
     char *copies[8];         /* the indexed copy columns' values (NULL: SQL NULL) */
     audit_apply_fn apply;    /* may be NULL */
@@ -341,14 +340,13 @@ static int store_checkpoint(struct audit_store *s, int64_t seq, const uint8_t ha
 /* The canonical text of the item's record with "seq": seq; malloc'd, or NULL. */
 static char *store_splice_seq(const struct audit_item *it, int64_t seq) {
     char *text = NULL;
-    int n = asprintf(&text, "{%s%s\"seq\":%lld%s%s}", it->before, *it->before ? "," : "",
-                     (long long)seq, *it->after ? "," : "", it->after);
+    int n = asprintf(&text, "%.*s%lld%s", (int)it->seq_at, it->text, (long long)seq,
+                     it->text + it->seq_at + 1);
     return n < 0 ? NULL : text;
 }
 
 static void store_item_free(struct audit_item *it) {
-    free(it->before);
-    free(it->after);
+    free(it->text);
     for (size_t i = 0; i < AUDIT_COPY_FIELDS; i++)
         free(it->copies[i]);
     free(it);
@@ -680,27 +678,44 @@ void audit_close(struct audit_store *s) {
     store_free(s);
 }
 
-/* Renders the members of record that sort before (or after) "seq" canonically, without
- * the braces.  Returns a malloc'd string ("" when there are none) or NULL. */
-static char *store_render_half(json_t *record, bool before) {
-    json_t *half = json_object();
-    const char *key;
-    json_t *value;
-    if (!half) return NULL;
-    json_object_foreach(record, key, value) {
-        int cmp = strcmp(key, "seq");
-        if (cmp != 0 && (cmp < 0) == before && json_object_set(half, key, value) != 0) {
-            json_decref(half);
-            return NULL;
+/* The offset of the value of the top-level "seq" member in text, the canonical text of
+ * an object, or -1.  The scan follows strings (and their escapes) and nesting, so a "seq"
+ * inside a string or a nested object is never taken for it: at depth 1 and outside a
+ * string, a '"' that follows '{' or ',' opens a key. */
+static long store_find_seq(const char *text) {
+    int depth = 0;
+    bool in_string = false;
+    for (size_t i = 0; text[i]; i++) {
+        char c = text[i];
+        if (in_string) {
+            if (c == '\\' && text[i + 1])
+                i++; /* the escaped character; \uXXXX digits are harmless */
+            else if (c == '"')
+                in_string = false;
+        } else if (c == '"') {
+            if (depth == 1 && (text[i - 1] == '{' || text[i - 1] == ',') &&
+                strncmp(text + i, "\"seq\":", 6) == 0)
+                return (long)(i + 6);
+            in_string = true;
+        } else if (c == '{' || c == '[') {
+            depth++;
+        } else if (c == '}' || c == ']') {
+            depth--;
         }
     }
-    char *text = audit_canonical_json(half);
-    json_decref(half);
-    if (!text) return NULL;
-    size_t len = strlen(text); /* "{…}" → "…" */
-    memmove(text, text + 1, len - 2);
-    text[len - 2] = '\0';
-    return text;
+    return -1;
+}
+
+/* Renders record (which it modifies: "seq" is set to 0) into it->text and it->seq_at.
+ * Returns false when the record has no canonical form. */
+static bool store_render(struct audit_item *it, json_t *record) {
+    if (json_object_set_new(record, "seq", json_integer(0)) != 0) return false;
+    it->text = audit_canonical_json(record);
+    if (!it->text) return false;
+    long at = store_find_seq(it->text);
+    if (at < 0 || it->text[at] != '0') return false; /* cannot happen: jansson wrote it */
+    it->seq_at = (size_t)at;
+    return true;
 }
 
 int audit_submit(struct audit_store *s, json_t *record, audit_apply_fn apply, void *apply_arg,
@@ -716,19 +731,19 @@ int audit_submit(struct audit_store *s, json_t *record, audit_apply_fn apply, vo
     }
     *it = (struct audit_item){
         .apply = apply, .apply_arg = apply_arg, .done = done, .done_arg = done_arg};
-    /* The serial writer's work is done here, on the caller's thread, in parallel.  A half
-     * that has no canonical form (a real, a bad key …) makes the whole record invalid. */
-    it->before = store_render_half(record, true);
-    it->after = store_render_half(record, false);
-    it->invalid = !it->before || !it->after;
+    /* The serial writer's work is done here, on the caller's thread, in parallel.  A record
+     * with no canonical form (a real, a bad key …) is invalid and fails alone. */
+    it->invalid = !store_render(it, record);
     for (size_t i = 0; !it->invalid && i < AUDIT_COPY_FIELDS; i++) {
         const char *v = json_string_value(json_object_get(record, audit_copy_fields[i]));
         if (v && !(it->copies[i] = strdup(v))) it->invalid = true;
     }
     json_decref(record);
-    if (!it->before) it->before = strdup("");
-    if (!it->after) it->after = strdup("");
-    if (!it->before || !it->after) {
+    if (it->invalid) {
+        free(it->text);
+        it->text = strdup("");
+    }
+    if (!it->text) {
         store_item_free(it);
         return PEP_EUNAVAILABLE;
     }

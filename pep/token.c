@@ -693,8 +693,10 @@ enum token_status token_verify(struct token_verifier *v, const struct keyring *k
     if (skew_s < 0) skew_s = 0;
     size_t len = strnlen(token, TOKEN_MAX_LEN + 1);
     if (len == 0 || len > TOKEN_MAX_LEN) return TOKEN_MALFORMED;
+    /* SECURITY: without a digest (hashing failed) the cache is neither read nor written,
+     * so two tokens can never share an entry. */
+    if (v && pep_sha256_parts(token, len, "", 0, digest) != 0) v = NULL;
     if (v) {
-        pep_sha256(token, len, digest);
         if (token_cache_lookup(v, k, digest, issuer, audience, now_s, skew_s, claims, &st))
             return st;
     }

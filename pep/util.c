@@ -12,7 +12,6 @@
 #include <limits.h>
 #include <openssl/evp.h>
 #include <openssl/rand.h>
-#include <openssl/sha.h>
 #include <pthread.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -179,8 +178,35 @@ int pep_parse_size(const char *s, uint64_t *out_bytes) {
     return PEP_EINVAL;
 }
 
+/* OpenSSL 3 looks an algorithm up by name on every one-shot SHA256() or
+ * EVP_DigestInit(EVP_sha256()) (an "implicit fetch"), which costs more than hashing a
+ * token or an audit record; SHA-256 is fetched once and reused. */
+static EVP_MD *sha256_md;
+static pthread_once_t sha256_once = PTHREAD_ONCE_INIT;
+
+static void sha256_fetch(void) {
+    sha256_md = EVP_MD_fetch(NULL, "SHA256", NULL);
+}
+
+int pep_sha256_parts(const void *a, size_t a_len, const void *b, size_t b_len, uint8_t out[32]) {
+    pthread_once(&sha256_once, sha256_fetch);
+    const EVP_MD *md = sha256_md ? sha256_md : EVP_sha256();
+    unsigned int out_len = 0;
+    int rc = PEP_ECRYPTO;
+    EVP_MD_CTX *ctx = EVP_MD_CTX_new();
+    if (ctx && EVP_DigestInit_ex2(ctx, md, NULL) == 1 && EVP_DigestUpdate(ctx, a, a_len) == 1 &&
+        EVP_DigestUpdate(ctx, b, b_len) == 1 && EVP_DigestFinal_ex(ctx, out, &out_len) == 1 &&
+        out_len == 32)
+        rc = 0;
+    EVP_MD_CTX_free(ctx);
+    if (rc) memset(out, 0, 32);
+    return rc;
+}
+
 void pep_sha256(const void *data, size_t len, uint8_t out[32]) {
-    SHA256(data, len, out);
+    /* Only an allocation failure can fail this (out is then zeroed); callers that key
+     * anything security-relevant by the digest use pep_sha256_parts and its result. */
+    (void)pep_sha256_parts(data, len, "", 0, out);
 }
 
 void pep_hex(const uint8_t *data, size_t len, char *out) {

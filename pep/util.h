@@ -32,6 +32,8 @@ int pep_parse_size(const char *s, uint64_t *out_bytes);
 
 /* SHA-256 of len bytes into out[32]. */
 void pep_sha256(const void *data, size_t len, uint8_t out[32]);
+/* SHA-256 of a's bytes followed by b's into out[32]; 0, or PEP_ECRYPTO with out zeroed. */
+int pep_sha256_parts(const void *a, size_t a_len, const void *b, size_t b_len, uint8_t out[32]);
 /* Lowercase hex of len bytes into out (2*len+1 bytes, NUL-terminated). */
 void pep_hex(const uint8_t *data, size_t len, char *out);
 /* Decodes 2*len hex digits into out[len]; returns 0 or PEP_EINVAL. */

@@ -475,6 +475,49 @@ static void test_record_text_and_links(void **state) {
     sqlite3_close(db);
 }
 
+/* The writer puts the real seq where the top-level "seq" sorts, never into a "seq" that
+ * sits in a string, a nested object or an array, nor into a key that merely ends in seq. */
+static void test_record_seq_placement(void **state) {
+    struct fixture *f = *state;
+    static const char *const records[] = {
+        "{\"kind\":\"x\",\"nested\":{\"seq\":0,\"a\":1},\"note\":\",\\\"seq\\\":0\"}",
+        "{\"kind\":\"x\",\"x\\\"seq\":0,\"a\":[{\"seq\":0}]}",
+        "{\"se\":\"\\\\\",\"seqq\":\"{\",\"sep\":\"]\",\"r\":\"\\\"\"}",
+        "{\"seq\":7,\"zz\":{\"seq\":{\"seq\":0}}}",
+        "{}",
+    };
+    enum { N = sizeof records / sizeof *records };
+    struct audit_store *s = open_store(f->db, NULL);
+    struct tracker *t = tracker_new(N);
+    for (size_t i = 0; i < N; i++) {
+        json_t *rec = json_loads(records[i], 0, NULL);
+        assert_non_null(rec);
+        assert_int_equal(audit_submit(s, rec, NULL, NULL, tracker_done, &t->slots[i]), 0);
+    }
+    tracker_wait(t, N);
+    tracker_free(t);
+    audit_close(s);
+
+    sqlite3 *db = raw_open(f->db);
+    sqlite3_stmt *st = NULL;
+    assert_int_equal(
+        sqlite3_prepare_v2(db, "SELECT seq, record FROM audit ORDER BY seq", -1, &st, NULL),
+        SQLITE_OK);
+    for (size_t i = 0; i < N; i++) {
+        assert_int_equal(sqlite3_step(st), SQLITE_ROW);
+        json_t *want = json_loads(records[i], 0, NULL);
+        json_object_set_new(want, "seq", json_integer(sqlite3_column_int64(st, 0)));
+        char *text = audit_canonical_json(want);
+        assert_non_null(text);
+        assert_string_equal((const char *)sqlite3_column_text(st, 1), text);
+        free(text);
+        json_decref(want);
+    }
+    sqlite3_finalize(st);
+    sqlite3_close(db);
+    verify_expect(f->db, true, 0, NULL, N);
+}
+
 static void test_reopen_continues(void **state) {
     struct fixture *f = *state;
     make_store(f->db, 3, NULL);
@@ -1153,6 +1196,8 @@ int main(void) {
         cmocka_unit_test(test_chain_hash),
         cmocka_unit_test_setup_teardown(test_concurrent_append, fixture_setup, fixture_teardown),
         cmocka_unit_test_setup_teardown(test_record_text_and_links, fixture_setup,
+                                        fixture_teardown),
+        cmocka_unit_test_setup_teardown(test_record_seq_placement, fixture_setup,
                                         fixture_teardown),
         cmocka_unit_test_setup_teardown(test_reopen_continues, fixture_setup, fixture_teardown),
         cmocka_unit_test_setup_teardown(test_db_file_mode, fixture_setup, fixture_teardown),
