@@ -684,8 +684,9 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
 static int resolve_listen(const char *spec, struct sockaddr_storage *ss, socklen_t *len, char *host,
                           size_t host_cap, struct pep_err *err) {
     const char *colon = strrchr(spec, ':');
-    if (!colon || colon == spec)
-        return pep_err_set(err, PEP_EINVAL, "listen address '%s' is not HOST:PORT", spec);
+    if (!pep_listen_address_ok(spec))
+        return pep_err_set(err, PEP_EINVAL,
+                           "listen address '%s' is not HOST:PORT with a port of 0 to 65535", spec);
     size_t hlen = (size_t)(colon - spec);
     const char *h = spec;
     if (spec[0] == '[' && hlen >= 2 && spec[hlen - 1] == ']') {

@@ -677,16 +677,7 @@ static bool policy_is_identifier(const char *s) {
 /* HOST:PORT, HOST a name, an IPv4 address or a bracketed IPv6 address; PORT 0-65535. */
 static void policy_check_listen(struct policy_compiler *c, const ynode *n, const char *s) {
     char q[96];
-    const char *colon = strrchr(s, ':');
-    bool ok = colon && colon != s && colon[1] != '\0' && strlen(colon + 1) <= 5 &&
-              strspn(colon + 1, "0123456789") == strlen(colon + 1) && atoi(colon + 1) <= 65535;
-    if (ok && s[0] == '[')
-        ok = colon[-1] == ']';
-    else if (ok)
-        ok = memchr(s, ':', (size_t)(colon - s)) == NULL;
-    for (const char *p = s; ok && p < colon; p++)
-        ok = !isspace((unsigned char)*p) && !iscntrl((unsigned char)*p) && *p != '/';
-    if (!ok)
+    if (!pep_listen_address_ok(s))
         policy_error_at(c, n, "bad listen address '%s': expected HOST:PORT (e.g. 127.0.0.1:8080)",
                         policy_q(n, q, sizeof q));
 }
@@ -1071,8 +1062,10 @@ static void policy_compile_identity(struct policy_compiler *c, const ynode *n) {
     if (!policy_map(c, n, keys)) return;
     const ynode *v, *ttl = yamltree_get(n, "token_ttl"), *max = yamltree_get(n, "max_token_ttl");
     if ((v = yamltree_get(n, "issuer"))) policy_name(c, v, "issuer", &p->issuer);
-    bool ok = (!ttl || policy_duration(c, ttl, &p->token_ttl_ms)) &&
-              (!max || policy_duration(c, max, &p->max_token_ttl_ms));
+    /* Both parsed before combining: every bad duration is reported in the same run. */
+    bool ttl_ok = !ttl || policy_duration(c, ttl, &p->token_ttl_ms);
+    bool max_ok = !max || policy_duration(c, max, &p->max_token_ttl_ms);
+    bool ok = ttl_ok && max_ok;
     if ((v = yamltree_get(n, "clock_skew"))) policy_duration(c, v, &p->clock_skew_ms);
     if (ok && p->token_ttl_ms > p->max_token_ttl_ms) {
         if (max)
@@ -1354,8 +1347,9 @@ static void policy_compile_retry(struct policy_compiler *c, const ynode *n,
     }
     if ((v = yamltree_get(n, "max_attempts"))) policy_int(c, v, 1, 100, &r->max_attempts);
     const ynode *base = yamltree_get(n, "base"), *max = yamltree_get(n, "max");
-    bool ok = (!base || policy_duration(c, base, &r->base_ms)) &&
-              (!max || policy_duration(c, max, &r->max_ms));
+    bool base_ok = !base || policy_duration(c, base, &r->base_ms);
+    bool max_ok = !max || policy_duration(c, max, &r->max_ms);
+    bool ok = base_ok && max_ok;
     if (ok && r->max_ms < r->base_ms)
         policy_error_at(c, max ? max : base, "retry max must be at least retry base");
     int e;
@@ -1867,7 +1861,7 @@ int policy_load(const char *path, const struct policy_load_options *opts, struct
     int rc = pep_read_file(path, POLICY_MAX_FILE_BYTES, &data, &len);
     if (rc == PEP_EIO) {
         int err = errno;
-        return policy_errors_single(errs, PEP_EIO, "%s: cannot read: %s", path, strerror(err));
+        return policy_errors_single(errs, PEP_EIO, "%s:1:1: cannot read: %s", path, strerror(err));
     }
     if (rc == PEP_EINVAL)
         return policy_errors_single(errs, PEP_EINVAL,

@@ -8,7 +8,6 @@
 #include "pep/server.h"
 #include "pep/util.h"
 
-#include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -38,10 +37,11 @@ int server_reload(struct server *s, struct policy_errors *errs) {
             fprintf(stderr, "pep: reload: policy agents could not be seeded\n");
         fprintf(stderr, "pep: policy reloaded from %s (policy_hash %s)\n", p->file, p->policy_hash);
     } else if (errs->len == 0) {
-        /* Unreadable file: say so in the same shape as a compile error. */
+        /* policy_load reports an unreadable or invalid file itself; what is left (out of
+         * memory) is said in the same shape, so callers always have one error to show. */
         char msg[4200];
-        snprintf(msg, sizeof msg, "%s:1:1: cannot read the policy file: %s", s->policy_path,
-                 strerror(errno));
+        snprintf(msg, sizeof msg, "%s:1:1: the policy could not be loaded: %s", s->policy_path,
+                 pep_strerror(rc));
         errs->items = calloc(1, sizeof(char *));
         if (errs->items && (errs->items[0] = strdup(msg))) errs->len = 1;
     }

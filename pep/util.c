@@ -369,3 +369,16 @@ int pep_write_file_atomic(const char *path, const void *data, size_t len, unsign
     if (rc) unlink(tmp);
     return rc;
 }
+
+bool pep_listen_address_ok(const char *s) {
+    const char *colon = strrchr(s, ':');
+    bool ok = colon && colon != s && colon[1] != '\0' && strlen(colon + 1) <= 5 &&
+              strspn(colon + 1, "0123456789") == strlen(colon + 1) && atoi(colon + 1) <= 65535;
+    if (ok && s[0] == '[')
+        ok = colon[-1] == ']';
+    else if (ok)
+        ok = memchr(s, ':', (size_t)(colon - s)) == NULL;
+    for (const char *p = s; ok && p < colon; p++)
+        ok = !isspace((unsigned char)*p) && !iscntrl((unsigned char)*p) && *p != '/';
+    return ok;
+}

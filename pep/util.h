@@ -57,4 +57,8 @@ int pep_read_file(const char *path, size_t max_bytes, char **out, size_t *out_le
 /* Writes data to path atomically (temp file + fsync + rename) with the given mode. */
 int pep_write_file_atomic(const char *path, const void *data, size_t len, unsigned mode);
 
+/* True when s is HOST:PORT or [V6]:PORT with a decimal port of at most 65535 (getaddrinfo
+ * would silently wrap a larger one) and no space, control character or '/' in HOST. */
+bool pep_listen_address_ok(const char *s);
+
 #endif

@@ -399,8 +399,8 @@ static void yamltree_syntax_error(struct yamltree_builder *b, const yaml_parser_
             if (b->data[i] == '\n') {
                 line++;
                 col = 1;
-            } else {
-                col++;
+            } else if (((unsigned char)b->data[i] & 0xC0) != 0x80) {
+                col++; /* columns count characters, as libyaml's marks do */
             }
         }
     }

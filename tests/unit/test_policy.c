@@ -177,7 +177,7 @@ static void test_load_missing_file(void **state) {
     assert_null(p);
     assert_int_equal(errs.len, 1);
     assert_string_equal(errs.items[0],
-                        "policies/does-not-exist.yaml: cannot read: No such file or directory");
+                        "policies/does-not-exist.yaml:1:1: cannot read: No such file or directory");
     policy_errors_free(&errs);
 }
 
@@ -610,6 +610,15 @@ static void test_error_bad_duration(void **state) {
     expect_error("version: 1\nserver: { drain_timeout: 0s }\n",
                  NAME ":2:26: bad duration '0s': expected a positive integer followed by ms, "
                       "s, m, h or d (250ms, 30s, 5m, 1h, 7d)");
+    /* A bad first duration does not hide a bad second one. */
+    const char *const both[] = {
+        NAME ":2:24: bad duration '1x': expected a positive integer followed by ms, s, m, h or d "
+             "(250ms, 30s, 5m, 1h, 7d)",
+        NAME ":2:43: bad duration '2y': expected a positive integer followed by ms, s, m, h or d "
+             "(250ms, 30s, 5m, 1h, 7d)",
+    };
+    expect_errors("version: 1\nidentity: { token_ttl: 1x, max_token_ttl: 2y }\n", false,
+                  ERRS(both));
 }
 
 static void test_error_bad_size(void **state) {
@@ -786,6 +795,9 @@ static void test_error_yaml_syntax(void **state) {
     expect_error("version: 1\nroutes:\n  - match: { path: /a/{x} }\n",
                  NAME ":3:23: YAML syntax error: did not find expected ',' or '}' (while parsing "
                       "a flow mapping at line 3, column 12)");
+    /* Columns count characters: two 2-byte characters before the bad byte. */
+    expect_error("version: 1\nserver: { data_dir: \xc3\xa9\xc3\xa9, lisen: \xff }\n",
+                 NAME ":2:32: YAML syntax error: invalid leading UTF-8 octet");
     expect_error("version: 1\n\tserver: {}\n",
                  NAME ":2:1: YAML syntax error: found a tab character that violates "
                       "indentation (while scanning a plain scalar at line 1, column 10)");

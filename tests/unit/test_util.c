@@ -120,6 +120,26 @@ static int cmp_id(const void *a, const void *b) {
     return strcmp(a, b);
 }
 
+static void test_listen_addresses(void **state) {
+    (void)state;
+    static const struct {
+        const char *spec;
+        bool ok;
+    } cases[] = {
+        {"127.0.0.1:8080", true},   {"127.0.0.1:0", true},
+        {"[::1]:65535", true},      {"localhost:1", true},
+        {"127.0.0.1:65536", false}, /* getaddrinfo would wrap it */
+        {"127.0.0.1:99999", false}, {"127.0.0.1:", false},
+        {":8080", false},           {"8080", false},
+        {"::1:8080", false},        {"127.0.0.1:80x", false},
+        {"127.0.0.1:-1", false},    {"a b:80", false},
+        {"a/b:80", false},          {"[::1:80", false},
+    };
+    for (size_t i = 0; i < PEP_ARRAY_LEN(cases); i++)
+        if (pep_listen_address_ok(cases[i].spec) != cases[i].ok)
+            fail_msg("'%s' should be %s", cases[i].spec, cases[i].ok ? "accepted" : "refused");
+}
+
 static void test_request_ids_ordered_and_unique(void **state) {
     (void)state;
     pthread_t th[4];
@@ -180,6 +200,7 @@ int main(void) {
         cmocka_unit_test(test_sizes),
         cmocka_unit_test(test_rfc3339),
         cmocka_unit_test(test_encodings),
+        cmocka_unit_test(test_listen_addresses),
         cmocka_unit_test(test_request_ids_ordered_and_unique),
         cmocka_unit_test(test_strmap),
     };
