@@ -21,6 +21,7 @@
 #include "audit/audit.h"
 #include "pep/util.h"
 
+#include <ctype.h>
 #include <string.h>
 
 /* True when v and everything under it can be dumped canonically (no reals, depth ok). */
@@ -52,12 +53,28 @@ static bool canon_value_ok(json_t *v, int depth) {
     }
 }
 
+/* jansson writes the \u escapes of control characters with uppercase hex digits; JSON
+ * canonicalization (RFC 8785 3.2.2.2) and most encoders (Python, Go, JavaScript) write
+ * lowercase, so a verifier in another language that re-serializes a record gets these
+ * bytes.  Outside strings canonical JSON has no backslash, so a linear scan suffices. */
+static void canon_lowercase_escapes(char *text) {
+    for (char *p = text; *p; p++) {
+        if (*p != '\\') continue;
+        if (!*++p) break; /* the escaped character, never the start of another escape */
+        if (*p == 'u')
+            for (int i = 1; i <= 4 && p[i]; i++)
+                p[i] = (char)tolower((unsigned char)p[i]);
+    }
+}
+
 char *audit_canonical_json(const json_t *record) {
     /* jansson's iteration API takes non-const pointers but only reads here. */
     json_t *r = (json_t *)record;
     if (!r || !json_is_object(r) || !canon_value_ok(r, 1)) return NULL;
     /* json_dumps fails (NULL) on invalid UTF-8 in a string made with *_nocheck. */
-    return json_dumps(r, JSON_SORT_KEYS | JSON_COMPACT);
+    char *text = json_dumps(r, JSON_SORT_KEYS | JSON_COMPACT);
+    if (text) canon_lowercase_escapes(text);
+    return text;
 }
 
 int audit_chain_hash(const uint8_t prev_hash[32], const char *record, size_t len, uint8_t out[32]) {

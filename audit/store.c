@@ -89,7 +89,13 @@ static const char audit_schema_sql[] =
     "CREATE TRIGGER IF NOT EXISTS checkpoints_no_update BEFORE UPDATE ON checkpoints BEGIN"
     " SELECT RAISE(ABORT, 'checkpoints are append-only: UPDATE refused'); END;"
     "CREATE TRIGGER IF NOT EXISTS checkpoints_no_delete BEFORE DELETE ON checkpoints BEGIN"
-    " SELECT RAISE(ABORT, 'checkpoints are append-only: DELETE refused'); END;";
+    " SELECT RAISE(ABORT, 'checkpoints are append-only: DELETE refused'); END;"
+    /* SECURITY: the same REPLACE hole as the audit table's.  An existing checkpoint is kept
+     * and the insert silently dropped (IGNORE, not ABORT: the writer's own INSERT OR IGNORE
+     * of a checkpoint that survived a truncated tail must not fail its batch). */
+    "CREATE TRIGGER IF NOT EXISTS checkpoints_insert_guard BEFORE INSERT ON checkpoints"
+    " WHEN EXISTS (SELECT 1 FROM checkpoints WHERE seq = NEW.seq) BEGIN"
+    " SELECT RAISE(IGNORE); END;";
 
 /* Record fields copied into columns, in the insert statement's order (?5 …). */
 static const char *const audit_copy_fields[] = {

@@ -178,10 +178,11 @@ static bool valid_id(const char *s) {
     return true;
 }
 
-/* A JSON array of non-empty strings, or (when allow_string) one space-separated string, as
- * a NULL-terminated vector whose strings point into `v` (or into *scratch).  NULL when
- * malformed. */
-static const char **string_list(json_t *v, bool allow_string, char **scratch, size_t *len) {
+/* A JSON array of strings that each pass `valid`, or (when allow_string) one space-separated
+ * string of them, as a NULL-terminated vector whose strings point into `v` (or into
+ * *scratch).  NULL when malformed. */
+static const char **string_list(json_t *v, bool allow_string, bool (*valid)(const char *),
+                                char **scratch, size_t *len) {
     const char **out = NULL;
     *len = 0;
     if (json_is_string(v) && allow_string) {
@@ -189,8 +190,13 @@ static const char **string_list(json_t *v, bool allow_string, char **scratch, si
         if (!*scratch) return NULL;
         out = calloc(strlen(*scratch) / 2 + 2, sizeof *out);
         for (char *save = NULL, *tok = strtok_r(*scratch, " ", &save); out && tok;
-             tok = strtok_r(NULL, " ", &save))
+             tok = strtok_r(NULL, " ", &save)) {
+            if (!valid(tok)) {
+                free(out);
+                return NULL;
+            }
             out[(*len)++] = tok;
+        }
         return out;
     }
     if (!json_is_array(v)) return NULL;
@@ -199,7 +205,7 @@ static const char **string_list(json_t *v, bool allow_string, char **scratch, si
     json_t *item;
     json_array_foreach(v, i, item) {
         const char *s = json_string_value(item);
-        if (!out || !s || !*s || strchr(s, ' ')) {
+        if (!out || !s || !valid(s)) {
             free(out);
             return NULL;
         }
@@ -289,17 +295,26 @@ static enum MHD_Result put_agent(struct request *r) {
     json_t *enabled_v = json_object_get(body, "enabled");
     char *scratch = NULL;
     size_t nt = 0, ns = 0;
-    const char **tenants = string_list(json_object_get(body, "tenants"), false, &scratch, &nt);
-    const char **scopes = string_list(json_object_get(body, "scopes"), false, &scratch, &ns);
+    const char **tenants =
+        string_list(json_object_get(body, "tenants"), false, pep_is_word, &scratch, &nt);
+    const char **scopes =
+        string_list(json_object_get(body, "scopes"), false, pep_is_scope_token, &scratch, &ns);
     enum MHD_Result rc = MHD_YES;
     if (!valid_id(id))
         bad_request(r, "'id' must be 1-128 characters of [A-Za-z0-9._@-]", NULL);
-    else if (owner_v && !json_is_string(owner_v))
-        bad_request(r, "'owner' must be a string", NULL);
+    else if (owner_v &&
+             (!json_is_string(owner_v) || !pep_has_no_control(json_string_value(owner_v))))
+        bad_request(r, "'owner' must be a string without control characters", NULL);
     else if (!tenants || nt == 0)
-        bad_request(r, "'tenants' must be a non-empty array of strings", NULL);
+        bad_request(r,
+                    "'tenants' must be a non-empty array of strings without whitespace or "
+                    "control characters",
+                    NULL);
     else if (!scopes)
-        bad_request(r, "'scopes' must be an array of strings", NULL);
+        bad_request(r,
+                    "'scopes' must be an array of RFC 6749 scope tokens (printable ASCII "
+                    "except space, '\"' and '\\')",
+                    NULL);
     else if (enabled_v && !json_is_boolean(enabled_v))
         bad_request(r, "'enabled' must be a boolean", NULL);
     else {
@@ -372,8 +387,8 @@ static enum MHD_Result issue_agent_token(struct request *r, const char *id) {
     json_t *acr_v = json_object_get(body, "acr");
     char *scratch = NULL;
     size_t ns = 0;
-    const char **scopes =
-        scopes_v ? string_list(scopes_v, true, &scratch, &ns) : (const char **)agent->scopes;
+    const char **scopes = scopes_v ? string_list(scopes_v, true, pep_is_scope_token, &scratch, &ns)
+                                   : (const char **)agent->scopes;
     if (!scopes_v) ns = agent->scopes_len;
     enum MHD_Result rc = MHD_YES;
     const char *missing = NULL;
@@ -385,7 +400,7 @@ static enum MHD_Result issue_agent_token(struct request *r, const char *id) {
     }
     if (ttl < 0)
         bad_request(r, "'ttl' must be a duration such as \"1h\" or whole seconds", NULL);
-    else if (ttl * 1000 > p->max_token_ttl_ms)
+    else if (ttl > p->max_token_ttl_ms / 1000) /* no ttl * 1000: it could overflow */
         bad_request(r, "'ttl' exceeds identity.max_token_ttl", NULL);
     else if (!scopes)
         bad_request(r, "'scopes' must be an array of strings or a space-separated string", NULL);
@@ -452,7 +467,8 @@ static enum MHD_Result put_operator(struct request *r) {
     const char *id = json_string_value(json_object_get(body, "id"));
     char *scratch = NULL;
     size_t nr = 0;
-    const char **roles = string_list(json_object_get(body, "roles"), false, &scratch, &nr);
+    const char **roles =
+        string_list(json_object_get(body, "roles"), false, pep_is_word, &scratch, &nr);
     static const char *const known[] = {"admin", "approver", "auditor"};
     const char *unknown = NULL;
     for (size_t i = 0; roles && i < nr && !unknown; i++) {
@@ -513,7 +529,7 @@ static enum MHD_Result issue_operator_token_handler(struct request *r, const cha
         int64_t ttl = ttl_seconds(json_object_get(body, "ttl"));
         if (ttl < 0)
             bad_request(r, "'ttl' must be a duration such as \"1h\" or whole seconds", NULL);
-        else if (ttl * 1000 > r->policy->max_token_ttl_ms)
+        else if (ttl > r->policy->max_token_ttl_ms / 1000)
             bad_request(r, "'ttl' exceeds identity.max_token_ttl", NULL);
         else {
             char *token = NULL;

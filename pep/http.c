@@ -40,6 +40,23 @@ struct policy *server_policy(struct server *s) {
     return p;
 }
 
+json_t *json_text(const char *s, size_t len) {
+    json_t *v = json_stringn(s, len);
+    if (v || !s) return v;
+    char *escaped = malloc(3 * len + 1), *o = escaped;
+    if (!escaped) return NULL;
+    for (size_t i = 0; i < len; i++) {
+        unsigned char b = (unsigned char)s[i];
+        if (b < 0x80)
+            *o++ = (char)b;
+        else
+            o += sprintf(o, "%%%02X", b);
+    }
+    v = json_stringn(escaped, (size_t)(o - escaped));
+    free(escaped);
+    return v;
+}
+
 json_t *server_record(const char *kind, const char *request_id) {
     char ts[32];
     pep_format_rfc3339_us(pep_now_us(), ts);
@@ -91,8 +108,8 @@ void reply_json(struct request *r, int status, json_t *body) {
 
 void reply_error(struct request *r, int status, const char *code, const char *message,
                  json_t *extra) {
-    json_t *err = json_pack("{s:s, s:s, s:s, s:s}", "type", "pep_error", "code", code, "message",
-                            message, "request_id", r->id);
+    json_t *err = json_pack("{s:s, s:s, s:o, s:s}", "type", "pep_error", "code", code, "message",
+                            json_text(message, strlen(message)), "request_id", r->id);
     if (err && extra) json_object_update(err, extra);
     json_decref(extra);
     reply_json(r, status, json_pack("{s:o}", "error", err));
@@ -182,7 +199,7 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
 /* ---- audit records ---------------------------------------------------------------------- */
 
 static void set_str(json_t *rec, const char *key, const char *value) {
-    if (value) json_object_set_new(rec, key, json_string(value));
+    if (value) json_object_set_new(rec, key, json_text(value, strlen(value)));
 }
 
 static json_t *decision_record(const struct request *r) {
@@ -193,7 +210,7 @@ static json_t *decision_record(const struct request *r) {
     if (!r->path && r->target) {
         /* A refused path is recorded as received (minus the query: it may hold secrets). */
         size_t n = strcspn(r->target, "?");
-        json_object_set_new(rec, "path", json_stringn(r->target, n));
+        json_object_set_new(rec, "path", json_text(r->target, n));
     }
     const struct decision *d = &r->decision;
     json_object_set_new(rec, "decision", json_string(d->allow ? "allow" : "deny"));
@@ -204,7 +221,7 @@ static json_t *decision_record(const struct request *r) {
         set_str(rec, "agent", r->agent->id);
     else if (r->claims)
         set_str(rec, "agent", r->claims->sub);
-    if (d->tenant) json_object_set_new(rec, "tenant", json_stringn(d->tenant, d->tenant_len));
+    if (d->tenant) json_object_set_new(rec, "tenant", json_text(d->tenant, d->tenant_len));
     if (r->policy) set_str(rec, "policy_hash", r->policy->policy_hash);
     return rec;
 }
@@ -562,8 +579,7 @@ static void submit_outcome(struct request *r, const char *code, int status) {
     set_str(rec, "action", route->action->name);
     if (r->agent) set_str(rec, "agent", r->agent->id);
     if (r->decision.tenant)
-        json_object_set_new(rec, "tenant",
-                            json_stringn(r->decision.tenant, r->decision.tenant_len));
+        json_object_set_new(rec, "tenant", json_text(r->decision.tenant, r->decision.tenant_len));
     json_object_set_new(rec, "fallback_step", json_integer(0));
     json_object_set_new(rec, "latency_us", json_integer(pep_mono_us() - r->start_mono_us));
     if (audit_submit(r->srv->audit, rec, NULL, NULL, NULL, NULL) != 0)

@@ -535,20 +535,38 @@ static bool policy_name(struct policy_compiler *c, const ynode *n, const char *w
 /* A non-empty string without whitespace (scopes travel space-separated in tokens). */
 static bool policy_word(struct policy_compiler *c, const ynode *n, const char *what, char **out) {
     if (!policy_name(c, n, what, out)) return false;
-    for (const char *s = *out; *s; s++) {
-        if (isspace((unsigned char)*s) || iscntrl((unsigned char)*s)) {
-            policy_error_at(c, n, "%s must not contain whitespace or control characters", what);
-            free(*out);
-            *out = NULL;
-            return false;
-        }
+    if (!pep_is_word(*out)) {
+        policy_error_at(c, n, "%s must not contain whitespace or control characters", what);
+        free(*out);
+        *out = NULL;
+        return false;
     }
     return true;
 }
 
 /* A sequence of words into a new array.  Entries in error are left out. */
+/* A scope: a word that is also an RFC 6749 scope-token, so that tokens can carry it. */
+static bool policy_scope(struct policy_compiler *c, const ynode *n, const char *what, char **out) {
+    if (!policy_word(c, n, what, out)) return false;
+    if (!pep_is_scope_token(*out)) {
+        char q[64];
+        policy_error_at(c, n,
+                        "%s '%s' has a character a token cannot carry (RFC 6749: printable "
+                        "ASCII except space, '\"' and '\\')",
+                        what, policy_q(n, q, sizeof q));
+        free(*out);
+        *out = NULL;
+        return false;
+    }
+    return true;
+}
+
+typedef bool (*policy_item_fn)(struct policy_compiler *c, const ynode *n, const char *what,
+                               char **out);
+
+/* A sequence of strings, each checked by item (policy_word or policy_scope). */
 static bool policy_word_list(struct policy_compiler *c, const ynode *n, const char *what,
-                             bool nonempty, char ***out, size_t *out_len) {
+                             bool nonempty, policy_item_fn item, char ***out, size_t *out_len) {
     if (!policy_want(c, n, YAMLTREE_SEQUENCE)) return false;
     if (nonempty && n->len == 0) {
         policy_error_at(c, n, "%s must not be empty", what);
@@ -558,7 +576,7 @@ static bool policy_word_list(struct policy_compiler *c, const ynode *n, const ch
     if (!v) return false;
     size_t len = 0;
     for (size_t i = 0; i < n->len; i++)
-        if (policy_word(c, n->items[i], what, &v[len])) len++;
+        if (item(c, n->items[i], what, &v[len])) len++;
     *out = v;
     *out_len = len;
     return true;
@@ -1102,9 +1120,9 @@ static void policy_compile_agents(struct policy_compiler *c, const ynode *n) {
             policy_index_add(c, &c->agent_ids, strdup(a->id), p->agents_len - 1, policy_loc_of(v));
         if ((v = yamltree_get(item, "owner"))) policy_name(c, v, "owner", &a->owner);
         if ((v = yamltree_get(item, "tenants")))
-            policy_word_list(c, v, "tenants", true, &a->tenants, &a->tenants_len);
+            policy_word_list(c, v, "tenants", true, policy_word, &a->tenants, &a->tenants_len);
         if ((v = yamltree_get(item, "scopes")))
-            policy_word_list(c, v, "scopes", false, &a->scopes, &a->scopes_len);
+            policy_word_list(c, v, "scope", false, policy_scope, &a->scopes, &a->scopes_len);
         if ((v = yamltree_get(item, "enabled"))) policy_bool(c, v, &a->enabled);
     }
     policy_index_duplicates(c, &c->agent_ids, policy_report_duplicate_agent);
@@ -1487,7 +1505,8 @@ static void policy_compile_control(struct policy_compiler *c, const ynode *n, st
         if (policy_map(c, v, approval_keys)) {
             const ynode *w;
             if ((w = yamltree_get(v, "approvers")))
-                policy_word_list(c, w, "approvers", true, &ctl->approvers, &ctl->approvers_len);
+                policy_word_list(c, w, "approvers", true, policy_word, &ctl->approvers,
+                                 &ctl->approvers_len);
             if ((w = yamltree_get(v, "ttl"))) policy_duration(c, w, &ctl->approval_ttl_ms);
             if ((w = yamltree_get(v, "distinct_from_owner")))
                 policy_bool(c, w, &ctl->distinct_from_owner);
@@ -1506,7 +1525,7 @@ static void policy_compile_action(struct policy_compiler *c, const ynode *n, str
                                                   [RATELIMIT_KEY_GLOBAL] = "global"};
     if (!policy_map(c, n, keys)) return;
     const ynode *v;
-    if ((v = yamltree_get(n, "scope"))) policy_word(c, v, "scope", &a->scope);
+    if ((v = yamltree_get(n, "scope"))) policy_scope(c, v, "scope", &a->scope);
     if ((v = yamltree_get(n, "rate_limits")) && policy_want(c, v, YAMLTREE_SEQUENCE)) {
         a->rate_limits = policy_calloc(c, v->len, sizeof *a->rate_limits);
         for (size_t i = 0; a->rate_limits && i < v->len; i++) {

@@ -13,10 +13,11 @@
 #include <string.h>
 
 struct registry {
-    pthread_rwlock_t lock;    /* guards the three maps; records themselves are immutable */
-    struct strmap *agents;    /* id → struct agent* (one reference held by the map) */
-    struct strmap *operators; /* id → struct operator_rec* */
-    struct strmap *tokens;    /* jti → struct token_rec* (owned by the map) */
+    pthread_rwlock_t lock;     /* guards the three maps; records themselves are immutable */
+    struct strmap *agents;     /* id → struct agent* (one reference held by the map) */
+    struct strmap *operators;  /* id → struct operator_rec* */
+    struct strmap *tokens;     /* jti → struct token_rec* (owned by the map) */
+    uint64_t tokens_published; /* the next token_rec.order; guarded by lock */
 };
 
 /* ---- string arrays ------------------------------------------------------------------ */
@@ -338,7 +339,7 @@ static int load_tokens(struct registry *r, sqlite3 *db, struct pep_err *err) {
     sqlite3_stmt *st = NULL;
     if (sqlite3_prepare_v2(db,
                            "SELECT jti, subject, operator, issued_at, expires_at,"
-                           " coalesce(revoked_at, 0) FROM tokens",
+                           " coalesce(revoked_at, 0) FROM tokens ORDER BY rowid",
                            -1, &st, NULL) != SQLITE_OK)
         return pep_err_set(err, PEP_EDB, "registry: %s", sqlite3_errmsg(db));
     int step, rc = 0;
@@ -413,16 +414,20 @@ static void collect_value(const char *key, void *value, void *arg) {
     if (!c->keep || c->keep(value, c->keep_arg)) c->items[c->len++] = value;
 }
 
-static int cmp_agent_id(const void *a, const void *b) {
+/* Lists are newest last (SPEC 8): agents by creation time (then id, for the agents a
+ * policy seeds in the same instant), tokens by issue time, then by the order the registry
+ * learnt of them (rowid order at load, then commit order): issue times are whole seconds. */
+static int cmp_agent_created(const void *a, const void *b) {
     const struct agent *x = *(const struct agent *const *)a, *y = *(const struct agent *const *)b;
+    if (x->created_at_us != y->created_at_us) return x->created_at_us < y->created_at_us ? -1 : 1;
     return strcmp(x->id, y->id);
 }
 
-static int cmp_token_issued(const void *a, const void *b) {
+static int cmp_token_order(const void *a, const void *b) {
     const struct token_rec *x = *(const struct token_rec *const *)a;
     const struct token_rec *y = *(const struct token_rec *const *)b;
     if (x->issued_at_s != y->issued_at_s) return x->issued_at_s < y->issued_at_s ? -1 : 1;
-    return strcmp(x->jti, y->jti);
+    return x->order < y->order ? -1 : x->order > y->order;
 }
 
 /* Collects a map's kept values under the read lock, sorts them and renders each. */
@@ -459,12 +464,11 @@ static bool keep_agent_token(const void *value, const void *arg) {
 }
 
 json_t *registry_list_agents(struct registry *r) {
-    return list_sorted(r, r->agents, NULL, NULL, cmp_agent_id, render_agent);
+    return list_sorted(r, r->agents, NULL, NULL, cmp_agent_created, render_agent);
 }
 
 json_t *registry_list_tokens(struct registry *r, const char *agent_filter) {
-    return list_sorted(r, r->tokens, keep_agent_token, agent_filter, cmp_token_issued,
-                       render_token);
+    return list_sorted(r, r->tokens, keep_agent_token, agent_filter, cmp_token_order, render_token);
 }
 
 /* ---- write-through ---------------------------------------------------------------------- */
@@ -558,6 +562,7 @@ void registry_publish_token(struct registry *r, const struct token_rec *t) {
     }
     void *old = NULL;
     pthread_rwlock_wrlock(&r->lock);
+    copy->order = r->tokens_published++;
     if (strmap_put(r->tokens, copy->jti, copy, &old) != 0) old = copy;
     pthread_rwlock_unlock(&r->lock);
     if (old) free_token_value(old);

@@ -53,6 +53,7 @@ struct token_rec {
     int64_t issued_at_s;
     int64_t expires_at_s;
     int64_t revoked_at_s; /* 0 while valid */
+    uint64_t order;       /* publication order (set by the registry): lists are newest last */
 };
 
 /* Builds a new agent record (refcount 1); strings are copied.  NULL on ENOMEM. */

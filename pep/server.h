@@ -121,6 +121,12 @@ struct request {
     void (*admin_op_free)(void *op);
 };
 
+/* A JSON string of len bytes that may not be UTF-8 (a path, an id or a tenant as a client
+ * sent it, or a message quoting one).  When they are not valid UTF-8, bytes of 0x80 and
+ * above are written %XX, so that an answer or a record never loses the field (jansson
+ * refuses invalid UTF-8).  NULL only when out of memory. */
+json_t *json_text(const char *s, size_t len);
+
 /* Reply helpers (listener thread, or a callback before resuming). */
 int reply_set_header(struct reply *rep, const char *name, const char *value);
 /* Frees what rep holds and zeroes it. */

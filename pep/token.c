@@ -97,15 +97,6 @@ const char *token_status_message(enum token_status st) {
 /* ---------------------------------------------------------------------------------- */
 /* Issue                                                                               */
 
-/* RFC 6749 3.3: scope-token = 1*( %x21 / %x23-5B / %x5D-7E ). */
-static bool token_is_scope_token(const char *s) {
-    if (!s || !*s) return false;
-    for (const unsigned char *p = (const unsigned char *)s; *p; p++) {
-        if (*p < 0x21 || *p > 0x7e || *p == 0x22 || *p == 0x5c) return false;
-    }
-    return true;
-}
-
 /* Joins scopes with single spaces into a malloc'd string. */
 static char *token_join_scopes(const char *const *scopes, size_t n) {
     size_t total = 1;
@@ -143,7 +134,7 @@ int token_issue(const struct keyring *k, const struct token_request *req, char *
                            TOKEN_MAX_ROLES);
     /* The scope claim is space-separated: a scope with a space in it would split. */
     for (size_t i = 0; i < req->scopes_len; i++) {
-        if (!token_is_scope_token(req->scopes[i]))
+        if (!pep_is_scope_token(req->scopes[i]))
             return pep_err_set(err, PEP_EINVAL,
                                "scope %zu is empty or has a character "
                                "outside RFC 6749 scope-token",

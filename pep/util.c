@@ -382,3 +382,23 @@ bool pep_listen_address_ok(const char *s) {
         ok = !isspace((unsigned char)*p) && !iscntrl((unsigned char)*p) && *p != '/';
     return ok;
 }
+
+bool pep_is_word(const char *s) {
+    if (!s || !*s) return false;
+    for (; *s; s++)
+        if (isspace((unsigned char)*s) || iscntrl((unsigned char)*s)) return false;
+    return true;
+}
+
+bool pep_has_no_control(const char *s) {
+    for (; s && *s; s++)
+        if (iscntrl((unsigned char)*s)) return false;
+    return true;
+}
+
+bool pep_is_scope_token(const char *s) {
+    if (!s || !*s) return false;
+    for (const unsigned char *p = (const unsigned char *)s; *p; p++)
+        if (*p < 0x21 || *p > 0x7e || *p == 0x22 || *p == 0x5c) return false;
+    return true;
+}

@@ -61,4 +61,14 @@ int pep_write_file_atomic(const char *path, const void *data, size_t len, unsign
  * would silently wrap a larger one) and no space, control character or '/' in HOST. */
 bool pep_listen_address_ok(const char *s);
 
+/* A non-empty string with no whitespace and no control character: tenants, scopes, ids. */
+bool pep_is_word(const char *s);
+/* True when s (NULL counts as empty) has no control character: free text such as an
+ * agent's owner. */
+bool pep_has_no_control(const char *s);
+/* RFC 6749 3.3 scope-token: 1*( %x21 / %x23-5B / %x5D-7E ), printable ASCII without space,
+ * '"' and '\\'.  Only such scopes fit a token's space-separated `scope` claim, so agents
+ * are refused any other (policy and admin API alike). */
+bool pep_is_scope_token(const char *s);
+
 #endif

@@ -269,7 +269,9 @@ static void test_canonical_json(void **state) {
         {"{\"s\":\"a\\u0000b\"}", "{\"s\":\"a\\u0000b\"}"},
         /* escaping: quote, backslash, control chars; '/' and UTF-8 kept as is */
         {"{\"s\":\"q\\\"b\\\\c\\u0001\\u001f\\n\\t\\r\\b\\f/x\\/y\"}",
-         "{\"s\":\"q\\\"b\\\\c\\u0001\\u001F\\n\\t\\r\\b\\f/x/y\"}"},
+         "{\"s\":\"q\\\"b\\\\c\\u0001\\u001f\\n\\t\\r\\b\\f/x/y\"}"},
+        /* an escaped backslash followed by "u" is not an escape to lowercase */
+        {"{\"s\":\"\\\\uABCD\\u001B\"}", "{\"s\":\"\\\\uABCD\\u001b\"}"},
         {"{\"s\":\"\\u00e9\\u20ac\\ud83d\\ude00\x7f\"}",
          "{\"s\":\"\xc3\xa9\xe2\x82\xac\xf0\x9f\x98\x80\x7f\"}"},
         {"{\"n\":-9223372036854775808,\"m\":0,\"k\":123}",
@@ -596,6 +598,18 @@ static void test_triggers_refuse(void **state) {
                      SQLITE_CONSTRAINT);
     assert_int_equal(sqlite3_exec(db, "UPDATE checkpoints SET jwt = 'x'", NULL, NULL, NULL),
                      SQLITE_CONSTRAINT);
+    /* REPLACE cannot overwrite one either (this connection has no recursive_triggers) */
+    assert_int_equal(sqlite3_exec(db,
+                                  "INSERT OR REPLACE INTO checkpoints"
+                                  " VALUES (1, zeroblob(32), 'evil', 'now')",
+                                  NULL, NULL, NULL),
+                     SQLITE_OK);
+    assert_int_equal(
+        sqlite3_exec(db, "REPLACE INTO checkpoints VALUES (1, zeroblob(32), 'evil', 'now')", NULL,
+                     NULL, NULL),
+        SQLITE_OK);
+    assert_int_equal(query_int(db, "SELECT count(*) FROM checkpoints WHERE jwt = 'j'"), 1);
+    assert_int_equal(query_int(db, "SELECT count(*) FROM checkpoints"), 1);
     sqlite3_close(db);
     (void)s;
     verify_expect(f->db, false, 1, "hash differs from the checkpoint at seq 1", 0);

@@ -30,11 +30,17 @@
 /* 2023-11-14T22:13:20.123456Z */
 #define T0_US INT64_C(1700000000123456)
 
-static struct agent *make_agent(const char *id, bool enabled) {
+static struct agent *make_agent_at(const char *id, bool enabled, int64_t created_at_us) {
     const char *tenants[] = {"acme", "globex"};
     const char *scopes[] = {"llm.chat", "tool.*"};
-    struct agent *a =
-        agent_new(id, "owner@example.test", tenants, 2, scopes, 2, enabled, T0_US, T0_US + 1);
+    struct agent *a = agent_new(id, "owner@example.test", tenants, 2, scopes, 2, enabled,
+                                created_at_us, created_at_us + 1);
+    assert_non_null(a);
+    return a;
+}
+
+static struct agent *make_agent(const char *id, bool enabled) {
+    struct agent *a = make_agent_at(id, enabled, T0_US);
     assert_non_null(a);
     return a;
 }
@@ -379,13 +385,16 @@ static void test_list_agents_sorted(void **state) {
     assert_json(l, "[]");
     json_decref(l);
 
+    /* Newest last; agents created in the same instant (seeded by a policy) by id. */
     const char *ids[] = {"zeta", "alpha", "mike", "Bravo", "alpha2"};
+    const int64_t created[] = {T0_US + 5, T0_US + 1, T0_US + 1, T0_US + 1, T0_US};
     for (size_t i = 0; i < PEP_ARRAY_LEN(ids); i++)
-        registry_publish_agent(r, make_agent(ids[i], i % 2 == 0));
-    registry_publish_agent(r, make_agent("mike", false)); /* a replacement is listed once */
+        registry_publish_agent(r, make_agent_at(ids[i], i % 2 == 0, created[i]));
+    /* a replacement is listed once, where its creation time puts it */
+    registry_publish_agent(r, make_agent_at("mike", false, T0_US + 1));
     l = registry_list_agents(r);
     assert_int_equal(json_array_size(l), 5);
-    const char *sorted[] = {"Bravo", "alpha", "alpha2", "mike", "zeta"};
+    const char *sorted[] = {"alpha2", "Bravo", "alpha", "mike", "zeta"};
     for (size_t i = 0; i < PEP_ARRAY_LEN(sorted); i++) {
         json_t *item = json_array_get(l, i);
         assert_string_equal(json_string_value(json_object_get(item, "id")), sorted[i]);
@@ -442,7 +451,7 @@ static void test_list_tokens(void **state) {
 
     l = registry_list_tokens(r, NULL);
     list_jtis(l, buf, sizeof buf);
-    assert_string_equal(buf, "T1 T2a T2b T3"); /* issue time, then jti */
+    assert_string_equal(buf, "T1 T2b T2a T3"); /* issue time, then publication order */
     assert_json(json_array_get(l, 0), "{\"jti\":\"T1\",\"agent\":\"b\",\"kind\":\"agent\","
                                       "\"issued_at\":\"1970-01-01T00:01:40.000000Z\","
                                       "\"expires_at\":\"1970-01-01T00:15:00.000000Z\","

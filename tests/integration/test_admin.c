@@ -1,0 +1,194 @@
+/*
+ * test_admin.c — the admin API's input checks and answer shapes (SPEC 5, 8) against a
+ * real pep: bounds that arithmetic must not bypass, lists newest last, identifiers that
+ * tokens and canonical records must be able to carry, and error answers that stay JSON
+ * whatever bytes a client put in a path.
+ *
+ * One pep serves the whole group; each test uses its own agents.
+ */
+#include "tests/integration/fixture.h"
+
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <cmocka.h>
+
+static const char *POLICY = "version: 1\n"
+                            "identity: { max_token_ttl: 1d }\n"
+                            "agents:\n"
+                            "  - { id: bot, owner: ops, tenants: [acme], scopes: [llm.chat] }\n"
+                            "upstreams:\n"
+                            "  mock: { base_url: \"@MOCK@\" }\n"
+                            "routes:\n"
+                            "  - match: { method: GET, path: \"/v1/tenants/{tenant}/search\" }\n"
+                            "    action: tool.search\n"
+                            "    forward: { upstream: mock, path: /search }\n"
+                            "actions:\n"
+                            "  tool.search: { scope: tool.search }\n";
+
+static struct fx F;
+
+static int group_setup(void **state) {
+    (void)state;
+    return fx_start(&F, POLICY, NULL, NULL);
+}
+
+static int group_teardown(void **state) {
+    (void)state;
+    fx_stop(&F);
+    return 0;
+}
+
+/* Calls the admin API and checks the SPEC 3.3 error shape when status is an error. */
+static json_t *admin_expect(const char *method, const char *path, const char *body, long status,
+                            const char *code) {
+    struct h_resp r = {0};
+    assert_int_equal(fx_admin(&F, &r, method, path, body), 0);
+    if (r.status != status)
+        fail_msg("%s %s %s: HTTP %ld, want %ld: %s", method, path, body ? body : "", r.status,
+                 status, r.body);
+    json_t *j = h_json(&r);
+    if (!j) fail_msg("%s %s: the answer is not JSON: '%s'", method, path, r.body);
+    if (code) {
+        json_t *err = json_object_get(j, "error");
+        assert_string_equal(json_string_value(json_object_get(err, "type")), "pep_error");
+        assert_string_equal(json_string_value(json_object_get(err, "code")), code);
+        assert_non_null(json_string_value(json_object_get(err, "message")));
+        assert_non_null(json_string_value(json_object_get(err, "request_id")));
+    }
+    h_resp_free(&r);
+    return j;
+}
+
+static void test_ttl_cannot_overflow_the_limit(void **state) {
+    (void)state;
+    /* ttl * 1000 would overflow int64 and compare as small (or negative). */
+    static const char *const bodies[] = {
+        "{\"ttl\":10000000000000000}",
+        "{\"ttl\":9223372036854775807}",
+        "{\"ttl\":86401}",
+        "{\"ttl\":\"25h\"}",
+    };
+    for (size_t i = 0; i < sizeof bodies / sizeof *bodies; i++) {
+        json_decref(
+            admin_expect("POST", "/admin/v1/agents/bot/tokens", bodies[i], 400, "bad_request"));
+    }
+    json_decref(admin_expect("POST", "/admin/v1/agents/bot/tokens", "{\"ttl\":86400}", 201, NULL));
+
+    json_decref(admin_expect("POST", "/admin/v1/operators",
+                             "{\"id\":\"ttl-op\",\"roles\":[\"auditor\"]}", 201, NULL));
+    json_decref(admin_expect("POST", "/admin/v1/operators/ttl-op/tokens",
+                             "{\"ttl\":10000000000000000}", 400, "bad_request"));
+}
+
+/* The ids of the objects in array `key` of j, in order, comma-separated. */
+static void ids_of(json_t *j, const char *key, const char *field, char *out, size_t cap) {
+    json_t *arr = json_object_get(j, key), *item;
+    size_t i, used = 0;
+    out[0] = '\0';
+    assert_true(json_is_array(arr));
+    json_array_foreach(arr, i, item) {
+        int n = snprintf(out + used, cap - used, "%s%s", i ? "," : "",
+                         json_string_value(json_object_get(item, field)));
+        assert_true(n > 0 && (size_t)n < cap - used);
+        used += (size_t)n;
+    }
+}
+
+static void test_lists_are_newest_last(void **state) {
+    (void)state;
+    /* Names that sort the other way round from their creation order. */
+    static const char *const agents[] = {"order-z", "order-m", "order-a"};
+    for (size_t i = 0; i < 3; i++) {
+        char body[160];
+        snprintf(body, sizeof body,
+                 "{\"id\":\"%s\",\"owner\":\"o\",\"tenants\":[\"acme\"],\"scopes\":[\"x\"]}",
+                 agents[i]);
+        json_decref(admin_expect("POST", "/admin/v1/agents", body, 201, NULL));
+    }
+    json_t *j = admin_expect("GET", "/admin/v1/agents", NULL, 200, NULL);
+    char got[512];
+    ids_of(j, "agents", "id", got, sizeof got);
+    json_decref(j);
+    assert_non_null(strstr(got, "order-z,order-m,order-a"));
+    assert_int_equal(strcmp(got + strlen(got) - strlen("order-a"), "order-a"), 0);
+
+    /* Tokens issued within the same second keep their issue order. */
+    char want[512] = "";
+    for (int i = 0; i < 6; i++) {
+        json_t *t = admin_expect("POST", "/admin/v1/agents/order-z/tokens", "{}", 201, NULL);
+        size_t used = strlen(want);
+        snprintf(want + used, sizeof want - used, "%s%s", i ? "," : "",
+                 json_string_value(json_object_get(t, "jti")));
+        json_decref(t);
+    }
+    j = admin_expect("GET", "/admin/v1/tokens?agent=order-z", NULL, 200, NULL);
+    ids_of(j, "tokens", "jti", got, sizeof got);
+    json_decref(j);
+    assert_string_equal(got, want);
+}
+
+static void test_identifiers_tokens_can_carry(void **state) {
+    (void)state;
+    static const char *const refused[] = {
+        /* a scope outside RFC 6749 scope-token: no token could ever carry it */
+        "{\"id\":\"v1\",\"tenants\":[\"acme\"],\"scopes\":[\"a\\\"b\"]}",
+        "{\"id\":\"v2\",\"tenants\":[\"acme\"],\"scopes\":[\"caf\\u00e9\"]}",
+        "{\"id\":\"v3\",\"tenants\":[\"acme\"],\"scopes\":[\"a b\"]}",
+        /* control characters in a tenant or the owner */
+        "{\"id\":\"v4\",\"tenants\":[\"t\\u001fx\"],\"scopes\":[\"x\"]}",
+        "{\"id\":\"v5\",\"tenants\":[\"\"],\"scopes\":[\"x\"]}",
+        "{\"id\":\"v6\",\"owner\":\"a\\nb\",\"tenants\":[\"acme\"],\"scopes\":[\"x\"]}",
+    };
+    for (size_t i = 0; i < sizeof refused / sizeof *refused; i++)
+        json_decref(admin_expect("POST", "/admin/v1/agents", refused[i], 400, "bad_request"));
+    json_t *j = admin_expect("GET", "/admin/v1/agents/v1", NULL, 404, "not_found");
+    json_decref(j);
+    /* A requested token scope is checked the same way (400, not a failed issue). */
+    json_decref(admin_expect("POST", "/admin/v1/agents/bot/tokens", "{\"scopes\":[\"a\\\\b\"]}",
+                             400, "bad_request"));
+}
+
+static void test_errors_stay_json_for_any_bytes(void **state) {
+    (void)state;
+    /* %C3%28 decodes to bytes that are not UTF-8; the answer quotes them %-encoded. */
+    json_t *j = admin_expect("GET", "/admin/v1/agents/%C3%28", NULL, 404, "not_found");
+    const char *msg = json_string_value(json_object_get(json_object_get(j, "error"), "message"));
+    assert_non_null(strstr(msg, "%C3("));
+    json_decref(j);
+    json_decref(admin_expect("DELETE", "/admin/v1/tokens/%FF", NULL, 404, "not_found"));
+
+    /* On the data plane the refusal is JSON and its record keeps path and tenant. */
+    char *token = fx_issue(&F, "bot", NULL, NULL);
+    assert_non_null(token);
+    char url[256], auth[2100];
+    snprintf(url, sizeof url, "%s/v1/tenants/%%C3%%28/search", F.pep.url);
+    struct h_resp r = {0};
+    assert_int_equal(h_http(&r, "GET", url, NULL, fx_bearer(auth, sizeof auth, token), NULL), 0);
+    assert_int_equal(r.status, 403);
+    json_t *body = h_json(&r);
+    assert_non_null(body);
+    json_t *err = json_object_get(body, "error");
+    assert_string_equal(json_string_value(json_object_get(err, "code")), "tenant_mismatch");
+    json_t *rec = fx_record(&F, json_string_value(json_object_get(err, "request_id")), "decision");
+    assert_non_null(rec);
+    assert_string_equal(json_string_value(json_object_get(rec, "path")), "/v1/tenants/%C3(/search");
+    assert_string_equal(json_string_value(json_object_get(rec, "tenant")), "%C3(");
+    json_decref(rec);
+    json_decref(body);
+    h_resp_free(&r);
+    free(token);
+}
+
+int main(void) {
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_ttl_cannot_overflow_the_limit),
+        cmocka_unit_test(test_lists_are_newest_last),
+        cmocka_unit_test(test_identifiers_tokens_can_carry),
+        cmocka_unit_test(test_errors_stay_json_for_any_bytes),
+    };
+    return cmocka_run_group_tests(tests, group_setup, group_teardown);
+}
