@@ -118,7 +118,7 @@ static enum MHD_Result commit_async(struct request *r, struct admin_op *op, json
     request_suspend(r);
     if (!record || audit_submit(r->srv->audit, record, op_apply, op, op_done, op) != 0)
         op_done(op, PEP_EUNAVAILABLE, 0);
-    return MHD_YES;
+    return request_wait(r);
 }
 
 void admin_finish(struct request *r) {

@@ -27,10 +27,12 @@ struct forwarder {
     int epoll_fd;               /* the sockets libcurl asked to watch, and wake_fd */
     int wake_fd;                /* eventfd: written by forwarder_submit / stop / cancel */
     int64_t deadline_us;        /* libcurl's timer as a monotonic deadline; -1 = none */
+    int64_t next_idle_check_us; /* when running jobs are next checked for idle_timeout */
     pthread_mutex_t queue_lock; /* guards queue_head/tail, stopping, cancel_requested */
     struct forward_job *queue_head, *queue_tail;
     bool stopping;
     bool cancel_requested;
+    bool refusing;               /* after forwarder_cancel_all: new jobs are refused (sticky) */
     struct forward_job *running; /* jobs added to multi (forwarder thread only) */
     CURL *idle_easy[64];         /* reusable easy handles (forwarder thread only) */
     size_t idle_easy_len;
@@ -123,6 +125,7 @@ void forward_job_clear(struct forward_job *job) {
 static size_t on_body(char *data, size_t size, size_t nmemb, void *arg) {
     struct forward_job *job = arg;
     size_t n = size * nmemb;
+    job->last_byte_mono_us = pep_mono_us();
     if (job->body_out_len + n > FORWARD_MAX_RESPONSE) {
         job->error = FORWARD_TOO_LARGE;
         return 0; /* makes curl fail the transfer with CURLE_WRITE_ERROR */
@@ -154,6 +157,7 @@ static void drop_response_headers(struct forward_job *job) {
 static size_t on_header(char *line, size_t size, size_t nmemb, void *arg) {
     struct forward_job *job = arg;
     size_t n = size * nmemb;
+    job->last_byte_mono_us = pep_mono_us();
     if (n >= 5 && strncmp(line, "HTTP/", 5) == 0) {
         drop_response_headers(job); /* a new (e.g. after 100 Continue) response head */
         return n;
@@ -233,6 +237,7 @@ static int setup(struct forwarder *f, struct forward_job *job) {
     if (!e) return -1;
     job->easy = e;
     job->curl_errbuf[0] = '\0';
+    job->last_byte_mono_us = pep_mono_us();
     int64_t connect_ms = job->timeout_ms < 10000 ? job->timeout_ms : 10000;
     CURLcode rc = CURLE_OK;
 #define SET(opt, val)                                                                              \
@@ -253,12 +258,6 @@ static int setup(struct forwarder *f, struct forward_job *job) {
     SET(CURLOPT_HTTP_VERSION, (long)CURL_HTTP_VERSION_1_1);
     SET(CURLOPT_ACCEPT_ENCODING, NULL); /* relay bytes as the upstream sent them */
     SET(CURLOPT_PROXY, "");             /* never an environment proxy for upstream calls */
-    if (job->idle_timeout_ms > 0) {
-        /* curl measures stalls in whole seconds: round up, at least 1 s. */
-        long secs = (long)((job->idle_timeout_ms + 999) / 1000);
-        SET(CURLOPT_LOW_SPEED_LIMIT, 1L);
-        SET(CURLOPT_LOW_SPEED_TIME, secs);
-    }
     if (strcmp(job->method, "GET") == 0) {
         SET(CURLOPT_HTTPGET, 1L);
     } else if (strcmp(job->method, "HEAD") == 0) {
@@ -284,15 +283,37 @@ static enum forward_error classify(const struct forward_job *job, CURLcode resul
     switch (result) {
     case CURLE_OK:
         return FORWARD_OK;
-    case CURLE_OPERATION_TIMEDOUT:
-        /* The low-speed abort (idle timeout) and the overall timeout share this code; the
-         * elapsed time tells them apart. */
-        if (job->idle_timeout_ms > 0 &&
-            pep_mono_us() - job->started_mono_us < job->timeout_ms * 1000 - 50000)
-            return FORWARD_IDLE_TIMEOUT;
+    case CURLE_OPERATION_TIMEDOUT: {
+        /* The connect timeout and the overall timeout share this code: a connection that
+         * was never established is a connection error (SPEC 8). */
+        curl_off_t connect_us = 0;
+        if (job->easy &&
+            curl_easy_getinfo(job->easy, CURLINFO_CONNECT_TIME_T, &connect_us) == CURLE_OK &&
+            connect_us == 0)
+            return FORWARD_CONNECT_ERROR;
         return FORWARD_TIMEOUT;
+    }
     default:
         return FORWARD_CONNECT_ERROR;
+    }
+}
+
+/*
+ * idle_timeout (SPEC 8: silence longer than idle_timeout) is enforced here, not with
+ * libcurl's low-speed limit: that limit averages upload and download bytes over seconds,
+ * so a request body being sent masks a silent upstream.  Running jobs are checked at most
+ * every FORWARD_IDLE_CHECK_US, which is the precision of the timeout.
+ */
+#define FORWARD_IDLE_CHECK_US 50000
+
+static void fail_idle_jobs(struct forwarder *f) {
+    int64_t now = pep_mono_us();
+    if (now < f->next_idle_check_us) return;
+    f->next_idle_check_us = now + FORWARD_IDLE_CHECK_US;
+    for (struct forward_job *job = f->running, *next; job; job = next) {
+        next = job->next; /* finish() unlinks job */
+        if (job->idle_timeout_ms > 0 && now - job->last_byte_mono_us > job->idle_timeout_ms * 1000)
+            finish(f, job, FORWARD_IDLE_TIMEOUT);
     }
 }
 
@@ -380,10 +401,10 @@ static void *forwarder_main(void *arg) {
         reap(f);
 
         struct epoll_event events[64];
-        int wait_ms = 1000;
+        int wait_ms = f->running ? FORWARD_IDLE_CHECK_US / 1000 : 1000;
         if (f->deadline_us >= 0) {
             int64_t left = (f->deadline_us - pep_mono_us() + 999) / 1000;
-            wait_ms = left < 0 ? 0 : left > 1000 ? 1000 : (int)left;
+            if (left < wait_ms) wait_ms = left < 0 ? 0 : (int)left;
         }
         int n = epoll_wait(f->epoll_fd, events, 64, wait_ms);
         for (int i = 0; i < n; i++) {
@@ -404,6 +425,7 @@ static void *forwarder_main(void *arg) {
             curl_multi_socket_action(f->multi, CURL_SOCKET_TIMEOUT, 0, &running);
         }
         reap(f);
+        fail_idle_jobs(f);
     }
     return NULL;
 }
@@ -455,7 +477,7 @@ int forwarder_start(struct forwarder **out, struct pep_err *err) {
 int forwarder_submit(struct forwarder *f, struct forward_job *job) {
     job->next = NULL;
     pthread_mutex_lock(&f->queue_lock);
-    if (f->stopping) {
+    if (f->stopping || f->refusing) {
         pthread_mutex_unlock(&f->queue_lock);
         return PEP_ECLOSED;
     }
@@ -475,6 +497,7 @@ int forwarder_submit(struct forwarder *f, struct forward_job *job) {
 void forwarder_cancel_all(struct forwarder *f) {
     pthread_mutex_lock(&f->queue_lock);
     f->cancel_requested = true;
+    f->refusing = true;
     pthread_mutex_unlock(&f->queue_lock);
     wake(f);
 }

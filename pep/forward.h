@@ -68,6 +68,7 @@ struct forward_job {
     struct forward_job *next;
     CURL *easy;
     int64_t started_mono_us;
+    int64_t last_byte_mono_us; /* when the upstream last sent a byte (or the job started) */
     char curl_errbuf[CURL_ERROR_SIZE];
 };
 
@@ -78,9 +79,11 @@ int forwarder_start(struct forwarder **out, struct pep_err *err);
 /* Fails every queued and running job with FORWARD_CANCELLED (their done callbacks run),
  * stops the thread and frees the forwarder. */
 void forwarder_stop(struct forwarder *f);
-/* Queues a job; returns 0, or PEP_ECLOSED after stop began (done is then not called). */
+/* Queues a job; returns 0, or PEP_ECLOSED after stop or cancel_all began (done is then not
+ * called). */
 int forwarder_submit(struct forwarder *f, struct forward_job *job);
-/* Fails every job in flight with FORWARD_CANCELLED (drain timeout) without stopping. */
+/* Fails every job in flight with FORWARD_CANCELLED (drain timeout, shutdown) without
+ * stopping the thread, and refuses every later job: nothing starts upstream any more. */
 void forwarder_cancel_all(struct forwarder *f);
 
 /* Frees what the job owns (url, headers, answer) and zeroes it. */

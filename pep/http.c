@@ -24,11 +24,13 @@
 #include "pep/util.h"
 
 #include <arpa/inet.h>
+#include <ctype.h>
 #include <netdb.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <unistd.h>
 
 #define CONNECTION_TIMEOUT_S 30u
 #define LISTENER_THREADS 2u /* per listener: one epoll loop each */
@@ -144,14 +146,62 @@ static enum MHD_Result send_reply(struct request *r) {
 
 /* ---- suspend / resume ------------------------------------------------------------------ */
 
+/* A waiter for one callback: server_audit_sync, and requests that may not suspend. */
+struct sync_wait {
+    pthread_mutex_t lock;
+    pthread_cond_t cond;
+    bool done;
+    int rc;
+    int64_t seq;
+};
+
+/*
+ * libmicrohttpd aborts the process when a daemon is stopped with a connection still
+ * suspended, so suspending and stopping follow a handshake (both sides use sequentially
+ * consistent atomics): a request counts itself in `suspended` and then checks `stopping`;
+ * server_stop_listeners sets `stopping` and then waits for `suspended` to fall to zero.
+ * Either the stopper sees the count or the request sees the flag, and a request that
+ * sees the flag waits on its own thread instead (r->sync) — only during shutdown.
+ */
 void request_suspend(struct request *r) {
+    struct server *s = r->srv;
     r->phase = PHASE_WAITING;
-    MHD_suspend_connection(r->conn);
+    __atomic_add_fetch(&s->suspended, 1, __ATOMIC_SEQ_CST);
+    if (!__atomic_load_n(&s->stopping, __ATOMIC_SEQ_CST)) {
+        MHD_suspend_connection(r->conn);
+        return;
+    }
+    __atomic_sub_fetch(&s->suspended, 1, __ATOMIC_SEQ_CST);
+    r->sync = calloc(1, sizeof *r->sync);
+    if (r->sync) {
+        pthread_mutex_init(&r->sync->lock, NULL);
+        pthread_cond_init(&r->sync->cond, NULL);
+    }
 }
 
 void request_resume(struct request *r) {
     r->phase = PHASE_RESPOND;
+    if (r->sync) {
+        pthread_mutex_lock(&r->sync->lock);
+        r->sync->done = true;
+        pthread_cond_signal(&r->sync->cond);
+        pthread_mutex_unlock(&r->sync->lock);
+        return;
+    }
+    struct server *s = r->srv;
     MHD_resume_connection(r->conn);
+    __atomic_sub_fetch(&s->suspended, 1, __ATOMIC_SEQ_CST);
+}
+
+static enum MHD_Result respond(struct request *r);
+
+enum MHD_Result request_wait(struct request *r) {
+    if (!r->sync) return MHD_YES;
+    pthread_mutex_lock(&r->sync->lock);
+    while (!r->sync->done)
+        pthread_cond_wait(&r->sync->cond, &r->sync->lock);
+    pthread_mutex_unlock(&r->sync->lock);
+    return respond(r);
 }
 
 /* ---- request lifetime ------------------------------------------------------------------- */
@@ -173,6 +223,11 @@ static void *on_uri(void *cls, const char *uri, struct MHD_Connection *conn) {
 }
 
 static void request_free(struct request *r) {
+    if (r->sync) {
+        pthread_mutex_destroy(&r->sync->lock);
+        pthread_cond_destroy(&r->sync->cond);
+        free(r->sync);
+    }
     if (r->admin_op_free && r->admin_op) r->admin_op_free(r->admin_op);
     forward_job_clear(&r->job);
     reply_clear(&r->reply);
@@ -234,7 +289,7 @@ static enum MHD_Result audit_and_wait(struct request *r) {
     request_suspend(r);
     if (!rec || audit_submit(r->srv->audit, rec, NULL, NULL, on_decision_durable, r) != 0)
         on_decision_durable(r, PEP_EUNAVAILABLE, 0);
-    return MHD_YES;
+    return request_wait(r);
 }
 
 /* Fills r->decision with a refusal decided before any identity is known. */
@@ -260,12 +315,26 @@ struct framing {
     int content_length_count;
     int transfer_encoding_count;
     bool transfer_encoding_chunked;
+    bool bad_header_name;
 };
+
+/* RFC 9110 5.1: a field name is a token.  libmicrohttpd keeps "Authorization :" as the
+ * name "Authorization " (RFC 9112 5.1 says to refuse it); such a name would slip past
+ * every exact-name check (framing here, the headers never sent upstream) while an
+ * upstream that trims it would honour it. */
+static bool is_token(const char *s) {
+    static const char tchar[] = "!#$%&'*+-.^_`|~";
+    if (!*s) return false;
+    for (; *s; s++)
+        if (!isalnum((unsigned char)*s) && !strchr(tchar, *s)) return false;
+    return true;
+}
 
 static enum MHD_Result count_framing(void *cls, enum MHD_ValueKind kind, const char *key,
                                      const char *value) {
     (void)kind;
     struct framing *f = cls;
+    if (!is_token(key)) f->bad_header_name = true;
     if (strcasecmp(key, "Content-Length") == 0)
         f->content_length_count++;
     else if (strcasecmp(key, "Transfer-Encoding") == 0) {
@@ -279,6 +348,7 @@ static enum MHD_Result count_framing(void *cls, enum MHD_ValueKind kind, const c
 static const char *framing_problem(struct MHD_Connection *conn) {
     struct framing f = {0};
     MHD_get_connection_values(conn, MHD_HEADER_KIND, count_framing, &f);
+    if (f.bad_header_name) return "malformed header: a field name must be a token (RFC 9110)";
     if (f.content_length_count > 1) return "ambiguous framing: more than one Content-Length header";
     if (f.transfer_encoding_count > 1)
         return "ambiguous framing: more than one Transfer-Encoding header";
@@ -331,17 +401,18 @@ static enum MHD_Result refuse_after_body(struct request *r, int status, const ch
 }
 
 static enum MHD_Result data_on_headers(struct request *r) {
-    if (is_builtin(r)) {
-        r->builtin = true;
-        return MHD_YES;
-    }
     r->policy = server_policy(r->srv);
     r->body_limit = r->policy->max_body;
 
     /* SECURITY: ambiguous framing is answered at once and the connection closed: its body
-     * must not be read, since pep and the client disagree on where it ends. */
+     * must not be read, since pep and the client disagree on where it ends.  Built-in
+     * endpoints too: the connection is what is at stake, not the endpoint. */
     const char *problem = framing_problem(r->conn);
     if (problem) return refuse_now(r, 400, "bad_request", problem);
+    if (is_builtin(r)) {
+        r->builtin = true;
+        return MHD_YES;
+    }
 
     const char *cl = MHD_lookup_connection_value(r->conn, MHD_HEADER_KIND, "Content-Length");
     if (cl) {
@@ -357,6 +428,14 @@ static enum MHD_Result data_on_headers(struct request *r) {
 
     size_t path_len = strcspn(r->target, "?");
     if (r->target[path_len] == '?') r->query = r->target + path_len + 1;
+    /* SECURITY: the query is relayed as received; a raw '#' would end it early in libcurl
+     * (the upstream would see another query than the one decided on) and a control byte
+     * cannot go on a request line. */
+    for (const char *q = r->query; q && *q; q++) {
+        if (*q == '#' || (unsigned char)*q <= 0x20 || *q == 0x7f)
+            return refuse_after_body(r, 400, "bad_request",
+                                     "the query has a character that must be percent-encoded");
+    }
     const char *why = NULL;
     if (route_normalize_path(r->target, path_len, &r->path, &why) != 0) {
         char reason[128];
@@ -480,6 +559,13 @@ static int prepare_forward(struct request *r) {
     if (rc == 0) rc = add_header_line(&job->headers, "X-Request-Id", r->id);
     if (rc == 0) /* no "Expect: 100-continue" round trip */
         rc = add_header_line(&job->headers, "Expect", "");
+    /* libcurl adds an Accept header (any type) and, to a body, "Content-Type:
+     * application/x-www-form-urlencoded" when none is given: the upstream sees only what
+     * the agent sent ("Name:" with no value removes libcurl's). */
+    static const char *const curl_defaults[] = {"Accept", "Content-Type"};
+    for (size_t i = 0; rc == 0 && i < PEP_ARRAY_LEN(curl_defaults); i++)
+        if (!MHD_lookup_connection_value(r->conn, MHD_HEADER_KIND, curl_defaults[i]))
+            rc = add_header_line(&job->headers, curl_defaults[i], "");
     job->method = r->method;
     job->body = r->body;
     job->body_len = r->body_len;
@@ -489,8 +575,13 @@ static int prepare_forward(struct request *r) {
     return rc;
 }
 
+static void submit_outcome(struct request *r);
+
+/* Forwarder thread: the outcome is audited here, before the request resumes, so that a
+ * client that has gone away cannot take the record of a call that was made with it. */
 static void on_forward_done(struct forward_job *job, void *arg) {
     (void)job;
+    submit_outcome(arg);
     request_resume(arg);
 }
 
@@ -503,8 +594,11 @@ static void on_decision_durable(void *arg, int rc, int64_t seq) {
         r->job.done = on_forward_done;
         r->job.done_arg = r;
         if (forwarder_submit(r->srv->forwarder, &r->job) == 0)
-            return;                       /* the forwarder resumes it */
-        r->job.error = FORWARD_CANCELLED; /* shutting down: answered as a failed attempt */
+            return; /* the forwarder resumes it */
+        /* Shutting down: no attempt is made, and the request is answered as failed. */
+        r->forward_refused = true;
+        r->job.error = FORWARD_CANCELLED;
+        submit_outcome(r);
     }
     request_resume(r);
 }
@@ -559,19 +653,45 @@ static bool retryable_status(const struct route *route, long status) {
     return false;
 }
 
-static void submit_outcome(struct request *r, const char *code, int status) {
+/* How a forwarded request ends (SPEC 3.3, 4.3): the code it is answered with, and the
+ * HTTP status in *status.  The reply and the outcome record both come from here. */
+static const char *forwarded_code(const struct request *r, int *status) {
+    const struct forward_job *job = &r->job;
+    if (job->error != FORWARD_OK || retryable_status(r->match.route, job->status)) {
+        *status = 503;
+        return "upstream_unavailable";
+    }
+    if (job->status == 401 || job->status == 403) {
+        *status = 502;
+        return "upstream_auth_failed";
+    }
+    *status = (int)job->status;
+    return "ok";
+}
+
+/* Audits the outcome of a forwarded request (any thread: everything it reads was set
+ * before the job was handed over, or by the finished job). */
+static void submit_outcome(struct request *r) {
     const struct route *route = r->match.route;
     const struct forward_job *job = &r->job;
+    int status;
+    const char *code = forwarded_code(r, &status);
     json_t *rec = server_record("outcome", r->id);
     if (!rec) return;
-    json_t *attempt = json_pack("{s:s, s:I}", "upstream", route->upstream->name, "ms",
-                                (json_int_t)(job->elapsed_us / 1000));
-    if (r->model[0]) json_object_set_new(attempt, "model", json_string(r->model));
-    if (job->error == FORWARD_OK)
-        json_object_set_new(attempt, "status", json_integer(job->status));
-    else
-        json_object_set_new(attempt, "error", json_string(forward_error_name(job->error)));
-    json_object_set_new(rec, "attempts", json_pack("[o]", attempt));
+    json_t *attempts = json_array();
+    if (!r->forward_refused) {
+        json_t *attempt = json_pack("{s:s, s:I}", "upstream", route->upstream->name, "ms",
+                                    (json_int_t)(job->elapsed_us / 1000));
+        if (r->model[0]) json_object_set_new(attempt, "model", json_string(r->model));
+        if (job->error == FORWARD_OK)
+            json_object_set_new(attempt, "status", json_integer(job->status));
+        else if (job->error == FORWARD_CANCELLED) /* drain deadline: pep stopped waiting */
+            json_object_set_new(attempt, "error", json_string("timeout"));
+        else
+            json_object_set_new(attempt, "error", json_string(forward_error_name(job->error)));
+        json_array_append_new(attempts, attempt);
+    }
+    json_object_set_new(rec, "attempts", attempts);
     set_str(rec, "code", code);
     json_object_set_new(rec, "status", json_integer(status));
     set_str(rec, "upstream", route->upstream->name);
@@ -590,22 +710,21 @@ static void submit_outcome(struct request *r, const char *code, int status) {
 static enum MHD_Result respond_forwarded(struct request *r) {
     const struct route *route = r->match.route;
     struct forward_job *job = &r->job;
-    const char *code = "ok";
-    if (job->error != FORWARD_OK || retryable_status(route, job->status)) {
-        code = "upstream_unavailable";
+    int status;
+    const char *code = forwarded_code(r, &status);
+    if (strcmp(code, "upstream_unavailable") == 0) {
         json_t *extra = job->error == FORWARD_OK
                             ? json_pack("{s:I}", "upstream_status", (json_int_t)job->status)
                             : NULL;
         char msg[160];
         snprintf(msg, sizeof msg, "upstream %s unavailable (%s)", route->upstream->name,
                  job->error == FORWARD_OK ? "retryable status" : forward_error_name(job->error));
-        reply_error(r, 503, code, msg, extra);
-    } else if (job->status == 401 || job->status == 403) {
-        code = "upstream_auth_failed";
+        reply_error(r, status, code, msg, extra);
+    } else if (strcmp(code, "upstream_auth_failed") == 0) {
         char msg[160];
         snprintf(msg, sizeof msg, "upstream %s refused pep's credentials (%ld)",
                  route->upstream->name, job->status);
-        reply_error(r, 502, code, msg, NULL);
+        reply_error(r, status, code, msg, NULL);
     } else {
         reply_clear(&r->reply);
         r->reply.status = (int)job->status;
@@ -617,8 +736,7 @@ static enum MHD_Result respond_forwarded(struct request *r) {
     }
     reply_set_header(&r->reply, "Pep-Upstream", route->upstream->name);
     if (r->model[0]) reply_set_header(&r->reply, "Pep-Model", r->model);
-    reply_set_header(&r->reply, "Pep-Attempts", job->error == FORWARD_CANCELLED ? "0" : "1");
-    submit_outcome(r, code, r->reply.status);
+    reply_set_header(&r->reply, "Pep-Attempts", r->forward_refused ? "0" : "1");
     return send_reply(r);
 }
 
@@ -643,11 +761,19 @@ static enum MHD_Result data_respond(struct request *r) {
 
 /* ---- the handler ---------------------------------------------------------------------------- */
 
+/* Answers a request whose wait (audit, upstream) is over. */
+static enum MHD_Result respond(struct request *r) {
+    if (r->admin) {
+        admin_finish(r);
+        return send_reply(r);
+    }
+    return data_respond(r);
+}
+
 static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const char *url,
                                   const char *method, const char *version, const char *upload_data,
                                   size_t *upload_data_size, void **con_cls) {
     (void)cls;
-    (void)conn;
     (void)url;
     (void)version;
     struct request *r = *con_cls;
@@ -659,6 +785,12 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
         if (r->admin) {
             r->policy = server_policy(r->srv);
             r->body_limit = r->policy->max_body;
+            /* SECURITY: as on the data plane (not audited: nothing was decided). */
+            const char *problem = framing_problem(conn);
+            if (problem) {
+                reply_error(r, 400, "bad_request", problem, NULL);
+                return send_reply(r);
+            }
             return MHD_YES;
         }
         return data_on_headers(r);
@@ -682,11 +814,7 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
         *upload_data_size = 0;
         return MHD_YES;
     case PHASE_RESPOND:
-        if (r->admin) {
-            admin_finish(r);
-            return send_reply(r);
-        }
-        return data_respond(r);
+        return respond(r);
     case PHASE_DONE:
         break;
     }
@@ -774,6 +902,13 @@ int server_start_listeners(struct server *s, struct pep_err *err) {
 }
 
 void server_stop_listeners(struct server *s) {
+    /* The handshake of request_suspend: from here on requests wait on their own threads;
+     * those already suspended are resumed by the audit writer, or at once by a forwarder
+     * that refuses and cancels everything. */
+    __atomic_store_n(&s->stopping, 1, __ATOMIC_SEQ_CST);
+    if (s->forwarder) forwarder_cancel_all(s->forwarder);
+    while (__atomic_load_n(&s->suspended, __ATOMIC_SEQ_CST) > 0)
+        usleep(1000);
     if (s->data_daemon) MHD_stop_daemon(s->data_daemon);
     if (s->admin_daemon) MHD_stop_daemon(s->admin_daemon);
     s->data_daemon = s->admin_daemon = NULL;
@@ -781,14 +916,6 @@ void server_stop_listeners(struct server *s) {
 
 /* ---- synchronous audit (startup, shutdown) -----------------------------------------------------
  */
-
-struct sync_wait {
-    pthread_mutex_t lock;
-    pthread_cond_t cond;
-    bool done;
-    int rc;
-    int64_t seq;
-};
 
 static void on_sync_done(void *arg, int rc, int64_t seq) {
     struct sync_wait *w = arg;

@@ -51,6 +51,8 @@ struct server {
 
     int draining;  /* atomic: SIGTERM received, /readyz answers 503 */
     long inflight; /* atomic: requests between URI and completion */
+    int suspended; /* atomic: suspended connections not yet resumed (see request_suspend) */
+    int stopping;  /* atomic: listeners are stopping; requests no longer suspend */
 };
 
 /* The current policy snapshot, retained (caller releases).  Any thread. */
@@ -75,6 +77,8 @@ struct reply {
     size_t headers_len;
     size_t headers_cap;
 };
+
+struct sync_wait;
 
 struct request {
     struct server *srv;
@@ -119,6 +123,8 @@ struct request {
     /* admin: the operation in flight while suspended */
     void *admin_op;
     void (*admin_op_free)(void *op);
+    struct sync_wait *sync; /* set when it waits on its own thread (shutdown) */
+    bool forward_refused;   /* the forwarder refused the job (shutdown): no attempt made */
 };
 
 /* A JSON string of len bytes that may not be UTF-8 (a path, an id or a tenant as a client
@@ -138,10 +144,14 @@ void reply_error(struct request *r, int status, const char *code, const char *me
                  json_t *extra);
 
 /* Suspends the request's connection (phase WAITING).  Must run on the listener thread,
- * before handing the request to another thread. */
+ * before handing the request to another thread; the handler then returns
+ * request_wait(r).  While listeners stop, the request is not suspended but waits on its
+ * own thread in request_wait. */
 void request_suspend(struct request *r);
 /* Resumes it (phase RESPOND).  Any thread. */
 void request_resume(struct request *r);
+/* What the handler returns after request_suspend (see there). */
+enum MHD_Result request_wait(struct request *r);
 
 /* The admin API (admin.c): called on the complete request (body received). */
 enum MHD_Result admin_handle(struct request *r);

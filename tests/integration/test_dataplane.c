@@ -35,6 +35,7 @@ static const char *POLICY =
     "    headers: { x-extra: { env: IT_EXTRA } }\n"
     "    timeout: 5s\n"
     "  dead: { base_url: \"http://127.0.0.1:1\", timeout: 2s }\n"
+    "  slow: { base_url: \"@MOCK@\", timeout: 10s, idle_timeout: 1s }\n"
     "routes:\n"
     "  - match: { method: POST, path: /v1/chat/completions }\n"
     "    action: llm.chat\n"
@@ -45,6 +46,9 @@ static const char *POLICY =
     "  - match: { method: POST, path: /v1/dead }\n"
     "    action: llm.chat\n"
     "    forward: { upstream: dead }\n"
+    "  - match: { method: POST, path: /v1/slow }\n"
+    "    action: llm.chat\n"
+    "    forward: { upstream: slow, path: /v1/chat/completions }\n"
     "  - match: { method: GET, path: /v1/decide-only }\n"
     "    action: tool.read\n"
     "actions:\n"
@@ -207,6 +211,58 @@ static void test_ambiguous_framing_refused(void **state) {
     json_t *after = h_mock_stats(F.mock.url);
     assert_int_equal(json_integer_value(json_object_get(after, "hits")), hits);
     json_decref(after);
+}
+
+/* RFC 9112 5.1: whitespace before the colon is refused, never trimmed: "Authorization :"
+ * would otherwise pass every exact-name filter and reach the upstream. */
+static void test_malformed_header_names_refused(void **state) {
+    (void)state;
+    static const char *const names[] = {"Authorization ", "Cookie\t", "Content-Length ",
+                                        "X-Re(quest)"};
+    json_t *before = h_mock_stats(F.mock.url);
+    json_int_t hits = json_integer_value(json_object_get(before, "hits"));
+    json_decref(before);
+    for (size_t i = 0; i < sizeof names / sizeof *names; i++) {
+        char raw[4096], *reply = NULL;
+        int n = snprintf(raw, sizeof raw,
+                         "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                         "Authorization: Bearer %s\r\n%s: 2\r\nContent-Length: 2\r\n"
+                         "Connection: close\r\n\r\n{}",
+                         BOT_TOKEN, names[i]);
+        assert_true(n > 0 && (size_t)n < sizeof raw);
+        int status = raw_status(raw, &reply);
+        if (status != 400) fail_msg("header name '%s' answered %d", names[i], status);
+        assert_non_null(strstr(reply, "field name must be a token"));
+        free(reply);
+    }
+    /* a built-in endpoint is no exception: the connection is what is at stake */
+    char *reply = NULL;
+    assert_int_equal(raw_status("GET /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n"
+                                "Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+                                "0\r\n\r\n",
+                                &reply),
+                     400);
+    free(reply);
+    json_t *after = h_mock_stats(F.mock.url);
+    assert_int_equal(json_integer_value(json_object_get(after, "hits")), hits);
+    json_decref(after);
+}
+
+/* A raw '#' would cut the query libcurl sends; control bytes cannot be relayed. */
+static void test_query_characters_refused(void **state) {
+    (void)state;
+    static const char *const queries[] = {"q=a#b", "q=a\x01", "q=\x7f"};
+    for (size_t i = 0; i < sizeof queries / sizeof *queries; i++) {
+        char raw[4096], *reply = NULL;
+        int n = snprintf(raw, sizeof raw,
+                         "GET /v1/tenants/acme/search?%s HTTP/1.1\r\nHost: x\r\n"
+                         "Authorization: Bearer %s\r\nConnection: close\r\n\r\n",
+                         queries[i], BOT_TOKEN);
+        assert_true(n > 0 && (size_t)n < sizeof raw);
+        assert_int_equal(raw_status(raw, &reply), 400);
+        assert_non_null(strstr(reply, "percent-encoded"));
+        free(reply);
+    }
 }
 
 static void test_body_too_large(void **state) {
@@ -494,6 +550,90 @@ static void test_upstream_failures(void **state) {
     h_resp_free(&r);
 }
 
+/* Only what the agent sent reaches the upstream: no Accept or form Content-Type that
+ * libcurl would add by default. */
+static void test_no_headers_added_upstream(void **state) {
+    (void)state;
+    char raw[4096], *reply = NULL;
+    int n = snprintf(raw, sizeof raw,
+                     "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                     "Authorization: Bearer %s\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}",
+                     BOT_TOKEN);
+    assert_true(n > 0 && (size_t)n < sizeof raw);
+    assert_int_equal(raw_status(raw, &reply), 200);
+    free(reply);
+    json_t *stats = h_mock_stats(F.mock.url);
+    json_t *hdrs = json_object_get(json_object_get(stats, "last"), "headers");
+    assert_non_null(hdrs);
+    assert_null(json_object_get(hdrs, "accept"));
+    assert_null(json_object_get(hdrs, "content-type"));
+    json_decref(stats);
+}
+
+/* The outcome of a call that was made is audited even when its client is gone before the
+ * answer: the forwarder writes it, not the (closed) connection. */
+static void test_outcome_audited_when_client_leaves(void **state) {
+    (void)state;
+    char auth[2100];
+    assert_int_equal(h_mock_fault(F.mock.url, "{\"kind\":\"delay\",\"delay_ms\":600,\"count\":1}"),
+                     0);
+    const char *headers[] = {fx_bearer(auth, sizeof auth, BOT_TOKEN), NULL};
+    struct h_resp r = {0};
+    struct h_req req = {.url = url("/v1/chat/completions"),
+                        .body = "{\"model\":\"m-left\"}",
+                        .headers = headers,
+                        .timeout_ms = 150};
+    assert_int_not_equal(h_request(&r, &req), 0); /* the client gave up */
+    h_resp_free(&r);
+    /* the upstream got the call: its X-Request-Id is the request's id */
+    char id[64] = "";
+    for (int i = 0; i < 300 && !id[0]; i++) {
+        json_t *stats = h_mock_stats(F.mock.url);
+        json_t *last = json_object_get(stats, "last");
+        const char *body = json_string_value(json_object_get(last, "body"));
+        if (body && strstr(body, "m-left"))
+            snprintf(id, sizeof id, "%s",
+                     json_string_value(
+                         json_object_get(json_object_get(last, "headers"), "x-request-id")));
+        json_decref(stats);
+        if (!id[0]) usleep(10000);
+    }
+    assert_true(id[0] != '\0');
+    json_t *out = NULL;
+    for (int i = 0; i < 500 && !out; i++) {
+        out = fx_record(&F, id, "outcome");
+        if (!out) usleep(10000);
+    }
+    assert_non_null(out);
+    assert_string_equal(json_string_value(json_object_get(out, "code")), "ok");
+    json_decref(out);
+}
+
+/* idle_timeout is silence from the upstream, also while a request body was sent (libcurl's
+ * low-speed limit counted the upload and missed it). */
+static void test_idle_timeout_with_a_body(void **state) {
+    (void)state;
+    char auth[2100];
+    assert_int_equal(h_mock_fault(F.mock.url, "{\"kind\":\"delay\",\"delay_ms\":4000,\"count\":1}"),
+                     0);
+    struct h_resp r = {0};
+    assert_int_equal(h_http(&r, "POST", url("/v1/slow"), "{\"model\":\"m\"}",
+                            fx_bearer(auth, sizeof auth, BOT_TOKEN), NULL),
+                     0);
+    assert_error(&r, 503, "upstream_unavailable");
+    assert_non_null(strstr(r.body, "idle_timeout"));
+    json_t *out = NULL;
+    for (int i = 0; i < 500 && !out; i++) {
+        out = fx_record(&F, h_header(&r, "Pep-Request-Id"), "outcome");
+        if (!out) usleep(10000);
+    }
+    assert_non_null(out);
+    json_t *attempt = json_array_get(json_object_get(out, "attempts"), 0);
+    assert_string_equal(json_string_value(json_object_get(attempt, "error")), "idle_timeout");
+    json_decref(out);
+    h_resp_free(&r);
+}
+
 static void test_upstream_timeout(void **state) {
     (void)state;
     char auth[2100];
@@ -551,6 +691,8 @@ int main(void) {
         cmocka_unit_test(test_no_route_is_audited),
         cmocka_unit_test(test_non_normalized_paths_refused),
         cmocka_unit_test(test_ambiguous_framing_refused),
+        cmocka_unit_test(test_malformed_header_names_refused),
+        cmocka_unit_test(test_query_characters_refused),
         cmocka_unit_test(test_body_too_large),
         cmocka_unit_test(test_allowed_call_is_forwarded_and_audited),
         cmocka_unit_test(test_tenant_from_path),
@@ -559,6 +701,9 @@ int main(void) {
         cmocka_unit_test(test_revocation_takes_effect_before_the_call_returns),
         cmocka_unit_test(test_disable_and_shrink_agent),
         cmocka_unit_test(test_upstream_failures),
+        cmocka_unit_test(test_no_headers_added_upstream),
+        cmocka_unit_test(test_outcome_audited_when_client_leaves),
+        cmocka_unit_test(test_idle_timeout_with_a_body),
         cmocka_unit_test(test_upstream_timeout),
         cmocka_unit_test(test_listener_is_not_blocked_by_slow_upstream),
     };

@@ -15,6 +15,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -213,6 +216,102 @@ static void test_sigterm_drains_and_exits_zero(void **state) {
     fx_stop(&f);
 }
 
+struct hung_call {
+    char url[256], auth[2100];
+    long status;
+    char attempts[8];
+};
+
+static void *hung_call_main(void *arg) {
+    struct hung_call *c = arg;
+    struct h_resp r = {0};
+    h_http(&r, "POST", c->url, "{}", c->auth, NULL);
+    c->status = r.status;
+    const char *a = h_header(&r, "Pep-Attempts");
+    snprintf(c->attempts, sizeof c->attempts, "%s", a ? a : "");
+    h_resp_free(&r);
+    return NULL;
+}
+
+/* A TCP connection to the "http://127.0.0.1:PORT" of url, or -1. */
+static int connect_to(const char *url) {
+    const char *colon = strrchr(url, ':');
+    struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = htons((uint16_t)atoi(colon + 1))};
+    inet_pton(AF_INET, "127.0.0.1", &sa.sin_addr);
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    if (fd >= 0 && connect(fd, (struct sockaddr *)&sa, sizeof sa) != 0) {
+        close(fd);
+        fd = -1;
+    }
+    return fd;
+}
+
+/* Past drain_timeout, calls in flight are cancelled and later ones are refused before
+ * they reach the upstream (Pep-Attempts: 0, an outcome with no attempt); pep then stops
+ * cleanly — a request still waiting must not be left suspended when the listeners stop. */
+static void test_drain_timeout_cancels_then_refuses(void **state) {
+    (void)state;
+    char policy[2048];
+    snprintf(policy, sizeof policy, "server: { drain_timeout: 1s }\n%s", POLICY);
+    struct fx f;
+    assert_int_equal(fx_start(&f, policy, NULL, NULL), 0);
+    char *tok = fx_issue(&f, "bot", NULL, NULL);
+    assert_non_null(tok);
+    assert_int_equal(h_mock_fault(f.mock.url, "{\"kind\":\"hang\",\"count\":1}"), 0);
+
+    struct hung_call hung = {0};
+    snprintf(hung.url, sizeof hung.url, "%s/v1/chat/completions", f.pep.url);
+    fx_bearer(hung.auth, sizeof hung.auth, tok);
+    pthread_t t;
+    assert_int_equal(pthread_create(&t, NULL, hung_call_main, &hung), 0);
+    /* a second request whose body is not complete yet */
+    int fd = connect_to(f.pep.url);
+    assert_true(fd >= 0);
+    char head[4096];
+    int n = snprintf(head, sizeof head,
+                     "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\n"
+                     "Content-Type: application/json\r\nContent-Length: 2\r\n"
+                     "Connection: close\r\n\r\n{",
+                     tok);
+    assert_int_equal(write(fd, head, (size_t)n), n);
+    usleep(300000);
+    assert_int_equal(kill(f.pep.pid, SIGTERM), 0);
+    /* the drain times out at 1 s and cancels the hung call */
+    assert_int_equal(pthread_join(t, NULL), 0);
+    assert_int_equal(hung.status, 503);
+    assert_string_equal(hung.attempts, "1");
+    /* now the second request completes: refused before the upstream */
+    assert_int_equal(write(fd, "}", 1), 1);
+    char reply[8192];
+    size_t got = 0;
+    ssize_t k;
+    while (got < sizeof reply - 1 && (k = read(fd, reply + got, sizeof reply - 1 - got)) > 0)
+        got += (size_t)k;
+    reply[got] = '\0';
+    close(fd);
+    assert_int_equal(strncmp(reply, "HTTP/1.1 503", 12), 0);
+    assert_non_null(strcasestr(reply, "Pep-Attempts: 0"));
+    const char *id = strcasestr(reply, "Pep-Request-Id: ");
+    assert_non_null(id);
+    char rid[32];
+    snprintf(rid, sizeof rid, "%.26s", id + 16);
+
+    int status = 0;
+    assert_int_equal(h_wait_exit(&f.pep, 15000, &status), 0);
+    assert_true(WIFEXITED(status));
+    assert_int_equal(WEXITSTATUS(status), 0);
+    json_t *out = fx_record(&f, rid, "outcome");
+    assert_non_null(out);
+    assert_string_equal(json_string_value(json_object_get(out, "code")), "upstream_unavailable");
+    assert_int_equal(json_array_size(json_object_get(out, "attempts")), 0);
+    json_decref(out);
+    struct audit_verify_result res;
+    assert_int_equal(audit_verify_file(f.db, &res, NULL), 0);
+    assert_true(res.ok);
+    free(tok);
+    fx_stop(&f);
+}
+
 static void test_reload_keeps_policy_on_errors(void **state) {
     (void)state;
     struct fx f;
@@ -334,6 +433,7 @@ int main(void) {
         cmocka_unit_test(test_first_start_creates_data_dir),
         cmocka_unit_test(test_kill_9_during_burst_keeps_every_answered_record),
         cmocka_unit_test(test_sigterm_drains_and_exits_zero),
+        cmocka_unit_test(test_drain_timeout_cancels_then_refuses),
         cmocka_unit_test(test_reload_keeps_policy_on_errors),
         cmocka_unit_test(test_audit_write_failure_fails_closed),
     };
