@@ -146,22 +146,13 @@ static enum MHD_Result send_reply(struct request *r) {
 
 /* ---- suspend / resume ------------------------------------------------------------------ */
 
-/* A waiter for one callback: server_audit_sync, and requests that may not suspend. */
-struct sync_wait {
-    pthread_mutex_t lock;
-    pthread_cond_t cond;
-    bool done;
-    int rc;
-    int64_t seq;
-};
-
 /*
  * libmicrohttpd aborts the process when a daemon is stopped with a connection still
  * suspended, so suspending and stopping follow a handshake (both sides use sequentially
  * consistent atomics): a request counts itself in `suspended` and then checks `stopping`;
  * server_stop_listeners sets `stopping` and then waits for `suspended` to fall to zero.
  * Either the stopper sees the count or the request sees the flag, and a request that
- * sees the flag waits on its own thread instead (r->sync) — only during shutdown.
+ * sees the flag waits on its own thread instead (r->waits_here) — only during shutdown.
  */
 void request_suspend(struct request *r) {
     struct server *s = r->srv;
@@ -172,20 +163,18 @@ void request_suspend(struct request *r) {
         return;
     }
     __atomic_sub_fetch(&s->suspended, 1, __ATOMIC_SEQ_CST);
-    r->sync = calloc(1, sizeof *r->sync);
-    if (r->sync) {
-        pthread_mutex_init(&r->sync->lock, NULL);
-        pthread_cond_init(&r->sync->cond, NULL);
-    }
+    r->waits_here = true;
+    pthread_mutex_init(&r->sync.lock, NULL);
+    pthread_cond_init(&r->sync.cond, NULL);
 }
 
 void request_resume(struct request *r) {
     r->phase = PHASE_RESPOND;
-    if (r->sync) {
-        pthread_mutex_lock(&r->sync->lock);
-        r->sync->done = true;
-        pthread_cond_signal(&r->sync->cond);
-        pthread_mutex_unlock(&r->sync->lock);
+    if (r->waits_here) {
+        pthread_mutex_lock(&r->sync.lock);
+        r->sync.done = true;
+        pthread_cond_signal(&r->sync.cond);
+        pthread_mutex_unlock(&r->sync.lock);
         return;
     }
     struct server *s = r->srv;
@@ -196,11 +185,11 @@ void request_resume(struct request *r) {
 static enum MHD_Result respond(struct request *r);
 
 enum MHD_Result request_wait(struct request *r) {
-    if (!r->sync) return MHD_YES;
-    pthread_mutex_lock(&r->sync->lock);
-    while (!r->sync->done)
-        pthread_cond_wait(&r->sync->cond, &r->sync->lock);
-    pthread_mutex_unlock(&r->sync->lock);
+    if (!r->waits_here) return MHD_YES;
+    pthread_mutex_lock(&r->sync.lock);
+    while (!r->sync.done)
+        pthread_cond_wait(&r->sync.cond, &r->sync.lock);
+    pthread_mutex_unlock(&r->sync.lock);
     return respond(r);
 }
 
@@ -223,10 +212,9 @@ static void *on_uri(void *cls, const char *uri, struct MHD_Connection *conn) {
 }
 
 static void request_free(struct request *r) {
-    if (r->sync) {
-        pthread_mutex_destroy(&r->sync->lock);
-        pthread_cond_destroy(&r->sync->cond);
-        free(r->sync);
+    if (r->waits_here) {
+        pthread_mutex_destroy(&r->sync.lock);
+        pthread_cond_destroy(&r->sync.cond);
     }
     if (r->admin_op_free && r->admin_op) r->admin_op_free(r->admin_op);
     forward_job_clear(&r->job);

@@ -78,7 +78,14 @@ struct reply {
     size_t headers_cap;
 };
 
-struct sync_wait;
+/* A waiter for one callback: server_audit_sync, and requests that may not suspend. */
+struct sync_wait {
+    pthread_mutex_t lock;
+    pthread_cond_t cond;
+    bool done;
+    int rc;
+    int64_t seq;
+};
 
 struct request {
     struct server *srv;
@@ -123,8 +130,9 @@ struct request {
     /* admin: the operation in flight while suspended */
     void *admin_op;
     void (*admin_op_free)(void *op);
-    struct sync_wait *sync; /* set when it waits on its own thread (shutdown) */
-    bool forward_refused;   /* the forwarder refused the job (shutdown): no attempt made */
+    bool waits_here;       /* waits on its own thread (shutdown), with `sync` */
+    struct sync_wait sync; /* initialized only when waits_here */
+    bool forward_refused;  /* the forwarder refused the job (shutdown): no attempt made */
 };
 
 /* A JSON string of len bytes that may not be UTF-8 (a path, an id or a tenant as a client
