@@ -232,6 +232,8 @@ static void finish(struct forwarder *f, struct forward_job *job, enum forward_er
     job->done(job, job->done_arg);
 }
 
+#define FORWARD_MAX_IDLE_REUSE_S 4
+
 static int setup(struct forwarder *f, struct forward_job *job) {
     CURL *e = take_easy(f);
     if (!e) return -1;
@@ -258,6 +260,12 @@ static int setup(struct forwarder *f, struct forward_job *job) {
     SET(CURLOPT_HTTP_VERSION, (long)CURL_HTTP_VERSION_1_1);
     SET(CURLOPT_ACCEPT_ENCODING, NULL); /* relay bytes as the upstream sent them */
     SET(CURLOPT_PROXY, "");             /* never an environment proxy for upstream calls */
+    /* libcurl re-sends a request once when a reused connection turns out closed before any
+     * answer byte, which can make an upstream see a POST twice.  The usual cause is the
+     * upstream's keep-alive timeout expiring as the request goes out (Node and uvicorn
+     * close idle connections after 5 s); not reusing connections idle for more than
+     * FORWARD_MAX_IDLE_REUSE_S narrows that race at the cost of one connect after a lull. */
+    SET(CURLOPT_MAXAGE_CONN, (long)FORWARD_MAX_IDLE_REUSE_S);
     if (strcmp(job->method, "GET") == 0) {
         SET(CURLOPT_HTTPGET, 1L);
     } else if (strcmp(job->method, "HEAD") == 0) {
