@@ -134,6 +134,10 @@ static enum MHD_Result send_reply(struct request *r) {
         snprintf(seq, sizeof seq, "%lld", (long long)r->audit_seq);
         ok = ok && MHD_add_response_header(resp, "Pep-Audit-Seq", seq) == MHD_YES;
     }
+    /* Draining: keep-alive clients are told to go; the listening socket is already closed,
+     * so their next request goes to another instance instead of into the drain. */
+    if (__atomic_load_n(&r->srv->draining, __ATOMIC_RELAXED))
+        ok = ok && MHD_add_response_header(resp, "Connection", "close") == MHD_YES;
     for (size_t i = 0; i < rep->headers_len; i++) {
         /* A header value with CR/LF is refused by MHD: drop that header, keep the reply. */
         MHD_add_response_header(resp, rep->headers[i].name, rep->headers[i].value);

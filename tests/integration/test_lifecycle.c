@@ -202,6 +202,9 @@ static void test_sigterm_drains_and_exits_zero(void **state) {
     }
     assert_int_equal(h_http(&r, "POST", url, "{}", auth, NULL), 0);
     assert_int_equal(r.status, 200);
+    /* answered while draining: a keep-alive client is told to go elsewhere */
+    assert_non_null(h_header(&r, "Connection"));
+    assert_string_equal(h_header(&r, "Connection"), "close");
     waitpid(child, NULL, 0);
     int status = 0;
     assert_int_equal(h_wait_exit(&f.pep, 10000, &status), 0);
