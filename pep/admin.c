@@ -323,8 +323,10 @@ static enum MHD_Result put_agent(struct request *r) {
         struct admin_op *op = calloc(1, sizeof *op);
         if (op) {
             op->kind = OP_PUT_AGENT;
-            op->agent = agent_new(id, json_string_value(owner_v), tenants, nt, scopes, ns,
-                                  enabled_v ? json_is_true(enabled_v) : true,
+            /* Without "enabled", a replaced agent keeps its state: updating the scopes of an
+             * agent disabled as compromised must not quietly re-enable it. */
+            bool enabled = enabled_v ? json_is_true(enabled_v) : old ? old->enabled : true;
+            op->agent = agent_new(id, json_string_value(owner_v), tenants, nt, scopes, ns, enabled,
                                   old ? old->created_at_us : now, now);
             op->status = old ? 200 : 201;
         }
@@ -734,29 +736,70 @@ int server_bootstrap_admin(struct server *s, struct pep_err *err) {
     return rc ? pep_err_set(err, rc, "cannot write %s", path) : 0;
 }
 
+/* Writes one agent state from the policy file with its system record (agents.seed). */
+static int seed_write(struct server *s, const struct policy *p, struct agent *a,
+                      const char *reason) {
+    struct admin_op op = {.kind = OP_PUT_AGENT, .srv = s, .agent = agent_retain(a)};
+    json_t *rec = server_record("system", NULL);
+    json_object_set_new(rec, "action", json_string("agents.seed"));
+    json_object_set_new(rec, "agent", json_string(a->id));
+    json_object_set_new(rec, "policy_hash", json_string(p->policy_hash));
+    json_object_set_new(rec, "reason", json_string(reason));
+    int rc = server_audit_sync(s, rec, sync_apply, &op, NULL);
+    if (rc == 0) op_publish(&op);
+    agent_release(op.agent);
+    return rc;
+}
+
+/* Disables the policy-managed agents that p no longer lists: removing an agent from the
+ * file must stop its tokens, as deleting a line from a config file is expected to. */
+static int seed_disable_removed(struct server *s, const struct policy *p, int64_t now) {
+    size_t n = 0;
+    struct agent **managed = registry_policy_agents(s->registry, &n);
+    int rc = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (rc == 0 && managed[i]->enabled && !policy_find_agent(p, managed[i]->id)) {
+            struct agent *off = agent_with_enabled(managed[i], false, now);
+            if (!off) {
+                rc = PEP_ENOMEM;
+            } else {
+                off->from_policy = true;
+                rc = seed_write(s, p, off, "agent removed from the policy file: disabled");
+                agent_release(off);
+            }
+        }
+        agent_release(managed[i]);
+    }
+    free(managed);
+    return rc;
+}
+
 int server_seed_agents(struct server *s, const struct policy *p) {
     int rc = 0;
     int64_t now = pep_now_us();
     for (size_t i = 0; rc == 0 && i < p->agents_len; i++) {
         const struct policy_agent *pa = &p->agents[i];
         struct agent *old = registry_get_agent(s->registry, pa->id);
-        struct admin_op op = {.kind = OP_PUT_AGENT, .srv = s};
-        op.agent = agent_new(pa->id, pa->owner, (const char *const *)pa->tenants, pa->tenants_len,
-                             (const char *const *)pa->scopes, pa->scopes_len, pa->enabled,
-                             old ? old->created_at_us : now, now);
-        if (!op.agent)
+        struct agent *seeded =
+            agent_new(pa->id, pa->owner, (const char *const *)pa->tenants, pa->tenants_len,
+                      (const char *const *)pa->scopes, pa->scopes_len, pa->enabled,
+                      old ? old->created_at_us : now, now);
+        if (!seeded) {
             rc = PEP_ENOMEM;
-        else if (!old || !agent_same(old, op.agent)) {
-            json_t *rec = server_record("system", NULL);
-            json_object_set_new(rec, "action", json_string("agents.seed"));
-            json_object_set_new(rec, "agent", json_string(pa->id));
-            json_object_set_new(rec, "policy_hash", json_string(p->policy_hash));
-            json_object_set_new(rec, "reason", json_string("agent seeded from the policy file"));
-            rc = server_audit_sync(s, rec, sync_apply, &op, NULL);
-            if (rc == 0) op_publish(&op);
+        } else if (old && !old->from_policy) {
+            /* Changed through the admin API: the registry is authoritative for it. */
+            if (!agent_same(old, seeded))
+                fprintf(stderr,
+                        "pep: agent %s is managed through the admin API; its entry in the "
+                        "policy file is not applied\n",
+                        pa->id);
+        } else if (!old || !agent_same(old, seeded)) {
+            seeded->from_policy = true;
+            rc = seed_write(s, p, seeded, "agent seeded from the policy file");
         }
-        agent_release(op.agent);
+        agent_release(seeded);
         agent_release(old);
     }
+    if (rc == 0) rc = seed_disable_removed(s, p, now);
     return rc;
 }

@@ -143,10 +143,11 @@ bool agent_has_tenant(const struct agent *a, const char *tenant, size_t len) {
 }
 
 json_t *agent_to_json(const struct agent *a) {
-    return json_pack("{s:s, s:s, s:o, s:o, s:b, s:o, s:o}", "id", a->id, "owner", a->owner,
+    return json_pack("{s:s, s:s, s:o, s:o, s:b, s:s, s:o, s:o}", "id", a->id, "owner", a->owner,
                      "tenants", strv_to_json(a->tenants, a->tenants_len), "scopes",
-                     strv_to_json(a->scopes, a->scopes_len), "enabled", a->enabled, "created_at",
-                     time_json(a->created_at_us), "updated_at", time_json(a->updated_at_us));
+                     strv_to_json(a->scopes, a->scopes_len), "enabled", a->enabled, "managed_by",
+                     a->from_policy ? "policy" : "admin", "created_at", time_json(a->created_at_us),
+                     "updated_at", time_json(a->updated_at_us));
 }
 
 bool agent_same(const struct agent *a, const struct agent *b) {
@@ -263,7 +264,11 @@ const char *registry_schema_sql(void) {
            "CREATE TABLE IF NOT EXISTS tokens ("
            " jti TEXT PRIMARY KEY, subject TEXT NOT NULL, operator INTEGER NOT NULL,"
            " issued_at INTEGER NOT NULL, expires_at INTEGER NOT NULL, revoked_at INTEGER);"
-           "CREATE INDEX IF NOT EXISTS tokens_subject ON tokens(subject);";
+           "CREATE INDEX IF NOT EXISTS tokens_subject ON tokens(subject);"
+           /* A table of its own rather than a column: stores created before it existed
+            * need no migration, and their agents count as admin-managed (kept as they
+            * are), the safe reading. */
+           "CREATE TABLE IF NOT EXISTS policy_agents (id TEXT PRIMARY KEY);";
 }
 
 /* SECURITY: a read that stops early must fail the start — a registry missing rows
@@ -277,7 +282,7 @@ static int load_agents(struct registry *r, sqlite3 *db, struct pep_err *err) {
     int rc = 0;
     if (sqlite3_prepare_v2(db,
                            "SELECT id, owner, tenants, scopes, enabled, created_at_us,"
-                           " updated_at_us FROM agents",
+                           " updated_at_us, id IN (SELECT id FROM policy_agents) FROM agents",
                            -1, &st, NULL) != SQLITE_OK)
         return pep_err_set(err, PEP_EDB, "registry: %s", sqlite3_errmsg(db));
     int step;
@@ -294,10 +299,12 @@ static int load_agents(struct registry *r, sqlite3 *db, struct pep_err *err) {
                           (const char *)sqlite3_column_text(st, 1), (const char *const *)tenants,
                           nt, (const char *const *)scopes, ns, sqlite3_column_int(st, 4) != 0,
                           sqlite3_column_int64(st, 5), sqlite3_column_int64(st, 6));
-            if (!a)
+            if (!a) {
                 rc = pep_err_set(err, PEP_ENOMEM, "registry: out of memory");
-            else
+            } else {
+                a->from_policy = sqlite3_column_int(st, 7) != 0;
                 registry_publish_agent(r, a);
+            }
         }
         if (tenants) free_strv(tenants, nt);
         if (scopes) free_strv(scopes, ns);
@@ -467,6 +474,26 @@ json_t *registry_list_agents(struct registry *r) {
     return list_sorted(r, r->agents, NULL, NULL, cmp_agent_created, render_agent);
 }
 
+static bool keep_policy_agent(const void *value, const void *arg) {
+    (void)arg;
+    return ((const struct agent *)value)->from_policy;
+}
+
+struct agent **registry_policy_agents(struct registry *r, size_t *len) {
+    *len = 0;
+    pthread_rwlock_rdlock(&r->lock);
+    struct collect c = {.items = calloc(strmap_len(r->agents) + 1, sizeof(void *)),
+                        .keep = keep_policy_agent};
+    if (c.items) {
+        strmap_each(r->agents, collect_value, &c);
+        for (size_t i = 0; i < c.len; i++)
+            agent_retain((struct agent *)c.items[i]);
+        *len = c.len;
+    }
+    pthread_rwlock_unlock(&r->lock);
+    return (struct agent **)c.items;
+}
+
 json_t *registry_list_tokens(struct registry *r, const char *agent_filter) {
     return list_sorted(r, r->tokens, keep_agent_token, agent_filter, cmp_token_order, render_token);
 }
@@ -504,6 +531,11 @@ int registry_sql_put_agent(sqlite3 *db, const struct agent *a) {
                         " enabled = ?5, updated_at_us = ?7",
                         "ssssiii", a->id, a->owner, tenants, scopes, (int64_t)a->enabled,
                         a->created_at_us, a->updated_at_us);
+    if (rc == 0)
+        rc = exec_bound(db,
+                        a->from_policy ? "INSERT OR IGNORE INTO policy_agents(id) VALUES(?1)"
+                                       : "DELETE FROM policy_agents WHERE id = ?1",
+                        "s", a->id);
     free(tenants);
     free(scopes);
     return rc;

@@ -33,6 +33,10 @@ struct agent {
     char **scopes;
     size_t scopes_len;
     bool enabled;
+    /* Managed by the policy file: seeded from it and not changed through the admin API
+     * since.  Reloads update (and, when it leaves the file, disable) only such agents: an
+     * operator's disable or scope removal must survive a reload or restart. */
+    bool from_policy;
     int64_t created_at_us;
     int64_t updated_at_us;
     int refcount; /* atomic */
@@ -60,12 +64,13 @@ struct token_rec {
 struct agent *agent_new(const char *id, const char *owner, const char *const *tenants,
                         size_t tenants_len, const char *const *scopes, size_t scopes_len,
                         bool enabled, int64_t created_at_us, int64_t updated_at_us);
-/* Copy of a with another enabled flag and update time. */
+/* Copy of a with another enabled flag and update time (from_policy false: an admin change). */
 struct agent *agent_with_enabled(const struct agent *a, bool enabled, int64_t now_us);
 struct agent *agent_retain(struct agent *a);
 void agent_release(struct agent *a);
 bool agent_has_tenant(const struct agent *a, const char *tenant, size_t len);
-/* The agent's JSON view {id, owner, tenants, scopes, enabled, created_at, updated_at}. */
+/* The agent's JSON view {id, owner, tenants, scopes, enabled, managed_by ("policy" or
+ * "admin"), created_at, updated_at}. */
 json_t *agent_to_json(const struct agent *a);
 /* True when both describe the same identity (id, owner, tenants, scopes, enabled). */
 bool agent_same(const struct agent *a, const struct agent *b);
@@ -100,6 +105,9 @@ bool registry_get_token(struct registry *r, const char *jti, struct token_rec *o
  * time (tokens, oldest first).  agent_filter may be NULL. */
 json_t *registry_list_agents(struct registry *r);
 json_t *registry_list_tokens(struct registry *r, const char *agent_filter);
+/* The agents managed by the policy file (retained; release each, then free the array).
+ * NULL with *len 0 when there are none or memory ran out. */
+struct agent **registry_policy_agents(struct registry *r, size_t *len);
 
 /* Writer thread, inside the audit transaction.  Return 0 or PEP_EDB. */
 int registry_sql_put_agent(sqlite3 *db, const struct agent *a);

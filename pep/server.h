@@ -188,6 +188,9 @@ int server_reload(struct server *s, struct policy_errors *errs);
  * when that file does not exist.  Blocks on the audit writer (startup only). */
 int server_bootstrap_admin(struct server *s, struct pep_err *err);
 
-/* Upserts the policy's agents into the registry when they differ from what it holds
- * (each change audited as kind `system`).  Blocks on the audit writer. */
+/* Brings the policy-managed agents in line with p (each change audited as kind `system`,
+ * action `agents.seed`): creates the agents p lists that the registry lacks, updates
+ * policy-managed ones that differ, disables policy-managed ones p no longer lists.
+ * Agents changed through the admin API are left as they are (logged when p differs).
+ * Blocks on the audit writer. */
 int server_seed_agents(struct server *s, const struct policy *p);

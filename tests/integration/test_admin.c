@@ -9,6 +9,7 @@
 #include "tests/integration/fixture.h"
 
 #include <setjmp.h>
+#include <signal.h>
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdio.h>
@@ -84,7 +85,8 @@ static void test_ttl_cannot_overflow_the_limit(void **state) {
                              "{\"ttl\":10000000000000000}", 400, "bad_request"));
 }
 
-/* The ids of the objects in array `key` of j, in order, comma-separated. */
+/* The ids (member `field`, or the items themselves when field is NULL) of array `key` of
+ * j, in order, comma-separated. */
 static void ids_of(json_t *j, const char *key, const char *field, char *out, size_t cap) {
     json_t *arr = json_object_get(j, key), *item;
     size_t i, used = 0;
@@ -92,7 +94,7 @@ static void ids_of(json_t *j, const char *key, const char *field, char *out, siz
     assert_true(json_is_array(arr));
     json_array_foreach(arr, i, item) {
         int n = snprintf(out + used, cap - used, "%s%s", i ? "," : "",
-                         json_string_value(json_object_get(item, field)));
+                         json_string_value(field ? json_object_get(item, field) : item));
         assert_true(n > 0 && (size_t)n < cap - used);
         used += (size_t)n;
     }
@@ -183,12 +185,75 @@ static void test_errors_stay_json_for_any_bytes(void **state) {
     free(token);
 }
 
+/* Rewrites the group's policy with extra_agents (YAML list items) after bot, and reloads. */
+static void reload_with_agents(const char *extra_agents) {
+    char *text = h_read_file(F.policy);
+    assert_non_null(text);
+    const char *bot_line = strstr(text, "  - { id: bot,");
+    assert_non_null(bot_line);
+    const char *after_bot = strchr(bot_line, '\n') + 1;
+    char *edited = NULL;
+    assert_true(asprintf(&edited, "%.*s%s%s", (int)(after_bot - text), text, extra_agents,
+                         strstr(after_bot, "upstreams:")) > 0);
+    assert_int_equal(h_write_file(F.policy, edited), 0);
+    json_decref(admin_expect("POST", "/admin/v1/policy/reload", NULL, 200, NULL));
+    free(edited);
+    free(text);
+}
+
+/* Asserts agent id's enabled flag, managed_by and scopes (comma-separated). */
+static void expect_agent(const char *id, bool enabled, const char *managed_by, const char *scopes) {
+    char path[128], got[256];
+    snprintf(path, sizeof path, "/admin/v1/agents/%s", id);
+    json_t *a = admin_expect("GET", path, NULL, 200, NULL);
+    if (json_is_true(json_object_get(a, "enabled")) != enabled)
+        fail_msg("agent %s: enabled is %s", id, enabled ? "false" : "true");
+    assert_string_equal(json_string_value(json_object_get(a, "managed_by")), managed_by);
+    ids_of(a, "scopes", NULL, got, sizeof got);
+    assert_string_equal(got, scopes);
+    json_decref(a);
+}
+
+/* An operator's change to a policy agent survives reloads and restarts; the file keeps
+ * managing the agents nobody touched, including disabling one it no longer lists. */
+static void test_reload_keeps_operator_changes(void **state) {
+    (void)state;
+    reload_with_agents("  - { id: pol-a, tenants: [acme], scopes: [x] }\n"
+                       "  - { id: pol-b, tenants: [acme], scopes: [x] }\n"
+                       "  - { id: pol-c, tenants: [acme], scopes: [x] }\n");
+    expect_agent("pol-a", true, "policy", "x");
+    json_decref(admin_expect("POST", "/admin/v1/agents/pol-a/disable", NULL, 200, NULL));
+    /* Replacing without "enabled" keeps the agent disabled. */
+    json_decref(admin_expect("POST", "/admin/v1/agents",
+                             "{\"id\":\"pol-a\",\"owner\":\"o\",\"tenants\":[\"acme\"],"
+                             "\"scopes\":[\"y\"]}",
+                             200, NULL));
+    expect_agent("pol-a", false, "admin", "y");
+
+    reload_with_agents("  - { id: pol-a, tenants: [acme], scopes: [x, z] }\n"
+                       "  - { id: pol-b, tenants: [acme], scopes: [x, z] }\n");
+    expect_agent("pol-a", false, "admin", "y");
+    expect_agent("pol-b", true, "policy", "x,z");
+    expect_agent("pol-c", false, "policy", "x");
+
+    h_stop(&F.pep, SIGTERM);
+    assert_int_equal(fx_restart_pep(&F, NULL), 0);
+    expect_agent("pol-a", false, "admin", "y");
+    expect_agent("pol-c", false, "policy", "x");
+
+    /* Back in the file, a policy-managed agent is enabled again. */
+    reload_with_agents("  - { id: pol-c, tenants: [acme], scopes: [x] }\n");
+    expect_agent("pol-c", true, "policy", "x");
+    expect_agent("pol-b", false, "policy", "x,z");
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_ttl_cannot_overflow_the_limit),
         cmocka_unit_test(test_lists_are_newest_last),
         cmocka_unit_test(test_identifiers_tokens_can_carry),
         cmocka_unit_test(test_errors_stay_json_for_any_bytes),
+        cmocka_unit_test(test_reload_keeps_operator_changes), /* last: restarts pep */
     };
     return cmocka_run_group_tests(tests, group_setup, group_teardown);
 }
