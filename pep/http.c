@@ -475,14 +475,25 @@ static const char *bearer_token(struct MHD_Connection *conn) {
 struct header_copy {
     struct curl_slist *list;
     const char *connection_tokens;
+    const struct upstream *up;
     bool failed;
 };
+
+/* SECURITY: a header the policy sets for the upstream (a credential, typically) is pep's
+ * alone: an agent's header of the same name would otherwise travel next to it — first,
+ * where many servers read it. */
+static bool upstream_sets_header(const struct upstream *up, const char *name) {
+    for (size_t i = 0; i < up->headers_len; i++)
+        if (strcasecmp(up->headers[i].name, name) == 0) return true;
+    return false;
+}
 
 static enum MHD_Result copy_header(void *cls, enum MHD_ValueKind kind, const char *key,
                                    const char *value) {
     (void)kind;
     struct header_copy *hc = cls;
-    if (!forward_header_allowed(key, hc->connection_tokens)) return MHD_YES;
+    if (!forward_header_allowed(key, hc->connection_tokens) || upstream_sets_header(hc->up, key))
+        return MHD_YES;
     char line[8192];
     if (snprintf(line, sizeof line, "%s: %s", key, value ? value : "") >= (int)sizeof line)
         return MHD_YES; /* an oversized header is not relayed */
@@ -530,6 +541,7 @@ static int prepare_forward(struct request *r) {
 
     struct header_copy hc = {
         .connection_tokens = MHD_lookup_connection_value(r->conn, MHD_HEADER_KIND, "Connection"),
+        .up = up,
     };
     MHD_get_connection_values(r->conn, MHD_HEADER_KIND, copy_header, &hc);
     job->headers = hc.list;

@@ -300,7 +300,8 @@ static void test_allowed_call_is_forwarded_and_audited(void **state) {
         "{\"model\":\"gpt-test\",\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}]}";
     assert_int_equal(h_http(&r, "POST", url("/v1/chat/completions?trace=1"), body,
                             fx_bearer(auth, sizeof auth, BOT_TOKEN), "Cookie: session=agent-cookie",
-                            "Pep-Debug: 1", "X-Agent-Header: kept", NULL),
+                            "Pep-Debug: 1", "X-Agent-Header: kept",
+                            "X-EXTRA: agent-chosen" /* pep sets x-extra: not the agent */, NULL),
                      0);
     assert_int_equal(r.status, 200);
     assert_string_equal(h_header(&r, "Pep-Upstream"), "mock");
