@@ -583,21 +583,31 @@ static enum MHD_Result policy_show(struct request *r) {
     return MHD_YES;
 }
 
+/* Runs on the listener thread and waits for the reload record's fsync: reloads are rare
+ * operator actions, and answering only once the new policy is audited and active is what
+ * the operator needs to know. */
 static enum MHD_Result policy_reload(struct request *r) {
     struct policy_errors errs = {0};
-    if (server_reload(r->srv, &errs) != 0) {
+    struct reload_origin by = {.operator_id = r->operator_rec->id, .request_id = r->id};
+    int64_t seq = 0;
+    int rc = server_reload(r->srv, &by, &seq, &errs);
+    if (rc == PEP_EUNAVAILABLE) {
+        reply_error(r, 503, "audit_unavailable",
+                    "the reload could not be audited; the active policy is kept", NULL);
+    } else if (rc != 0) {
         json_t *list = json_array();
         for (size_t i = 0; i < errs.len; i++)
             json_array_append_new(list, json_string(errs.items[i]));
-        policy_errors_free(&errs);
         reply_error(r, 422, "invalid_policy",
                     "the policy file is invalid; the active policy is kept",
                     json_pack("{s:o}", "errors", list));
-        return MHD_YES;
+    } else {
+        r->audit_seq = seq;
+        struct policy *p = server_policy(r->srv);
+        reply_json(r, 200, json_pack("{s:s, s:s}", "policy_hash", p->policy_hash, "file", p->file));
+        policy_release(p);
     }
-    struct policy *p = server_policy(r->srv);
-    reply_json(r, 200, json_pack("{s:s, s:s}", "policy_hash", p->policy_hash, "file", p->file));
-    policy_release(p);
+    policy_errors_free(&errs);
     return MHD_YES;
 }
 

@@ -62,9 +62,12 @@ json_t *json_text(const char *s, size_t len) {
 json_t *server_record(const char *kind, const char *request_id) {
     char ts[32];
     pep_format_rfc3339_us(pep_now_us(), ts);
-    json_t *rec = json_pack("{s:s, s:s}", "ts", ts, "kind", kind);
-    if (rec && request_id) json_object_set_new(rec, "request_id", json_string(request_id));
-    return rec;
+    char own_id[27];
+    if (!request_id) {
+        pep_request_id(own_id);
+        request_id = own_id;
+    }
+    return json_pack("{s:s, s:s, s:s}", "ts", ts, "kind", kind, "request_id", request_id);
 }
 
 /* ---- replies ------------------------------------------------------------------------- */

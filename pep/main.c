@@ -213,7 +213,7 @@ static int cmd_serve(const char *file, const char *data_dir, const char *listen,
         if (sigwait(&set, &sig) != 0) continue;
         if (sig == SIGHUP) {
             struct policy_errors rerrs = {0};
-            if (server_reload(&s, &rerrs) != 0) {
+            if (server_reload(&s, NULL, NULL, &rerrs) != 0) {
                 fprintf(stderr, "pep: reload refused, the active policy is kept:\n");
                 print_errors(&rerrs);
             }

@@ -174,15 +174,26 @@ void server_stop_listeners(struct server *s);
 int server_audit_sync(struct server *s, json_t *record, audit_apply_fn apply, void *apply_arg,
                       int64_t *seq);
 
-/* A fresh audit record {ts, kind, request_id?} (new reference). */
+/* A fresh audit record {ts, kind, request_id} (new reference); a record not caused by a
+ * request (start, stop, SIGHUP…) gets a request id of its own, so that every record can
+ * be named by one (SPEC 6.2). */
 json_t *server_record(const char *kind, const char *request_id);
 
-#endif
+/* Who asked for a reload: an operator through the admin API, or NULL fields for SIGHUP. */
+struct reload_origin {
+    const char *operator_id; /* the record is kind `admin` with this operator, else `system` */
+    const char *request_id;
+};
 
-/* Reloads the policy file (SIGHUP, POST /admin/v1/policy/reload).  On success swaps the
- * snapshot, reseeds policy agents and audits it; on failure keeps the active policy and
- * fills errs (caller frees with policy_errors_free).  Any thread; reloads are serialized. */
-int server_reload(struct server *s, struct policy_errors *errs);
+/* Reloads the policy file (SIGHUP, POST /admin/v1/policy/reload).  The new policy is
+ * compiled, its `policy.reload` record written durably (*audit_seq, may be NULL), and only
+ * then swapped in; policy agents are reseeded.  Blocks on the audit writer.  Returns 0;
+ * PEP_EINVAL (or PEP_EIO, PEP_ENOMEM) with errs filled when the file is refused — the
+ * active policy is kept; PEP_EUNAVAILABLE when the record could not be written (nothing
+ * changed: a change that cannot be audited is not made).  errs: caller frees with
+ * policy_errors_free.  Any thread; reloads are serialized. */
+int server_reload(struct server *s, const struct reload_origin *by, int64_t *audit_seq,
+                  struct policy_errors *errs);
 
 /* First start: creates the bootstrap operator `admin` and writes DATA/admin.token (0600)
  * when that file does not exist.  Blocks on the audit writer (startup only). */
@@ -194,3 +205,5 @@ int server_bootstrap_admin(struct server *s, struct pep_err *err);
  * Agents changed through the admin API are left as they are (logged when p differs).
  * Blocks on the audit writer. */
 int server_seed_agents(struct server *s, const struct policy *p);
+
+#endif

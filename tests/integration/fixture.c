@@ -126,14 +126,21 @@ json_t *fx_record(struct fx *f, const char *request_id, const char *kind) {
     return rec;
 }
 
-long fx_count_records(struct fx *f) {
+long fx_count_records_where(struct fx *f, const char *where) {
     sqlite3 *db = open_ro(f);
     sqlite3_stmt *st = NULL;
     long n = -1;
-    if (db && sqlite3_prepare_v2(db, "SELECT count(*) FROM audit", -1, &st, NULL) == SQLITE_OK &&
+    char *sql = sqlite3_mprintf("SELECT count(*) FROM audit%s%s", where ? " WHERE " : "",
+                                where ? where : "");
+    if (db && sql && sqlite3_prepare_v2(db, sql, -1, &st, NULL) == SQLITE_OK &&
         sqlite3_step(st) == SQLITE_ROW)
         n = (long)sqlite3_column_int64(st, 0);
     sqlite3_finalize(st);
+    sqlite3_free(sql);
     sqlite3_close(db);
     return n;
+}
+
+long fx_count_records(struct fx *f) {
+    return fx_count_records_where(f, NULL);
 }

@@ -41,6 +41,9 @@ char *fx_issue(struct fx *f, const char *agent, const char *body, char jti_out[6
 json_t *fx_record(struct fx *f, const char *request_id, const char *kind);
 /* The number of rows in the audit table, or -1. */
 long fx_count_records(struct fx *f);
+/* The number of rows matching an SQL condition (e.g. "json_extract(record, '$.kind') =
+ * 'system'"), or -1. */
+long fx_count_records_where(struct fx *f, const char *where);
 
 /* "Authorization: Bearer <token>" in buf. */
 const char *fx_bearer(char *buf, size_t cap, const char *token);

@@ -15,6 +15,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 #include <cmocka.h>
 
 static const char *POLICY = "version: 1\n"
@@ -247,12 +248,40 @@ static void test_reload_keeps_operator_changes(void **state) {
     expect_agent("pol-b", false, "policy", "x,z");
 }
 
+/* A reload through the admin API is an operator's state change: audited (kind admin, the
+ * operator, the request id) before it answers, with Pep-Audit-Seq.  Records no request
+ * caused (start, seeding, SIGHUP) still carry a request id (SPEC 6.2). */
+static void test_reload_is_audited_as_the_operators(void **state) {
+    (void)state;
+    struct h_resp r = {0};
+    assert_int_equal(fx_admin(&F, &r, "POST", "/admin/v1/policy/reload", NULL), 0);
+    assert_int_equal(r.status, 200);
+    const char *seq = h_header(&r, "Pep-Audit-Seq");
+    assert_non_null(seq);
+    json_t *rec = fx_record(&F, h_header(&r, "Pep-Request-Id"), "admin");
+    assert_non_null(rec);
+    assert_string_equal(json_string_value(json_object_get(rec, "action")), "policy.reload");
+    assert_string_equal(json_string_value(json_object_get(rec, "operator")), "admin");
+    assert_int_equal(json_integer_value(json_object_get(rec, "seq")), atol(seq));
+    json_decref(rec);
+    h_resp_free(&r);
+
+    static const char *const sighup_reload = "json_extract(record, '$.kind') = 'system' AND"
+                                             " json_extract(record, '$.action') = 'policy.reload'";
+    assert_int_equal(kill(F.pep.pid, SIGHUP), 0);
+    for (int i = 0; i < 250 && fx_count_records_where(&F, sighup_reload) < 1; i++)
+        usleep(20000);
+    assert_int_equal(fx_count_records_where(&F, sighup_reload), 1);
+    assert_int_equal(fx_count_records_where(&F, "json_extract(record, '$.request_id') IS NULL"), 0);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_ttl_cannot_overflow_the_limit),
         cmocka_unit_test(test_lists_are_newest_last),
         cmocka_unit_test(test_identifiers_tokens_can_carry),
         cmocka_unit_test(test_errors_stay_json_for_any_bytes),
+        cmocka_unit_test(test_reload_is_audited_as_the_operators),
         cmocka_unit_test(test_reload_keeps_operator_changes), /* last: restarts pep */
     };
     return cmocka_run_group_tests(tests, group_setup, group_teardown);
