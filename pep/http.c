@@ -689,7 +689,8 @@ static void submit_outcome(struct request *r) {
     if (!r->forward_refused) {
         json_t *attempt = json_pack("{s:s, s:I}", "upstream", route->upstream->name, "ms",
                                     (json_int_t)(job->elapsed_us / 1000));
-        if (r->model[0]) json_object_set_new(attempt, "model", json_string(r->model));
+        /* null rather than absent: every attempt entry has the same members (SPEC 8). */
+        json_object_set_new(attempt, "model", r->model[0] ? json_string(r->model) : json_null());
         if (job->error == FORWARD_OK)
             json_object_set_new(attempt, "status", json_integer(job->status));
         else if (job->error == FORWARD_CANCELLED) /* drain deadline: pep stopped waiting */
@@ -707,10 +708,23 @@ static void submit_outcome(struct request *r) {
     if (r->agent) set_str(rec, "agent", r->agent->id);
     if (r->decision.tenant)
         json_object_set_new(rec, "tenant", json_text(r->decision.tenant, r->decision.tenant_len));
-    json_object_set_new(rec, "fallback_step", json_integer(0));
+    /* The serving step's index: none served a request that ends unavailable. */
+    if (strcmp(code, "ok") == 0) json_object_set_new(rec, "fallback_step", json_integer(0));
     json_object_set_new(rec, "latency_us", json_integer(pep_mono_us() - r->start_mono_us));
     if (audit_submit(r->srv->audit, rec, NULL, NULL, NULL, NULL) != 0)
         fprintf(stderr, "pep: audit: outcome record of %s could not be queued\n", r->id);
+}
+
+/* The upstream's Retry-After when it is a delay in seconds (an HTTP date is not passed
+ * on: the agent would read it against its own clock), or NULL. */
+static const char *upstream_retry_after(const struct forward_job *job) {
+    for (size_t i = 0; job->error == FORWARD_OK && i < job->resp_headers_len; i++) {
+        const char *v = job->resp_headers[i].value;
+        if (strcasecmp(job->resp_headers[i].name, "Retry-After") == 0 && *v && strlen(v) <= 9 &&
+            strspn(v, "0123456789") == strlen(v))
+            return v;
+    }
+    return NULL;
 }
 
 /* The answer to a forwarded request: the upstream's, or a pep error (SPEC 3.3, 4.3). */
@@ -727,6 +741,9 @@ static enum MHD_Result respond_forwarded(struct request *r) {
         snprintf(msg, sizeof msg, "upstream %s unavailable (%s)", route->upstream->name,
                  job->error == FORWARD_OK ? "retryable status" : forward_error_name(job->error));
         reply_error(r, status, code, msg, extra);
+        /* SPEC 3.5: Retry-After on 503 when known — the upstream's own, in seconds. */
+        const char *wait = upstream_retry_after(job);
+        if (wait) reply_set_header(&r->reply, "Retry-After", wait);
     } else if (strcmp(code, "upstream_auth_failed") == 0) {
         char msg[160];
         snprintf(msg, sizeof msg, "upstream %s refused pep's credentials (%ld)",

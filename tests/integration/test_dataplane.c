@@ -517,7 +517,15 @@ static void test_upstream_failures(void **state) {
     json_t *j = h_json(&r);
     assert_int_equal(
         json_integer_value(json_object_get(json_object_get(j, "error"), "upstream_status")), 503);
+    assert_null(h_header(&r, "Retry-After"));
     json_decref(j);
+    /* the upstream's Retry-After (seconds) is passed on: SPEC 3.5 "on 503 when known" */
+    assert_int_equal(h_mock_fault(F.mock.url, "{\"kind\":\"status\",\"status\":429,"
+                                              "\"count\":1,\"retry_after\":\"7\"}"),
+                     0);
+    assert_int_equal(h_http(&r, "POST", url("/v1/chat/completions"), "{}", auth, NULL), 0);
+    assert_error(&r, 503, "upstream_unavailable");
+    assert_string_equal(h_header(&r, "Retry-After"), "7");
     /* the upstream refusing pep's credentials is an operator problem: 502 */
     assert_int_equal(h_mock_fault(F.mock.url, "{\"kind\":\"status\",\"status\":401,\"count\":1}"),
                      0);
@@ -546,7 +554,9 @@ static void test_upstream_failures(void **state) {
     assert_non_null(out);
     json_t *attempt = json_array_get(json_object_get(out, "attempts"), 0);
     assert_string_equal(json_string_value(json_object_get(attempt, "error")), "connect_error");
+    assert_true(json_is_null(json_object_get(attempt, "model")));
     assert_string_equal(json_string_value(json_object_get(out, "code")), "upstream_unavailable");
+    assert_null(json_object_get(out, "fallback_step")); /* no step served it */
     json_decref(out);
     h_resp_free(&r);
 }
