@@ -309,6 +309,7 @@ static enum MHD_Result refuse_now(struct request *r, int status, const char *cod
 struct framing {
     int content_length_count;
     int transfer_encoding_count;
+    int authorization_count;
     bool transfer_encoding_chunked;
     bool bad_header_name;
 };
@@ -332,6 +333,8 @@ static enum MHD_Result count_framing(void *cls, enum MHD_ValueKind kind, const c
     if (!is_token(key)) f->bad_header_name = true;
     if (strcasecmp(key, "Content-Length") == 0)
         f->content_length_count++;
+    else if (strcasecmp(key, "Authorization") == 0)
+        f->authorization_count++;
     else if (strcasecmp(key, "Transfer-Encoding") == 0) {
         f->transfer_encoding_count++;
         f->transfer_encoding_chunked = value && strcasecmp(value, "chunked") == 0;
@@ -339,8 +342,10 @@ static enum MHD_Result count_framing(void *cls, enum MHD_ValueKind kind, const c
     return MHD_YES;
 }
 
-/* Returns NULL when framing is unambiguous, else the reason to refuse with 400. */
-static const char *framing_problem(struct MHD_Connection *conn) {
+/* Returns NULL when framing and credentials are unambiguous, else the reason to refuse
+ * with 400.  Two Authorization headers: we would check one while a server behind us might
+ * honour the other. */
+static const char *header_problem(struct MHD_Connection *conn) {
     struct framing f = {0};
     MHD_get_connection_values(conn, MHD_HEADER_KIND, count_framing, &f);
     if (f.bad_header_name) return "malformed header: a field name must be a token (RFC 9110)";
@@ -351,6 +356,8 @@ static const char *framing_problem(struct MHD_Connection *conn) {
         return "ambiguous framing: Content-Length with Transfer-Encoding";
     if (f.transfer_encoding_count == 1 && !f.transfer_encoding_chunked)
         return "unsupported Transfer-Encoding";
+    if (f.authorization_count > 1)
+        return "ambiguous credentials: more than one Authorization header";
     return NULL;
 }
 
@@ -402,7 +409,7 @@ static enum MHD_Result data_on_headers(struct request *r) {
     /* SECURITY: ambiguous framing is answered at once and the connection closed: its body
      * must not be read, since pep and the client disagree on where it ends.  Built-in
      * endpoints too: the connection is what is at stake, not the endpoint. */
-    const char *problem = framing_problem(r->conn);
+    const char *problem = header_problem(r->conn);
     if (problem) return refuse_now(r, 400, "bad_request", problem);
     if (is_builtin(r)) {
         r->builtin = true;
@@ -810,7 +817,7 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
             r->policy = server_policy(r->srv);
             r->body_limit = r->policy->max_body;
             /* SECURITY: as on the data plane (not audited: nothing was decided). */
-            const char *problem = framing_problem(conn);
+            const char *problem = header_problem(conn);
             if (problem) {
                 reply_error(r, 400, "bad_request", problem, NULL);
                 return send_reply(r);

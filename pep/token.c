@@ -403,8 +403,11 @@ static enum token_status token_claims_build(const json_t *o, const char *issuer,
         json_t *a;
         json_array_foreach(aud, i, a) {
             if (!json_is_string(a)) return TOKEN_MALFORMED;
-            aud_ok = aud_ok || strcmp(json_string_value(a), audience) == 0;
         }
+        /* SPEC 3.1: aud *equals* ours.  A token for several audiences is refused: one
+         * naming both "pep" and "pep-admin" would open both planes. */
+        aud_ok = json_array_size(aud) == 1 &&
+                 strcmp(json_string_value(json_array_get(aud, 0)), audience) == 0;
     } else {
         return TOKEN_MALFORMED;
     }

@@ -465,10 +465,19 @@ static const struct verify_case verify_cases[] = {
      TOKEN_WRONG_AUDIENCE},
     {"issuer checked before time", "{" BASE ",\"iat\":1000,\"exp\":2000}", 5000, 30, "x", AUD,
      TOKEN_WRONG_ISSUER},
-    {"aud array containing",
-     "{\"iss\":\"pep\",\"aud\":[\"x\",\"pep\"],\"sub\":\"bot\",\"jti\":\"J1\",\"iat\":1000,"
+    {"aud array of ours alone",
+     "{\"iss\":\"pep\",\"aud\":[\"pep\"],\"sub\":\"bot\",\"jti\":\"J1\",\"iat\":1000,"
      "\"exp\":2000}",
      1500, 30, ISS, AUD, TOKEN_OK},
+    /* SPEC 3.1 "aud equals pep": a token for several audiences is refused. */
+    {"aud array containing ours and another",
+     "{\"iss\":\"pep\",\"aud\":[\"x\",\"pep\"],\"sub\":\"bot\",\"jti\":\"J1\",\"iat\":1000,"
+     "\"exp\":2000}",
+     1500, 30, ISS, AUD, TOKEN_WRONG_AUDIENCE},
+    {"aud array naming both planes",
+     "{\"iss\":\"pep\",\"aud\":[\"pep\",\"pep-admin\"],\"sub\":\"bot\",\"jti\":\"J1\","
+     "\"iat\":1000,\"exp\":2000}",
+     1500, 30, ISS, AUD, TOKEN_WRONG_AUDIENCE},
     {"aud array lacking",
      "{\"iss\":\"pep\",\"aud\":[\"x\"],\"sub\":\"bot\",\"jti\":\"J1\",\"iat\":1000,\"exp\":2000}",
      1500, 30, ISS, AUD, TOKEN_WRONG_AUDIENCE},
