@@ -193,15 +193,18 @@ static void test_agent_to_json(void **state) {
     assert_non_null(j);
     assert_json(j, "{\"id\":\"bot\",\"owner\":\"owner@example.test\","
                    "\"tenants\":[\"acme\",\"globex\"],\"scopes\":[\"llm.chat\",\"tool.*\"],"
-                   "\"enabled\":false,\"created_at\":\"2023-11-14T22:13:20.123456Z\","
+                   "\"enabled\":false,\"managed_by\":\"admin\","
+                   "\"created_at\":\"2023-11-14T22:13:20.123456Z\","
                    "\"updated_at\":\"2023-11-14T22:13:20.123457Z\"}");
     json_decref(j);
     agent_release(a);
 
     a = agent_new("e", NULL, NULL, 0, NULL, 0, true, 0, 0);
     assert_non_null(a);
+    a->from_policy = true;
     j = agent_to_json(a);
     assert_json(j, "{\"id\":\"e\",\"owner\":\"\",\"tenants\":[],\"scopes\":[],\"enabled\":true,"
+                   "\"managed_by\":\"policy\","
                    "\"created_at\":\"1970-01-01T00:00:00.000000Z\","
                    "\"updated_at\":\"1970-01-01T00:00:00.000000Z\"}");
     json_decref(j);
@@ -608,6 +611,19 @@ static void test_sql_round_trip(void **state) {
     sqlite3_close(db);
 }
 
+/* Loads db into a fresh registry and says whether agent id is policy-managed there. */
+static bool loaded_from_policy(sqlite3 *db, const char *id) {
+    struct registry *r = registry_new();
+    struct pep_err err = {0};
+    assert_int_equal(registry_load(r, db, &err), 0);
+    struct agent *got = registry_get_agent(r, id);
+    assert_non_null(got);
+    bool from_policy = got->from_policy;
+    agent_release(got);
+    registry_free(r);
+    return from_policy;
+}
+
 static void test_sql_put_agent_updates(void **state) {
     (void)state;
     sqlite3 *db = open_db();
@@ -629,6 +645,17 @@ static void test_sql_put_agent_updates(void **state) {
     assert_int_equal(got->updated_at_us, 9999);
     agent_release(got);
     registry_free(r);
+
+    /* Who manages it survives the trip: seeded from the policy, then changed by an admin. */
+    assert_false(loaded_from_policy(db, "bot"));
+    b->from_policy = true;
+    assert_int_equal(registry_sql_put_agent(db, b), 0);
+    assert_true(loaded_from_policy(db, "bot"));
+    struct agent *changed = agent_with_enabled(b, true, 10000);
+    assert_false(changed->from_policy);
+    assert_int_equal(registry_sql_put_agent(db, changed), 0);
+    assert_false(loaded_from_policy(db, "bot"));
+    agent_release(changed);
 
     /* operators too: roles change, created_at stays */
     const char *r1[] = {"admin"}, *r2[] = {"auditor"};
