@@ -126,12 +126,25 @@ int audit_chain_hash(const uint8_t prev_hash[32], const char *record, size_t len
 
 struct audit_verify_result {
     bool ok;
-    int64_t records;       /* rows walked */
-    int64_t head_seq;      /* last good seq (0 for an empty store) */
-    uint8_t head_hash[32]; /* hash of head_seq */
-    int64_t first_bad_seq; /* 0 when ok */
-    char reason[160];      /* why first_bad_seq is bad: "missing row", "hash mismatch" … */
+    int64_t records;         /* rows walked */
+    int64_t head_seq;        /* last good seq (0 for an empty store) */
+    uint8_t head_hash[32];   /* hash of head_seq */
+    int64_t first_bad_seq;   /* 0 when ok */
+    int64_t checkpoints;     /* checkpoint rows found to match the chain */
+    bool signatures_checked; /* a checker verified every checkpoint's JWT (see below) */
+    char reason[160];        /* why first_bad_seq is bad: "missing row", "hash mismatch" … */
 };
+
+/*
+ * Verifies one checkpoint JWT's signature for the walk.  audit/ holds no keys, so the
+ * caller supplies this (pep: token_check_checkpoint over its keyring).  Returns NULL when
+ * jwt is validly signed by a key the caller trusts, with *claims set to its payload object
+ * (a new reference the walk releases); otherwise a short static reason ("signature
+ * invalid", "signed by an unknown key" …) and *claims NULL.  It checks no claim: the walk
+ * compares "seq" and "hash" with the checkpoint's row and the chain.  Called on the
+ * walking thread, once per checkpoint that has a row.
+ */
+typedef const char *(*audit_checkpoint_check_fn)(void *arg, const char *jwt, json_t **claims);
 
 /*
  * Walks the whole chain of the database at path (its own read-only connection; safe while
@@ -141,6 +154,10 @@ struct audit_verify_result {
  */
 int audit_verify_file(const char *path, struct audit_verify_result *res, struct pep_err *err);
 
+/* audit_verify_file, with every checkpoint's JWT checked by check (see audit_verify_db). */
+int audit_verify_file_checked(const char *path, audit_checkpoint_check_fn check, void *check_arg,
+                              struct audit_verify_result *res, struct pep_err *err);
+
 /*
  * The walk itself, on an open connection (a reader, or the writer's before its thread
  * starts).  Runs inside one read transaction so that it sees one snapshot.  Checks, row by
@@ -149,17 +166,35 @@ int audit_verify_file(const char *path, struct audit_verify_result *res, struct 
  * record parses as a JSON object whose "seq" is the row's seq; the record is canonical
  * (re-dumping it gives the same bytes).  Every checkpoint row must match the hash of the
  * row of its seq, and no checkpoint may lie beyond the last row ("truncated: checkpoint at
- * seq N", first_bad_seq = head + 1).  Checkpoint JWT signatures are the caller's to check.
+ * seq N", first_bad_seq = head + 1).  Checkpoint JWT signatures are not checked
+ * (res->signatures_checked false): see audit_verify_db_checked.
  * Returns 0 when the walk ran (see res->ok), PEP_EINVAL when db is not an audit store, or
  * PEP_EDB when SQLite fails during the walk (res->reason says why).
  */
 int audit_verify_db(sqlite3 *db, struct audit_verify_result *res);
+
+/*
+ * audit_verify_db, and the checkpoints' JWTs too (SPEC 6.4): the hash column of a
+ * checkpoint row is only a copy anyone with the file can rewrite, the signed JWT is the
+ * evidence.  For every checkpoint whose row exists, check must accept the JWT's signature
+ * and its claims must say "seq" = the checkpoint's seq (an integer) and "hash" = the
+ * lowercase hex of the chain's hash at that seq; otherwise res is bad at that seq, with a
+ * reason "checkpoint at seq N: signature invalid" (check's reason), "…: jwt seq differs"
+ * or "…: jwt hash differs".  check NULL = audit_verify_db.  res->signatures_checked says
+ * whether check was given.
+ */
+int audit_verify_db_checked(sqlite3 *db, audit_checkpoint_check_fn check, void *check_arg,
+                            struct audit_verify_result *res);
 
 /* The checkpoint of the highest seq: 0 and *seq, hash and (if jwt is not NULL) a malloc'd
  * copy of the JWT the caller frees; PEP_ENOTFOUND when there is none; PEP_EDB. */
 int audit_latest_checkpoint(sqlite3 *db, int64_t *seq, uint8_t hash[32], char **jwt);
 
 #define AUDIT_DEFAULT_LINGER_US 2000
+
+/* A reload's new durability and checkpoint interval: the writer applies them before the
+ * next batch it writes (records already queued included).  Any thread. */
+void audit_retune(struct audit_store *s, bool durability_full, int64_t checkpoint_every);
 
 struct audit_stats {
     int64_t records_written; /* since open */

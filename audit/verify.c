@@ -10,6 +10,14 @@
  * whose row N no longer matches the checkpoint taken at N.  Triggers can be dropped by
  * anyone with the file; this walk (and signed checkpoints kept elsewhere) is the evidence.
  *
+ * The hash column of a checkpoint row is unsigned: whoever edits a record, re-hashes the
+ * chain up to the head and rewrites that column gets a walk that holds.  Only the JWT
+ * says what pep signed, so with a caller's checker every checkpoint's JWT is verified and
+ * its claims compared with the chain, not with the column.  All of them, not only the
+ * latest: it costs one ES256 verify per checkpoint_every records, measured at 0.5–1.1 ms
+ * each (libjwt re-parses the PEM), i.e. +0.05–0.12 s on the ~0.9 s walk of a 100k-record
+ * store with the default checkpoint_every of 1000.
+ *
  * The walk streams: two statements (rows, checkpoints) stepped side by side in seq order
  * inside one read transaction, so memory stays constant and the snapshot is consistent
  * while the writer keeps appending (WAL).
@@ -17,6 +25,7 @@
  * Threads: any thread, on a connection that thread owns.  Never writes.
  */
 #include "audit/audit.h"
+#include "pep/util.h"
 
 #include <stdarg.h>
 #include <stdio.h>
@@ -66,6 +75,29 @@ static void verify_bad(struct audit_verify_result *res, int64_t seq, const char 
     va_end(ap);
 }
 
+/* Checks the JWT of the checkpoint at seq against hash, the chain's hash at seq.  Returns
+ * NULL when it holds, or the reason. */
+static const char *verify_cp_jwt(int64_t seq, const char *jwt, const uint8_t hash[32],
+                                 audit_checkpoint_check_fn check, void *check_arg) {
+    json_t *claims = NULL;
+    const char *why;
+    char hex[65];
+    if (!jwt) return "no jwt";
+    why = check(check_arg, jwt, &claims);
+    if (why) goto out;
+    json_t *s = json_object_get(claims, "seq");
+    if (!json_is_integer(s) || json_integer_value(s) != seq) {
+        why = "jwt seq differs";
+        goto out;
+    }
+    pep_hex(hash, 32, hex);
+    const char *h = json_string_value(json_object_get(claims, "hash"));
+    if (!h || strcmp(h, hex) != 0) why = "jwt hash differs";
+out:
+    json_decref(claims);
+    return why;
+}
+
 /* Checks one row's record text: a canonical JSON object whose "seq" is seq.  Returns NULL
  * when fine, or the reason. */
 static const char *verify_record(const char *text, size_t len, int64_t seq) {
@@ -95,6 +127,11 @@ out:
 }
 
 int audit_verify_db(sqlite3 *db, struct audit_verify_result *res) {
+    return audit_verify_db_checked(db, NULL, NULL, res);
+}
+
+int audit_verify_db_checked(sqlite3 *db, audit_checkpoint_check_fn check, void *check_arg,
+                            struct audit_verify_result *res) {
     int rc = 0, src;
     sqlite3_stmt *rows = NULL;
     struct verify_cp cp = {0};
@@ -104,6 +141,7 @@ int audit_verify_db(sqlite3 *db, struct audit_verify_result *res) {
 
     memset(res, 0, sizeof(*res));
     res->ok = true;
+    res->signatures_checked = check != NULL;
     memcpy(prev, zero_hash, 32);
 
     /* One read transaction for both statements: one snapshot. */
@@ -117,7 +155,7 @@ int audit_verify_db(sqlite3 *db, struct audit_verify_result *res) {
     }
     if (sqlite3_prepare_v2(db, "SELECT seq, record, prev_hash, hash FROM audit ORDER BY seq", -1,
                            &rows, NULL) != SQLITE_OK ||
-        sqlite3_prepare_v2(db, "SELECT seq, hash FROM checkpoints ORDER BY seq", -1, &cp.st,
+        sqlite3_prepare_v2(db, "SELECT seq, hash, jwt FROM checkpoints ORDER BY seq", -1, &cp.st,
                            NULL) != SQLITE_OK) {
         verify_bad(res, 0, "not an audit store: %s", sqlite3_errmsg(db));
         rc = PEP_EINVAL;
@@ -182,6 +220,16 @@ int audit_verify_db(sqlite3 *db, struct audit_verify_result *res) {
                            (long long)seq);
                 goto out;
             }
+            if (check) {
+                const char *jwt = (const char *)sqlite3_column_text(cp.st, 2);
+                if (!jwt && sqlite3_errcode(db) == SQLITE_NOMEM) goto db_error;
+                const char *bad = verify_cp_jwt(seq, jwt, want, check, check_arg);
+                if (bad) {
+                    verify_bad(res, seq, "checkpoint at seq %lld: %s", (long long)seq, bad);
+                    goto out;
+                }
+            }
+            res->checkpoints++;
             if ((src = verify_cp_next(&cp)) != 0) goto db_error;
         }
         memcpy(prev, want, 32);
@@ -236,6 +284,11 @@ out:
 }
 
 int audit_verify_file(const char *path, struct audit_verify_result *res, struct pep_err *err) {
+    return audit_verify_file_checked(path, NULL, NULL, res, err);
+}
+
+int audit_verify_file_checked(const char *path, audit_checkpoint_check_fn check, void *check_arg,
+                              struct audit_verify_result *res, struct pep_err *err) {
     sqlite3 *db = NULL;
     int rc = audit_open_reader(path, &db, err);
     if (rc) {
@@ -243,7 +296,7 @@ int audit_verify_file(const char *path, struct audit_verify_result *res, struct 
         snprintf(res->reason, sizeof(res->reason), "cannot open the database");
         return rc;
     }
-    rc = audit_verify_db(db, res);
+    rc = audit_verify_db_checked(db, check, check_arg, res);
     if (rc) pep_err_set(err, rc, "audit: %s: %s", path, res->reason);
     sqlite3_close(db);
     return rc;

@@ -208,8 +208,11 @@ static int keys_no_passphrase(char *buf, int size, int rwflag, void *u) {
     return -1;
 }
 
-/* Loads one key file into e. */
-static int keys_load_file(const char *path, struct keys_entry *e, struct pep_err *err) {
+/* Loads one key file into e.  With repair, a key file others may read is set to 0600;
+ * read-only loading (offline verification) changes nothing on disk: the directory may be
+ * someone else's, or evidence. */
+static int keys_load_file(const char *path, bool repair, struct keys_entry *e,
+                          struct pep_err *err) {
     BIO *bio = NULL;
     EVP_PKEY *pkey = NULL;
     struct stat st;
@@ -228,7 +231,7 @@ static int keys_load_file(const char *path, struct keys_entry *e, struct pep_err
     }
     /* SECURITY: a private key readable by others is repaired rather than refused, so
      * that a copy made with a lax umask does not keep pep from starting — but loudly. */
-    if (st.st_mode & 077) {
+    if (repair && (st.st_mode & 077)) {
         fprintf(stderr, "pep: warning: key file %s had mode %04o; setting it to 0600\n", path,
                 (unsigned)(st.st_mode & 07777));
         if (fchmod(fd, 0600) != 0) {
@@ -275,8 +278,9 @@ static bool keys_is_key_file_name(const char *name) {
     return name[0] != '.' && n > 4 && strcmp(name + n - 4, ".pem") == 0;
 }
 
-/* Loads every *.pem of dir, sorted newest first.  Zero keys is not an error here. */
-static int keys_load_dir(const char *dir, struct keyring **out, struct pep_err *err) {
+/* Loads every *.pem of dir, sorted newest first (repair: see keys_load_file).  Zero keys
+ * is not an error here. */
+static int keys_load_dir(const char *dir, bool repair, struct keyring **out, struct pep_err *err) {
     struct keyring *k = calloc(1, sizeof *k);
     size_t cap = 0;
     DIR *d = NULL;
@@ -312,7 +316,7 @@ static int keys_load_dir(const char *dir, struct keyring **out, struct pep_err *
             cap = ncap;
         }
         struct keys_entry *e = &k->keys[k->len];
-        if ((rc = keys_load_file(path, e, err)) != 0) break;
+        if ((rc = keys_load_file(path, repair, e, err)) != 0) break;
         size_t stem = strlen(de->d_name) - 4;
         if (stem != KEYS_KID_LEN || memcmp(de->d_name, e->kid, KEYS_KID_LEN) != 0)
             fprintf(stderr, "pep: warning: key file %s holds the key with kid %s\n", path, e->kid);
@@ -435,13 +439,13 @@ int keys_load_or_create(const char *data_dir, struct keyring **out, struct pep_e
 
     *out = NULL;
     if ((rc = keys_dir_path(data_dir, dir, err)) != 0) return rc;
-    if ((rc = keys_load_dir(dir, &k, err)) != 0) return rc;
+    if ((rc = keys_load_dir(dir, true, &k, err)) != 0) return rc;
     if (k->len == 0) {
         keys_free(k);
         k = NULL;
         if ((rc = keys_create_file(dir, NULL, err)) != 0) return rc;
         /* Read back what is on disk, so the keyring is exactly what a restart loads. */
-        if ((rc = keys_load_dir(dir, &k, err)) != 0) return rc;
+        if ((rc = keys_load_dir(dir, true, &k, err)) != 0) return rc;
         if (PEP_NEVER(k->len == 0)) {
             keys_free(k);
             return pep_err_set(err, PEP_EIO, "%s: the new key did not load", dir);
@@ -459,13 +463,13 @@ int keys_rotate(const char *data_dir, struct keyring **out, struct pep_err *err)
 
     *out = NULL;
     if ((rc = keys_dir_path(data_dir, dir, err)) != 0) return rc;
-    if ((rc = keys_load_dir(dir, &k, err)) != 0) return rc;
+    if ((rc = keys_load_dir(dir, true, &k, err)) != 0) return rc;
     bool have = k->len > 0;
     if (have) newest = k->keys[0].mtime;
     keys_free(k);
     k = NULL;
     if ((rc = keys_create_file(dir, have ? &newest : NULL, err)) != 0) return rc;
-    if ((rc = keys_load_dir(dir, &k, err)) != 0) return rc;
+    if ((rc = keys_load_dir(dir, true, &k, err)) != 0) return rc;
     *out = k;
     return 0;
 }
@@ -566,4 +570,17 @@ char *keys_sign_checkpoint(const struct keyring *k, int64_t seq, const uint8_t h
     if (keys_sign_claims(k, claims, &jwt, NULL) != 0) jwt = NULL;
     json_decref(claims);
     return jwt;
+}
+
+int keys_load_readonly(const char *dir, struct keyring **out, struct pep_err *err) {
+    *out = NULL;
+    struct keyring *k = NULL;
+    int rc = keys_load_dir(dir, false, &k, err);
+    if (rc != 0) return rc;
+    if (k->len == 0) {
+        keys_free(k);
+        return pep_err_set(err, PEP_ENOTFOUND, "%s: no key", dir);
+    }
+    *out = k;
+    return 0;
 }

@@ -24,6 +24,14 @@ struct keyring;
 int keys_load_or_create(const char *data_dir, struct keyring **out, struct pep_err *err);
 void keys_free(struct keyring *k);
 
+/*
+ * Loads every DIR/<kid>.pem as it is, to verify with (pepctl audit verify --db): creates
+ * nothing and changes no file mode, unlike keys_load_or_create, because the directory may
+ * belong to someone else or be part of the evidence.  Returns 0 and *out (free with
+ * keys_free), PEP_ENOTFOUND with err when DIR holds no key, or a negative code with err.
+ */
+int keys_load_readonly(const char *dir, struct keyring **out, struct pep_err *err);
+
 /* The signing key's kid. */
 const char *keys_active_kid(const struct keyring *k);
 

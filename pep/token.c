@@ -335,6 +335,21 @@ enum token_status token_verify_signature(const struct keyring *k, const char *jw
     return token_verify_core(k, jwt, len, claims_out, kid);
 }
 
+const char *token_check_checkpoint(void *keyring, const char *jwt, json_t **claims) {
+    switch (token_verify_signature(keyring, jwt, claims)) {
+    case TOKEN_OK:
+        return NULL;
+    case TOKEN_BAD_SIGNATURE:
+        return "signature invalid";
+    case TOKEN_UNKNOWN_KID:
+        return "signed by an unknown key";
+    case TOKEN_BAD_ALG:
+        return "algorithm is not ES256";
+    default: /* malformed, or an allocation failed: refused either way (fail closed) */
+        return "malformed jwt";
+    }
+}
+
 /* ---------------------------------------------------------------------------------- */
 /* Claims checks                                                                       */
 

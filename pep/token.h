@@ -125,6 +125,15 @@ enum token_status token_verify(struct token_verifier *v, const struct keyring *k
 enum token_status token_verify_signature(const struct keyring *k, const char *jwt,
                                          json_t **claims_out);
 
+/*
+ * The checker audit_verify_*_checked (audit/audit.h) calls for each checkpoint JWT, with
+ * keyring the struct keyring * to trust: token_verify_signature, its status turned into
+ * the verifier's reason ("signature invalid", "signed by an unknown key", "algorithm is
+ * not ES256", "malformed jwt"); NULL and *claims (the payload, caller decrefs) when valid.
+ * Any thread (the keyring is immutable).
+ */
+const char *token_check_checkpoint(void *keyring, const char *jwt, json_t **claims);
+
 /* Cache counters, for tests and metrics. */
 struct token_cache_stats {
     uint64_t hits;      /* verifications answered from the cache */

@@ -10,7 +10,11 @@
  * alone so that `TOKEN=$(pepctl tokens issue bot)` works.  `audit verify --db FILE` copies
  * FILE with SQLite's online backup (one consistent snapshot, WAL included, safe while pep
  * runs) into a private temporary directory and walks the copy with audit_verify_file, so
- * the evidence file itself is only ever read.
+ * the evidence file itself is only ever read.  The checkpoints' JWTs are checked with pep's
+ * keys, read (never created or repaired) from --keys DIR or else from the keys/ directory
+ * next to FILE (pep's data dir: DATA/pep.db, DATA/keys/<kid>.pem).  Without a key the chain
+ * is still walked and a warning says the signatures went unchecked: the hash column of a
+ * checkpoint row is unsigned, so a chain re-hashed after an edit passes such a walk.
  *
  * Flags: global ones (--url, --token, --data-dir, --json, -h/--help) and the command's
  * own may appear anywhere after `pepctl`, in any order, as `--flag value` or `--flag=value`;
@@ -29,6 +33,8 @@
  * Threads: single-threaded.
  */
 #include "audit/audit.h"
+#include "pep/keys.h"
+#include "pep/token.h"
 #include "pep/util.h"
 
 #include <curl/curl.h>
@@ -69,6 +75,7 @@ enum pepctl_flag {
     F_AGENT,
     F_ROLES,
     F_DB,
+    F_KEYS,
     F_COUNT
 };
 
@@ -93,6 +100,7 @@ static const struct pepctl_flag_def pepctl_flags[F_COUNT] = {
     [F_AGENT] = {"--agent", NULL, true},
     [F_ROLES] = {"--roles", NULL, true},
     [F_DB] = {"--db", NULL, true},
+    [F_KEYS] = {"--keys", NULL, true},
 };
 
 #define BIT(f) (1u << (f))
@@ -784,12 +792,15 @@ static int pepctl_print_verify(struct pepctl *ctx, const json_t *v) {
         if (pepctl_print_json(v) != 0) return PEPCTL_FAIL;
     } else if (json_is_true(ok)) {
         printf("ok: %" JSON_INTEGER_FORMAT " records, head seq %" JSON_INTEGER_FORMAT
-               ", head hash %s\n",
+               ", head hash %s%s\n",
                json_integer_value(json_object_get(v, "records")),
                json_integer_value(json_object_get(v, "head_seq")),
                json_string_value(json_object_get(v, "head_hash"))
                    ? json_string_value(json_object_get(v, "head_hash"))
-                   : "-");
+                   : "-",
+               json_is_true(json_object_get(v, "checkpoints_signed"))
+                   ? ", checkpoint signatures valid"
+                   : "");
     } else {
         const char *reason = json_string_value(json_object_get(v, "reason"));
         printf("NOT OK: first bad seq %" JSON_INTEGER_FORMAT
@@ -868,12 +879,42 @@ out:
     return rc;
 }
 
-/* audit verify --db FILE: the same walk as the API's, offline, on a snapshot of FILE. */
-static int pepctl_audit_verify_offline(struct pepctl *ctx, const char *db_path) {
+/*
+ * The keys that checkpoint signatures are checked with offline: --keys DIR (keys_dir), else
+ * the keys/ directory next to db_path.  0 with *out, which is NULL when the directory next
+ * to db_path yields no key (after a warning: the walk goes on unsigned); PEPCTL_FAIL after
+ * a message when keys_dir yields none — a check asked for is not dropped silently.
+ */
+static int pepctl_offline_keys(const char *db_path, const char *keys_dir, struct keyring **out) {
+    struct pep_err err = {0};
+    char dir[4200];
+    *out = NULL;
+    if (keys_dir) {
+        if (keys_load_readonly(keys_dir, out, &err) == 0) return 0;
+        pepctl_errorf("--keys: %s", err.msg);
+        return PEPCTL_FAIL;
+    }
+    const char *slash = strrchr(db_path, '/');
+    int n = slash ? snprintf(dir, sizeof dir, "%.*s/keys", (int)(slash - db_path), db_path)
+                  : snprintf(dir, sizeof dir, "keys");
+    if (n < 0 || (size_t)n >= sizeof dir)
+        pep_err_set(&err, PEP_EINVAL, "the path of %s is too long", db_path);
+    else if (keys_load_readonly(dir, out, &err) == 0)
+        return 0;
+    pepctl_errorf("warning: checkpoint signatures not checked: %s (--keys DIR names pep's keys)",
+                  err.msg);
+    return 0;
+}
+
+/* audit verify --db FILE [--keys DIR]: the same walk as the API's, offline, on a snapshot of
+ * FILE. */
+static int pepctl_audit_verify_offline(struct pepctl *ctx, const char *db_path,
+                                       const char *keys_dir) {
     const char *tmp = getenv("TMPDIR");
     char dir[4096], copy[4200];
     struct audit_verify_result res;
     struct pep_err err = {0};
+    struct keyring *keys = NULL;
     json_t *v = NULL;
     bool made_dir = false;
     int rc = PEPCTL_FAIL;
@@ -886,14 +927,17 @@ static int pepctl_audit_verify_offline(struct pepctl *ctx, const char *db_path) 
     made_dir = true;
     snprintf(copy, sizeof copy, "%s/pep.db", dir);
     if (pepctl_snapshot(db_path, copy) != 0) goto out;
-    if (audit_verify_file(copy, &res, &err) != 0) {
+    if (pepctl_offline_keys(db_path, keys_dir, &keys) != 0) goto out;
+    if (audit_verify_file_checked(copy, keys ? token_check_checkpoint : NULL, keys, &res, &err) !=
+        0) {
         pepctl_errorf("%s is not a readable pep audit store: %s", db_path, res.reason);
         goto out;
     }
     char head[65];
     pep_hex(res.head_hash, sizeof res.head_hash, head);
-    v = json_pack("{s:b, s:I, s:I, s:s}", "ok", res.ok, "records", (json_int_t)res.records,
-                  "head_seq", (json_int_t)res.head_seq, "head_hash", head);
+    v = json_pack("{s:b, s:I, s:I, s:s, s:b}", "ok", res.ok, "records", (json_int_t)res.records,
+                  "head_seq", (json_int_t)res.head_seq, "head_hash", head, "checkpoints_signed",
+                  res.signatures_checked);
     if (v && !res.ok &&
         (json_object_set_new(v, "first_bad_seq", json_integer(res.first_bad_seq)) != 0 ||
          json_object_set_new(v, "reason", json_string(res.reason)) != 0)) {
@@ -907,12 +951,21 @@ static int pepctl_audit_verify_offline(struct pepctl *ctx, const char *db_path) 
     rc = pepctl_print_verify(ctx, v);
 out:
     json_decref(v);
+    keys_free(keys);
     if (made_dir) pepctl_remove_snapshot(dir);
     return rc;
 }
 
+static void pepctl_usage(FILE *f);
+
 static int pepctl_audit_verify(struct pepctl *ctx, const struct pepctl_args *a) {
-    if (a->value[F_DB]) return pepctl_audit_verify_offline(ctx, a->value[F_DB]);
+    if (a->value[F_DB]) return pepctl_audit_verify_offline(ctx, a->value[F_DB], a->value[F_KEYS]);
+    if (a->value[F_KEYS]) {
+        /* The server checks with its own keys; a directory here would be silently unused. */
+        pepctl_errorf("--keys goes with --db: pepctl audit verify --db FILE --keys DIR");
+        pepctl_usage(stderr);
+        return PEPCTL_FAIL;
+    }
     json_t *answer = NULL;
     int rc = PEPCTL_FAIL;
     if (pepctl_api(ctx, "GET", "/admin/v1/audit/verify", NULL, &answer, NULL) == 0)
@@ -944,9 +997,11 @@ static const struct pepctl_cmd pepctl_cmds[] = {
      "create or replace an operator (roles: admin, approver, auditor)", pepctl_operators_add},
     {"operators", "token", 1, BIT(F_TTL), 0, "operators token ID [--ttl 8h]",
      "issue an operator token; prints the token alone", pepctl_operators_token},
-    {"audit", "verify", 0, BIT(F_DB), 0, "audit verify [--db FILE]",
-     "walk the audit hash chain (--db: offline, on a snapshot of FILE, no server); "
-     "exit 1 when it does not verify",
+    {"audit", "verify", 0, BIT(F_DB) | BIT(F_KEYS), 0, "audit verify [--db FILE [--keys DIR]]",
+     "walk the audit hash chain and check the signed checkpoints (--db: offline, on a\n"
+     "      snapshot of FILE, no server; checkpoint signatures checked with the keys in DIR,\n"
+     "      else in the keys/ directory next to FILE, else not checked: a warning says so);\n"
+     "      exit 1 when it does not verify",
      pepctl_audit_verify},
 };
 
@@ -962,8 +1017,8 @@ static void pepctl_usage(FILE *f) {
           "else " PEPCTL_DEFAULT_DATA_DIR ")\n"
           "  --json           print the API's JSON answer as is, pretty\n"
           "  -h, --help       this help\n"
-          "\nexit status: 0 done, 1 the audit chain does not verify, 2 usage error, API error\n"
-          "or unreachable admin API\n",
+          "\nexit status: 0 done, 1 the audit chain does not verify, 2 usage error, API error,\n"
+          "unreachable admin API, or a --db FILE or --keys DIR that cannot be read\n",
           f);
 }
 
@@ -1054,8 +1109,8 @@ static const struct pepctl_cmd *pepctl_check(const struct pepctl_args *a) {
             return NULL;
         }
     }
-    static const int non_empty[] = {F_URL,   F_TOKEN, F_DATA_DIR, F_OWNER, F_TENANTS,
-                                    F_ROLES, F_TTL,   F_ACR,      F_AGENT, F_DB};
+    static const int non_empty[] = {F_URL, F_TOKEN, F_DATA_DIR, F_OWNER, F_TENANTS, F_ROLES,
+                                    F_TTL, F_ACR,   F_AGENT,    F_DB,    F_KEYS};
     for (size_t i = 0; i < PEP_ARRAY_LEN(non_empty); i++)
         if (a->value[non_empty[i]] && a->value[non_empty[i]][0] == '\0') {
             pepctl_errorf("%s needs a non-empty value", pepctl_flags[non_empty[i]].name);

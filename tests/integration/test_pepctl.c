@@ -11,7 +11,11 @@
  * before or after the command and from the environment; usage errors, API errors and an
  * unreachable admin API all exit 2 with the reason on stderr and never the token;
  * `audit verify` through the API, and `audit verify --db` offline on the live file and on
- * a copy after pep stopped, including a tampered copy (exit 1, first bad seq).
+ * a copy after pep stopped, including a tampered copy (exit 1, first bad seq); the signed
+ * checkpoints (SPEC 6.4, a checkpoint every 5 records here) checked by the API with pep's
+ * keys, and offline with the keys next to the copy or named by --keys — a chain re-hashed
+ * after an edit, with the checkpoints' hash column rewritten and their JWTs untouched,
+ * passes only when no key is found (and a warning says so).
  *
  * The tests share one pep and run in order (cmocka runs them in table order); the last one
  * stops pep.  Each pepctl run is bounded (CTL_TIMEOUT_MS) and killed if it overruns.
@@ -35,8 +39,13 @@
 #include <cmocka.h>
 #include <sqlite3.h>
 
+#include "audit/audit.h"
+#include "pep/keys.h"
 #include "pep/util.h"
 #include "tests/integration/harness.h"
+
+#include <dirent.h>
+#include <sys/stat.h>
 
 #define CTL_TIMEOUT_MS 60000
 #define CHAT_BODY "{\"model\":\"m\",\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}]}"
@@ -54,6 +63,7 @@ static const char g_policy_text[] = "version: 1\n"
                                     "  admin_listen: 127.0.0.1:0\n"
                                     "audit:\n"
                                     "  durability: full\n"
+                                    "  checkpoint_every: 5\n"
                                     "identity:\n"
                                     "  issuer: pep\n"
                                     "  token_ttl: 1h\n"
@@ -258,9 +268,10 @@ static void test_help(void **state) {
     CTL_RAW(&r, NULL, "--help");
     assert_int_equal(r.code, 0);
     static const char *const cmds[] = {
-        "agents add",   "agents list", "agents show",   "agents disable", "agents enable",
-        "tokens issue", "tokens list", "tokens revoke", "operators add",  "operators token",
-        "audit verify", "--url",       "--token",       "--data-dir",     "--json"};
+        "agents add",    "agents list",     "agents show",  "agents disable",
+        "agents enable", "tokens issue",    "tokens list",  "tokens revoke",
+        "operators add", "operators token", "audit verify", "--url",
+        "--token",       "--data-dir",      "--json",       "--keys"};
     for (size_t i = 0; i < sizeof(cmds) / sizeof(cmds[0]); i++)
         if (!strstr(r.out, cmds[i])) fail_msg("--help does not mention '%s'", cmds[i]);
     assert_string_equal(r.err, "");
@@ -285,6 +296,8 @@ static void test_usage_errors(void **state) {
         {"tokens", "list", "--owner", "o", NULL},       /* another command's flag */
         {"agents", "add", "b", "--owner", "o", "--tenants", "a,,b", NULL},
         {"--json=yes", "agents", "list", NULL},
+        {"audit", "verify", "--keys", "/tmp", NULL}, /* --keys without --db */
+        {"audit", "verify", "--db", "x.db", "--keys", NULL},
         {NULL}, /* no command at all */
     };
     for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
@@ -647,7 +660,68 @@ static void test_audit_verify_api(void **state) {
     assert_int_equal(json_integer_value(json_object_get(j, "records")),
                      json_integer_value(json_object_get(j, "head_seq")));
     assert_int_equal(strlen(jstr(j, "head_hash")), 64);
+    assert_true(json_is_true(json_object_get(j, "checkpoints_signed")));
     json_decref(j);
+    ctl_free(&r);
+}
+
+/* The API checks the checkpoints' signatures with pep's keys: a JWT whose signature no
+ * longer holds (one character of it changed in the live store) is the first bad seq.  The
+ * store is restored afterwards for the tests that follow. */
+static void test_audit_verify_api_signature(void **state) {
+    (void)state;
+    char db_path[400];
+    snprintf(db_path, sizeof(db_path), "%s/pep.db", g_data);
+    sqlite3 *db = NULL;
+    sqlite3_stmt *st = NULL;
+    assert_int_equal(sqlite3_open(db_path, &db), SQLITE_OK);
+    sqlite3_busy_timeout(db, 5000);
+    assert_int_equal(
+        sqlite3_prepare_v2(db, "SELECT jwt FROM checkpoints WHERE seq = 5", -1, &st, NULL),
+        SQLITE_OK);
+    assert_int_equal(sqlite3_step(st), SQLITE_ROW);
+    char *good = strdup((const char *)sqlite3_column_text(st, 0));
+    sqlite3_finalize(st);
+    assert_non_null(good);
+    char *bad = strdup(good);
+    assert_non_null(bad);
+    size_t n = strlen(bad);
+    bad[n - 10] = bad[n - 10] == 'A' ? 'B' : 'A'; /* not the last char: its low bits are padding */
+    static const char set_jwt[] = "UPDATE checkpoints SET jwt = ?1 WHERE seq = 5";
+    assert_int_equal(sqlite3_exec(db, "DROP TRIGGER checkpoints_no_update", NULL, NULL, NULL),
+                     SQLITE_OK);
+    assert_int_equal(sqlite3_prepare_v2(db, set_jwt, -1, &st, NULL), SQLITE_OK);
+    sqlite3_bind_text(st, 1, bad, -1, SQLITE_STATIC);
+    assert_int_equal(sqlite3_step(st), SQLITE_DONE);
+    sqlite3_finalize(st);
+
+    struct ctl_result r = {0};
+    CTL(&r, "audit", "verify", "--json");
+    assert_int_equal(r.code, 1);
+    json_t *j = ctl_json(&r);
+    assert_true(json_is_false(json_object_get(j, "ok")));
+    assert_int_equal(json_integer_value(json_object_get(j, "first_bad_seq")), 5);
+    assert_string_equal(jstr(j, "reason"), "checkpoint at seq 5: signature invalid");
+    assert_true(json_is_true(json_object_get(j, "checkpoints_signed")));
+    json_decref(j);
+    ctl_free(&r);
+
+    assert_int_equal(sqlite3_prepare_v2(db, set_jwt, -1, &st, NULL), SQLITE_OK);
+    sqlite3_bind_text(st, 1, good, -1, SQLITE_STATIC);
+    assert_int_equal(sqlite3_step(st), SQLITE_DONE);
+    sqlite3_finalize(st);
+    assert_int_equal(sqlite3_exec(db,
+                                  "CREATE TRIGGER checkpoints_no_update BEFORE UPDATE ON"
+                                  " checkpoints BEGIN SELECT RAISE(ABORT, 'checkpoints are"
+                                  " append-only: UPDATE refused'); END;",
+                                  NULL, NULL, NULL),
+                     SQLITE_OK);
+    assert_int_equal(sqlite3_close(db), SQLITE_OK);
+    free(good);
+    free(bad);
+    CTL(&r, "audit", "verify");
+    assert_int_equal(r.code, 0);
+    assert_non_null(strstr(r.out, ", checkpoint signatures valid\n"));
     ctl_free(&r);
 }
 
@@ -667,7 +741,8 @@ static int copy_file(const char *from, const char *to) {
 }
 
 /* Offline verification: on the live file while pep runs, then on a copy after pep stopped
- * (no server at all), then on a tampered copy.  Stops the shared pep: keep it last. */
+ * (no server at all), then on a tampered copy.  Stops the shared pep: only tests that need
+ * no server come after it. */
 static void test_audit_verify_offline(void **state) {
     (void)state;
     char db[400], copy[400], missing[400];
@@ -691,9 +766,12 @@ static void test_audit_verify_offline(void **state) {
 
     assert_true(WIFEXITED(h_stop(&g_pep, SIGTERM)));
     assert_int_equal(copy_file(db, copy), 0);
+    /* No keys/ next to the copy: the chain is walked, the signatures are not (a warning). */
     CTL_RAW(&r, NULL, "audit", "verify", "--db", copy);
     assert_int_equal(r.code, 0);
     assert_int_equal(strncmp(r.out, "ok: ", 4), 0);
+    assert_null(strstr(r.out, "signatures"));
+    assert_non_null(strstr(r.err, "pepctl: warning: checkpoint signatures not checked"));
     ctl_free(&r);
 
     /* Tamper with record 2 of the copy (the triggers are a guard against mistakes, not
@@ -735,6 +813,184 @@ static void test_audit_verify_offline(void **state) {
     ctl_free(&r);
 }
 
+/* Copies every *.pem of from into to (created). */
+static void copy_keys(const char *from, const char *to) {
+    assert_int_equal(mkdir(to, 0700), 0);
+    DIR *d = opendir(from);
+    assert_non_null(d);
+    int copied = 0;
+    for (struct dirent *de; (de = readdir(d));) {
+        size_t n = strlen(de->d_name);
+        if (n < 5 || strcmp(de->d_name + n - 4, ".pem") != 0) continue;
+        char a[600], b[600];
+        snprintf(a, sizeof(a), "%s/%s", from, de->d_name);
+        snprintf(b, sizeof(b), "%s/%s", to, de->d_name);
+        assert_int_equal(copy_file(a, b), 0);
+        copied++;
+    }
+    closedir(d);
+    assert_true(copied > 0);
+}
+
+/* The reviewer's forgery on a store file: triggers dropped, record `seq` edited (still
+ * canonical JSON), prev_hash/hash recomputed up to the head, and the new hashes written
+ * into the checkpoints' hash column; the JWTs are left as pep signed them. */
+static void forge_rehashed(const char *path, int64_t seq) {
+    sqlite3 *db = NULL;
+    sqlite3_stmt *get = NULL, *put = NULL;
+    assert_int_equal(sqlite3_open(path, &db), SQLITE_OK);
+    assert_int_equal(sqlite3_exec(db,
+                                  "DROP TRIGGER audit_no_update;"
+                                  "DROP TRIGGER checkpoints_no_update;",
+                                  NULL, NULL, NULL),
+                     SQLITE_OK);
+    assert_int_equal(sqlite3_prepare_v2(db,
+                                        "SELECT seq, record, prev_hash FROM audit WHERE seq >= ?1"
+                                        " ORDER BY seq",
+                                        -1, &get, NULL),
+                     SQLITE_OK);
+    assert_int_equal(sqlite3_prepare_v2(db,
+                                        "UPDATE audit SET record = ?1, prev_hash = ?2, hash = ?3"
+                                        " WHERE seq = ?4",
+                                        -1, &put, NULL),
+                     SQLITE_OK);
+    /* Read the rows to re-hash first: no update while the select is stepping. */
+    struct {
+        int64_t seq;
+        char *text;
+    } rows[256];
+    size_t nrows = 0;
+    uint8_t prev[32], h[32];
+    sqlite3_bind_int64(get, 1, seq);
+    while (sqlite3_step(get) == SQLITE_ROW) {
+        assert_true(nrows < PEP_ARRAY_LEN(rows));
+        if (nrows == 0) memcpy(prev, sqlite3_column_blob(get, 2), 32);
+        rows[nrows].seq = sqlite3_column_int64(get, 0);
+        rows[nrows].text = strdup((const char *)sqlite3_column_text(get, 1));
+        assert_non_null(rows[nrows].text);
+        nrows++;
+    }
+    sqlite3_finalize(get);
+    assert_true(nrows > 0);
+    json_t *rec = json_loads(rows[0].text, 0, NULL);
+    assert_non_null(rec);
+    json_object_set_new(rec, "forged", json_true());
+    free(rows[0].text);
+    rows[0].text = audit_canonical_json(rec);
+    assert_non_null(rows[0].text);
+    json_decref(rec);
+    for (size_t i = 0; i < nrows; i++) {
+        assert_int_equal(audit_chain_hash(prev, rows[i].text, strlen(rows[i].text), h), 0);
+        sqlite3_bind_text(put, 1, rows[i].text, -1, SQLITE_STATIC);
+        sqlite3_bind_blob(put, 2, prev, 32, SQLITE_STATIC);
+        sqlite3_bind_blob(put, 3, h, 32, SQLITE_STATIC);
+        sqlite3_bind_int64(put, 4, rows[i].seq);
+        assert_int_equal(sqlite3_step(put), SQLITE_DONE);
+        sqlite3_reset(put);
+        memcpy(prev, h, 32);
+        free(rows[i].text);
+    }
+    sqlite3_finalize(put);
+    assert_int_equal(sqlite3_exec(db,
+                                  "UPDATE checkpoints SET hash ="
+                                  " (SELECT hash FROM audit a WHERE a.seq = checkpoints.seq)",
+                                  NULL, NULL, NULL),
+                     SQLITE_OK);
+    assert_int_equal(sqlite3_close(db), SQLITE_OK);
+}
+
+/* Offline checkpoint signatures, on copies of the store pep left (pep is stopped). */
+static void test_audit_verify_forged_checkpoints(void **state) {
+    (void)state;
+    char db[400], forge_dir[300], forged[400], clean_dir[300], clean[400], keys[400], dir[400];
+    snprintf(db, sizeof(db), "%s/pep.db", g_data);
+    snprintf(keys, sizeof(keys), "%s/keys", g_data);
+    snprintf(forge_dir, sizeof(forge_dir), "%s/forge", g_tmp);
+    snprintf(forged, sizeof(forged), "%s/pep.db", forge_dir);
+    snprintf(clean_dir, sizeof(clean_dir), "%s/clean", g_tmp);
+    snprintf(clean, sizeof(clean), "%s/pep.db", clean_dir);
+    assert_int_equal(mkdir(forge_dir, 0700), 0);
+    assert_int_equal(mkdir(clean_dir, 0700), 0);
+    assert_int_equal(copy_file(db, forged), 0);
+    assert_int_equal(copy_file(db, clean), 0);
+    forge_rehashed(forged, 2);
+    struct ctl_result r = {0};
+
+    /* No key next to the forged copy: the forgery passes the walk, with a warning. */
+    CTL_RAW(&r, NULL, "audit", "verify", "--db", forged, "--json");
+    assert_int_equal(r.code, 0);
+    json_t *j = ctl_json(&r);
+    assert_true(json_is_true(json_object_get(j, "ok")));
+    assert_true(json_is_false(json_object_get(j, "checkpoints_signed")));
+    json_decref(j);
+    assert_non_null(strstr(r.err, "pepctl: warning: checkpoint signatures not checked"));
+    ctl_free(&r);
+
+    /* --keys: the first checkpoint after the edit still signs the old hash. */
+    CTL_RAW(&r, NULL, "audit", "verify", "--db", forged, "--keys", keys, "--json");
+    assert_int_equal(r.code, 1);
+    j = ctl_json(&r);
+    assert_true(json_is_false(json_object_get(j, "ok")));
+    assert_int_equal(json_integer_value(json_object_get(j, "first_bad_seq")), 5);
+    assert_int_equal(json_integer_value(json_object_get(j, "head_seq")), 4);
+    assert_string_equal(jstr(j, "reason"), "checkpoint at seq 5: jwt hash differs");
+    assert_true(json_is_true(json_object_get(j, "checkpoints_signed")));
+    json_decref(j);
+    assert_string_equal(r.err, "");
+    ctl_free(&r);
+
+    /* The keys found next to the copy, as in pep's data dir. */
+    snprintf(dir, sizeof(dir), "%s/keys", forge_dir);
+    copy_keys(keys, dir);
+    CTL_RAW(&r, NULL, "audit", "verify", "--db", forged);
+    assert_int_equal(r.code, 1);
+    assert_string_equal(r.out,
+                        "NOT OK: first bad seq 5 (checkpoint at seq 5: jwt hash differs); last "
+                        "good seq 4\n");
+    assert_string_equal(r.err, "");
+    ctl_free(&r);
+
+    /* An untouched copy with its keys verifies, signatures included. */
+    snprintf(dir, sizeof(dir), "%s/keys", clean_dir);
+    copy_keys(keys, dir);
+    CTL_RAW(&r, NULL, "audit", "verify", "--db", clean);
+    assert_int_equal(r.code, 0);
+    assert_int_equal(strncmp(r.out, "ok: ", 4), 0);
+    assert_non_null(strstr(r.out, ", checkpoint signatures valid\n"));
+    assert_string_equal(r.err, "");
+    ctl_free(&r);
+
+    /* Keys that are not pep's: its checkpoints are signed by an unknown key. */
+    char other_data[300];
+    struct keyring *other = NULL;
+    struct pep_err err = {0};
+    snprintf(other_data, sizeof(other_data), "%s/other", g_tmp);
+    if (keys_load_or_create(other_data, &other, &err) != 0) fail_msg("keys: %s", err.msg);
+    keys_free(other);
+    snprintf(dir, sizeof(dir), "%s/keys", other_data);
+    CTL_RAW(&r, NULL, "audit", "verify", "--db", clean, "--keys", dir);
+    assert_int_equal(r.code, 1);
+    static const char unknown[] =
+        "NOT OK: first bad seq 5 (checkpoint at seq 5: signed by an unknown key)";
+    assert_int_equal(strncmp(r.out, unknown, sizeof(unknown) - 1), 0);
+    ctl_free(&r);
+
+    /* --keys names a directory with no key, or none at all: exit 2, the check is not
+     * dropped silently. */
+    snprintf(dir, sizeof(dir), "%s/empty-keys", g_tmp);
+    assert_int_equal(mkdir(dir, 0700), 0);
+    CTL_RAW(&r, NULL, "audit", "verify", "--db", clean, "--keys", dir);
+    assert_int_equal(r.code, 2);
+    assert_non_null(strstr(r.err, "pepctl: --keys: "));
+    assert_string_equal(r.out, "");
+    ctl_free(&r);
+    snprintf(dir, sizeof(dir), "%s/no-such-keys", g_tmp);
+    CTL_RAW(&r, NULL, "audit", "verify", "--db", clean, "--keys", dir);
+    assert_int_equal(r.code, 2);
+    assert_non_null(strstr(r.err, dir));
+    ctl_free(&r);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_help),
@@ -747,7 +1003,9 @@ int main(void) {
         cmocka_unit_test(test_unreachable),
         cmocka_unit_test(test_operators),
         cmocka_unit_test(test_audit_verify_api),
+        cmocka_unit_test(test_audit_verify_api_signature),
         cmocka_unit_test(test_audit_verify_offline),
+        cmocka_unit_test(test_audit_verify_forged_checkpoints),
     };
     return cmocka_run_group_tests(tests, group_setup, group_teardown);
 }

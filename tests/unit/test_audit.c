@@ -1,13 +1,17 @@
 /*
  * test_audit.c — the audit store: canonical JSON, the writer (group commit, ordering,
  * apply in the same transaction, fail-closed batches under injected I/O faults,
- * checkpoints, drain on close), the triggers, and the verifier against tampering.
+ * checkpoints, drain on close), the triggers, and the verifier against tampering —
+ * including a chain re-hashed after an edit, which only the checkpoints' signed JWTs
+ * reveal (checked with a real keyring through token_check_checkpoint).
  *
  * Batches are made deterministic without timing: a "gate" item whose done callback blocks
  * the writer thread until the test has queued the next items, so they all land in the
  * following batch.  Every store lives in its own mkdtemp directory under /tmp.
  */
 #include "audit/audit.h"
+#include "pep/keys.h"
+#include "pep/token.h"
 #include "pep/util.h"
 
 #include <ftw.h>
@@ -856,6 +860,263 @@ static void test_truncated_tail(void **state) {
     verify_expect(f->db, false, 10, "hash differs from the checkpoint at seq 10", 9);
 }
 
+/* ---------------------------------------------------------------- signed checkpoints */
+
+#define CHECKPOINT_IAT 1767225600 /* 2026-01-01T00:00:00Z */
+
+static char *keyring_sign(void *arg, int64_t seq, const uint8_t hash[32]) {
+    return keys_sign_checkpoint(arg, seq, hash, CHECKPOINT_IAT);
+}
+
+/* Walks path with checkpoint JWTs checked against k (NULL: not checked) and asserts the
+ * outcome, as verify_expect does. */
+static void verify_signed_expect(const char *path, struct keyring *k, bool ok, int64_t first_bad,
+                                 const char *reason, int64_t head) {
+    struct audit_verify_result res;
+    struct pep_err err = {0};
+    assert_int_equal(
+        audit_verify_file_checked(path, k ? token_check_checkpoint : NULL, k, &res, &err), 0);
+    if (res.ok != ok || res.first_bad_seq != first_bad)
+        fail_msg("verify: ok=%d first_bad=%lld reason=%s", res.ok, (long long)res.first_bad_seq,
+                 res.reason);
+    assert_string_equal(res.reason, reason ? reason : "");
+    assert_int_equal(res.head_seq, head);
+    assert_int_equal(res.signatures_checked, k != NULL);
+}
+
+/* The JWT stored for the checkpoint at seq (caller frees). */
+static char *checkpoint_jwt(const char *path, int64_t seq) {
+    sqlite3 *db = raw_open(path);
+    sqlite3_stmt *st = NULL;
+    assert_int_equal(
+        sqlite3_prepare_v2(db, "SELECT jwt FROM checkpoints WHERE seq = ?1", -1, &st, NULL),
+        SQLITE_OK);
+    sqlite3_bind_int64(st, 1, seq);
+    assert_int_equal(sqlite3_step(st), SQLITE_ROW);
+    char *jwt = strdup((const char *)sqlite3_column_text(st, 0));
+    assert_non_null(jwt);
+    sqlite3_finalize(st);
+    sqlite3_close(db);
+    return jwt;
+}
+
+/* Replaces the JWT of the checkpoint at seq, as someone holding the file can. */
+static void set_checkpoint_jwt(const char *path, int64_t seq, const char *jwt) {
+    sqlite3 *db = raw_open(path);
+    sqlite3_stmt *st = NULL;
+    sqlite3_exec(db, "DROP TRIGGER IF EXISTS checkpoints_no_update", NULL, NULL, NULL);
+    assert_int_equal(
+        sqlite3_prepare_v2(db, "UPDATE checkpoints SET jwt = ?1 WHERE seq = ?2", -1, &st, NULL),
+        SQLITE_OK);
+    sqlite3_bind_text(st, 1, jwt, -1, SQLITE_STATIC);
+    sqlite3_bind_int64(st, 2, seq);
+    assert_int_equal(sqlite3_step(st), SQLITE_DONE);
+    assert_int_equal(sqlite3_changes(db), 1);
+    sqlite3_finalize(st);
+    sqlite3_close(db);
+}
+
+/* The reviewer's forgery: with the triggers dropped, edit record `from` (its decision
+ * becomes "deny"), recompute prev_hash and hash from there to the head, and write the new
+ * hashes into the checkpoints' hash column, leaving their JWTs as they were.  The walk
+ * without signatures then holds. */
+static void forge_rehashed(const char *path, int64_t from) {
+    sqlite3 *db = raw_open(path);
+    char sql[512];
+    snprintf(sql, sizeof(sql),
+             DROP_TRIGGERS " DROP TRIGGER checkpoints_no_update;"
+                           " UPDATE audit SET record = replace(record, '\"decision\":\"allow\"',"
+                           " '\"decision\":\"deny\"') WHERE seq = %lld",
+             (long long)from);
+    assert_int_equal(sqlite3_exec(db, sql, NULL, NULL, NULL), SQLITE_OK);
+    assert_int_equal(sqlite3_changes(db), 1);
+    uint8_t prev[32], h[32];
+    snprintf(sql, sizeof(sql), "SELECT prev_hash FROM audit WHERE seq = %lld", (long long)from);
+    query_hash(db, sql, prev);
+    int64_t head = query_int(db, "SELECT MAX(seq) FROM audit");
+    sqlite3_stmt *get = NULL, *put = NULL;
+    assert_int_equal(
+        sqlite3_prepare_v2(db, "SELECT record FROM audit WHERE seq = ?1", -1, &get, NULL),
+        SQLITE_OK);
+    assert_int_equal(sqlite3_prepare_v2(db,
+                                        "UPDATE audit SET prev_hash = ?1, hash = ?2 WHERE seq = ?3",
+                                        -1, &put, NULL),
+                     SQLITE_OK);
+    for (int64_t seq = from; seq <= head; seq++) {
+        sqlite3_bind_int64(get, 1, seq);
+        assert_int_equal(sqlite3_step(get), SQLITE_ROW);
+        const char *text = (const char *)sqlite3_column_text(get, 0);
+        assert_int_equal(audit_chain_hash(prev, text, strlen(text), h), 0);
+        sqlite3_reset(get);
+        sqlite3_bind_blob(put, 1, prev, 32, SQLITE_TRANSIENT);
+        sqlite3_bind_blob(put, 2, h, 32, SQLITE_TRANSIENT);
+        sqlite3_bind_int64(put, 3, seq);
+        assert_int_equal(sqlite3_step(put), SQLITE_DONE);
+        sqlite3_reset(put);
+        memcpy(prev, h, 32);
+    }
+    sqlite3_finalize(get);
+    sqlite3_finalize(put);
+    assert_int_equal(sqlite3_exec(db,
+                                  "UPDATE checkpoints SET hash ="
+                                  " (SELECT hash FROM audit a WHERE a.seq = checkpoints.seq)",
+                                  NULL, NULL, NULL),
+                     SQLITE_OK);
+    sqlite3_close(db);
+}
+
+/* A JWT whose middle part is replaced by base64url(payload), keeping header and signature. */
+static char *jwt_with_payload(const char *jwt, const char *payload) {
+    const char *dot1 = strchr(jwt, '.');
+    const char *dot2 = dot1 ? strchr(dot1 + 1, '.') : NULL;
+    assert_non_null(dot2);
+    char *body = pep_base64url_encode((const uint8_t *)payload, strlen(payload));
+    assert_non_null(body);
+    char *out = NULL;
+    assert_true(asprintf(&out, "%.*s.%s%s", (int)(dot1 - jwt), jwt, body, dot2) > 0);
+    free(body);
+    return out;
+}
+
+/* Flips one character in the middle of the signature (not the last one, whose low bits are
+ * padding that decodes to the same bytes). */
+static void jwt_flip_signature(char *jwt) {
+    size_t n = strlen(jwt);
+    assert_true(n > 20);
+    jwt[n - 10] = jwt[n - 10] == 'A' ? 'B' : 'A';
+}
+
+static void test_checkpoint_signatures(void **state) {
+    struct fixture *f = *state;
+    struct pep_err err = {0};
+    struct keyring *k = NULL, *other = NULL, *offline = NULL;
+    char other_dir[160], keys_dir[160], path[160];
+    snprintf(other_dir, sizeof(other_dir), "%s/other", f->dir);
+    snprintf(keys_dir, sizeof(keys_dir), "%s/keys", f->dir);
+    if (keys_load_or_create(f->dir, &k, &err) != 0 ||
+        keys_load_or_create(other_dir, &other, &err) != 0)
+        fail_msg("keys: %s", err.msg);
+    struct audit_options opt = {.durability_full = true,
+                                .checkpoint_every = 4,
+                                .checkpoint_sign = keyring_sign,
+                                .checkpoint_arg = k};
+
+    /* A valid store verifies with its signatures checked: checkpoints 4, 8 and 10. */
+    make_store(f->db, 10, &opt);
+    struct audit_verify_result res;
+    assert_int_equal(audit_verify_file_checked(f->db, token_check_checkpoint, k, &res, &err), 0);
+    assert_true(res.ok);
+    assert_true(res.signatures_checked);
+    assert_int_equal(res.checkpoints, 3);
+    assert_int_equal(res.records, 10);
+    verify_signed_expect(f->db, NULL, true, 0, NULL, 10);
+
+    /* The keyring pepctl reads offline (no creation, no mode repair) verifies as well. */
+    char key_file[256];
+    snprintf(key_file, sizeof(key_file), "%s/%s.pem", keys_dir, keys_active_kid(k));
+    assert_int_equal(chmod(key_file, 0640), 0);
+    assert_int_equal(keys_load_readonly(keys_dir, &offline, &err), 0);
+    assert_string_equal(keys_active_kid(offline), keys_active_kid(k));
+    struct stat st;
+    assert_int_equal(stat(key_file, &st), 0);
+    assert_int_equal(st.st_mode & 0777, 0640);
+    verify_signed_expect(f->db, offline, true, 0, NULL, 10);
+    keys_free(offline);
+    char empty_dir[160];
+    snprintf(empty_dir, sizeof(empty_dir), "%s/empty", f->dir);
+    assert_int_equal(mkdir(empty_dir, 0700), 0);
+    assert_int_equal(keys_load_readonly(empty_dir, &offline, &err), PEP_ENOTFOUND);
+    assert_null(offline);
+    snprintf(empty_dir, sizeof(empty_dir), "%s/absent", f->dir);
+    assert_int_equal(keys_load_readonly(empty_dir, &offline, &err), PEP_EIO);
+
+    /* The reviewer's forgery: record 6 edited, the chain re-hashed to the head, the hash
+     * column of checkpoints 8 and 10 rewritten, their JWTs untouched.  Without signatures
+     * it passes; the JWT of checkpoint 8 still holds the old hash. */
+    snprintf(path, sizeof(path), "%s/forged.db", f->dir);
+    make_store(path, 10, &opt);
+    forge_rehashed(path, 6);
+    verify_signed_expect(path, NULL, true, 0, NULL, 10);
+    verify_signed_expect(path, k, false, 8, "checkpoint at seq 8: jwt hash differs", 7);
+
+    /* Forged further: the JWT's claims rewritten to the new hash, the signature kept. */
+    snprintf(path, sizeof(path), "%s/forged-claims.db", f->dir);
+    make_store(path, 10, &opt);
+    forge_rehashed(path, 6);
+    {
+        sqlite3 *db = raw_open(path);
+        uint8_t h8[32];
+        char hex[65], claims[160];
+        query_hash(db, "SELECT hash FROM audit WHERE seq = 8", h8);
+        sqlite3_close(db);
+        pep_hex(h8, 32, hex);
+        snprintf(claims, sizeof(claims), "{\"hash\":\"%s\",\"iat\":%d,\"seq\":8}", hex,
+                 CHECKPOINT_IAT);
+        char *old = checkpoint_jwt(path, 8);
+        char *jwt = jwt_with_payload(old, claims);
+        set_checkpoint_jwt(path, 8, jwt);
+        free(old);
+        free(jwt);
+    }
+    verify_signed_expect(path, k, false, 8, "checkpoint at seq 8: signature invalid", 7);
+
+    /* One JWT at a time: each case starts from a fresh valid store. */
+    uint8_t h4[32];
+    {
+        sqlite3 *db = raw_open(f->db);
+        query_hash(db, "SELECT hash FROM audit WHERE seq = 4", h4);
+        sqlite3_close(db);
+    }
+    char *jwt4 = checkpoint_jwt(f->db, 4);
+    char *flipped = strdup(jwt4);
+    assert_non_null(flipped);
+    jwt_flip_signature(flipped);
+    char *foreign = keys_sign_checkpoint(other, 4, h4, CHECKPOINT_IAT);
+    assert_non_null(foreign);
+    char hex4[65], *seq_string = NULL, *alg_none = NULL;
+    pep_hex(h4, 32, hex4);
+    json_t *claims = json_pack("{s:s, s:s, s:i}", "seq", "4", "hash", hex4, "iat", CHECKPOINT_IAT);
+    assert_int_equal(keys_sign_claims(k, claims, &seq_string, &err), 0);
+    json_decref(claims);
+    {
+        char *none_head = pep_base64url_encode((const uint8_t *)"{\"alg\":\"none\"}", 14);
+        const char *dot1 = strchr(jwt4, '.'), *dot2 = strchr(dot1 + 1, '.');
+        assert_true(asprintf(&alg_none, "%s%.*s.", none_head, (int)(dot2 - dot1), dot1) > 0);
+        free(none_head);
+    }
+    static const char *const names[] = {"flipped", "foreign", "seq8", "seq-string", "none", "junk"};
+    const char *const jwts[] = {flipped, foreign, jwt4, seq_string, alg_none, "not.a.jwt"};
+    const int64_t at[] = {4, 4, 8, 4, 4, 10};
+    const char *const reasons[] = {
+        "checkpoint at seq 4: signature invalid",
+        "checkpoint at seq 4: signed by an unknown key",
+        "checkpoint at seq 8: jwt seq differs",
+        "checkpoint at seq 4: jwt seq differs",
+        "checkpoint at seq 4: algorithm is not ES256",
+        "checkpoint at seq 10: malformed jwt",
+    };
+    for (size_t i = 0; i < PEP_ARRAY_LEN(names); i++) {
+        snprintf(path, sizeof(path), "%s/%s.db", f->dir, names[i]);
+        make_store(path, 10, &opt);
+        set_checkpoint_jwt(path, at[i], jwts[i]);
+        verify_signed_expect(path, NULL, true, 0, NULL, 10);
+        verify_signed_expect(path, k, false, at[i], reasons[i], at[i] - 1);
+    }
+    free(jwt4);
+    free(flipped);
+    free(foreign);
+    free(seq_string);
+    free(alg_none);
+
+    /* A cut tail is still caught with signatures checked (the checkpoint has no row). */
+    snprintf(path, sizeof(path), "%s/cut.db", f->dir);
+    make_store(path, 10, &opt);
+    tamper(path, "DELETE FROM audit WHERE seq > 9");
+    verify_signed_expect(path, k, false, 10, "truncated: checkpoint at seq 10", 9);
+    keys_free(other);
+    keys_free(k);
+}
+
 static void test_broken_store_keeps_appending(void **state) {
     struct fixture *f = *state;
     make_store(f->db, 10, NULL);
@@ -1219,6 +1480,8 @@ int main(void) {
         cmocka_unit_test_setup_teardown(test_tamper_rehashed, fixture_setup, fixture_teardown),
         cmocka_unit_test_setup_teardown(test_checkpoints, fixture_setup, fixture_teardown),
         cmocka_unit_test_setup_teardown(test_truncated_tail, fixture_setup, fixture_teardown),
+        cmocka_unit_test_setup_teardown(test_checkpoint_signatures, fixture_setup,
+                                        fixture_teardown),
         cmocka_unit_test_setup_teardown(test_broken_store_keeps_appending, fixture_setup,
                                         fixture_teardown),
         cmocka_unit_test_setup_teardown(test_apply_same_transaction, fixture_setup,
