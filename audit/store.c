@@ -160,9 +160,13 @@ struct audit_store {
     struct audit_item *q_head; /* oldest queued item */
     struct audit_item *q_tail; /* newest queued item */
     size_t q_len;
-    size_t q_waiting;         /* queued items with a done callback (someone waits) */
-    int64_t linger_us;        /* how long fire-and-forget items may wait for company */
-    bool closing;             /* audit_submit refuses; the writer drains and stops */
+    size_t q_waiting;  /* queued items with a done callback (someone waits) */
+    int64_t linger_us; /* how long fire-and-forget items may wait for company */
+    bool closing;      /* audit_submit refuses; the writer drains and stops */
+    /* Settings a reload changed (audit_retune), applied by the writer between batches. */
+    bool retune;
+    bool retune_full;
+    int64_t retune_checkpoint_every;
     bool stopped;             /* the writer has returned */
     bool join_claimed;        /* one audit_shutdown caller joins the thread */
     struct audit_stats stats; /* queued is filled from q_len when read */
@@ -509,6 +513,16 @@ static void store_final_checkpoint(struct audit_store *s) {
     s->head_checkpointed = made;
 }
 
+/* Between transactions (synchronous cannot change inside one).  A failed PRAGMA leaves the
+ * stricter setting in force when it was full, and is logged. */
+static void store_apply_retune(struct audit_store *s, bool full, int64_t checkpoint_every) {
+    if (sqlite3_exec(s->db, full ? "PRAGMA synchronous=FULL" : "PRAGMA synchronous=NORMAL", NULL,
+                     NULL, NULL) != SQLITE_OK)
+        fprintf(stderr, "audit: durability %s could not be applied: %s\n", full ? "full" : "normal",
+                sqlite3_errmsg(s->db));
+    if (s->checkpoint_sign) s->checkpoint_every = checkpoint_every;
+}
+
 static void *store_writer_main(void *arg) {
     struct audit_store *s = arg;
     for (;;) {
@@ -545,7 +559,11 @@ static void *store_writer_main(void *arg) {
         if (!s->q_head) s->q_tail = NULL;
         last->next = NULL;
         s->q_len -= n;
+        bool retune = s->retune, retune_full = s->retune_full;
+        int64_t retune_every = s->retune_checkpoint_every;
+        s->retune = false;
         pthread_mutex_unlock(&s->lock);
+        if (retune) store_apply_retune(s, retune_full, retune_every);
         store_run_batch(s, batch, n);
     }
     store_final_checkpoint(s);
@@ -769,6 +787,14 @@ int audit_submit(struct audit_store *s, json_t *record, audit_apply_fn apply, vo
     pthread_cond_broadcast(&s->cond);
     pthread_mutex_unlock(&s->lock);
     return 0;
+}
+
+void audit_retune(struct audit_store *s, bool durability_full, int64_t checkpoint_every) {
+    pthread_mutex_lock(&s->lock);
+    s->retune = true;
+    s->retune_full = durability_full;
+    s->retune_checkpoint_every = checkpoint_every;
+    pthread_mutex_unlock(&s->lock);
 }
 
 void audit_get_stats(struct audit_store *s, struct audit_stats *out) {

@@ -17,7 +17,6 @@
 #include "pep/server.h"
 #include "pep/util.h"
 
-#include <ctype.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -169,15 +168,6 @@ static json_t *body_object(struct request *r) {
     return doc;
 }
 
-/* Identifiers of agents and operators: 1-128 of [A-Za-z0-9._@-]. */
-static bool valid_id(const char *s) {
-    size_t n = s ? strlen(s) : 0;
-    if (n == 0 || n > 128) return false;
-    for (size_t i = 0; i < n; i++)
-        if (!isalnum((unsigned char)s[i]) && !strchr("._@-", s[i])) return false;
-    return true;
-}
-
 /* A JSON array of strings that each pass `valid`, or (when allow_string) one space-separated
  * string of them, as a NULL-terminated vector whose strings point into `v` (or into
  * *scratch).  NULL when malformed. */
@@ -300,7 +290,7 @@ static enum MHD_Result put_agent(struct request *r) {
     const char **scopes =
         string_list(json_object_get(body, "scopes"), false, pep_is_scope_token, &scratch, &ns);
     enum MHD_Result rc = MHD_YES;
-    if (!valid_id(id))
+    if (!pep_is_id(id))
         bad_request(r, "'id' must be 1-128 characters of [A-Za-z0-9._@-]", NULL);
     else if (owner_v &&
              (!json_is_string(owner_v) || !pep_has_no_control(json_string_value(owner_v))))
@@ -480,7 +470,7 @@ static enum MHD_Result put_operator(struct request *r) {
         if (!ok) unknown = roles[i];
     }
     enum MHD_Result rc = MHD_YES;
-    if (!valid_id(id))
+    if (!pep_is_id(id))
         bad_request(r, "'id' must be 1-128 characters of [A-Za-z0-9._@-]", NULL);
     else if (!roles || nr == 0)
         bad_request(r, "'roles' must be a non-empty array of strings", NULL);

@@ -535,19 +535,53 @@ static void read_model(struct request *r) {
     json_decref(doc);
 }
 
+/* The route's forward.path with the matched parameters put in (malloc'd, or NULL when
+ * memory ran out).  A value was decoded when the path was matched: it is percent-encoded
+ * again (all but RFC 3986 unreserved characters), so that a decoded '?', '/' or '%' stays
+ * inside its segment instead of changing the upstream URL. */
+static char *forward_path_render(const struct route *route, const struct route_match *m) {
+    char *out = NULL;
+    size_t out_len = 0;
+    FILE *f = open_memstream(&out, &out_len);
+    if (!f) return NULL;
+    bool ok = true;
+    for (size_t i = 0; ok && i < route->forward_parts_len; i++) {
+        const struct forward_path_part *part = &route->forward_parts[i];
+        if (part->literal) {
+            ok = fputs(part->literal, f) >= 0;
+        } else {
+            ok = part->param_index < m->params_len;
+            const struct route_param *v = ok ? &m->params[part->param_index] : NULL;
+            char *escaped = v ? curl_easy_escape(NULL, v->value, (int)v->value_len) : NULL;
+            ok = escaped && fputs(escaped, f) >= 0;
+            curl_free(escaped);
+        }
+    }
+    if (fclose(f) != 0 || !ok) {
+        free(out);
+        return NULL;
+    }
+    return out;
+}
+
 /* Builds the upstream call of an allowed request (SPEC 4.7).  Returns 0 or a negative
  * code (then the request is answered 503). */
 static int prepare_forward(struct request *r) {
     const struct route *route = r->match.route;
     const struct upstream *up = route->upstream;
     struct forward_job *job = &r->job;
-    const char *path = route->forward_path ? route->forward_path : r->target;
-    size_t path_len = route->forward_path ? strlen(path) : strcspn(r->target, "?");
+    char *rewritten = NULL;
+    if (route->forward_parts && !(rewritten = forward_path_render(route, &r->match)))
+        return PEP_ENOMEM;
+    const char *path = rewritten ? rewritten : r->target;
+    size_t path_len = rewritten ? strlen(path) : strcspn(r->target, "?");
     size_t url_len = strlen(up->base_url) + path_len + (r->query ? strlen(r->query) + 1 : 0) + 1;
     job->url = malloc(url_len);
+    if (job->url)
+        snprintf(job->url, url_len, "%s%.*s%s%s", up->base_url, (int)path_len, path,
+                 r->query ? "?" : "", r->query ? r->query : "");
+    free(rewritten);
     if (!job->url) return PEP_ENOMEM;
-    snprintf(job->url, url_len, "%s%.*s%s%s", up->base_url, (int)path_len, path,
-             r->query ? "?" : "", r->query ? r->query : "");
 
     struct header_copy hc = {
         .connection_tokens = MHD_lookup_connection_value(r->conn, MHD_HEADER_KIND, "Connection"),

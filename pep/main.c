@@ -167,7 +167,8 @@ static int cmd_serve(const char *file, const char *data_dir, const char *listen,
                      const char *admin_listen) {
     struct server s = {.policy_path = (char *)file,
                        .listen_override = listen,
-                       .admin_listen_override = admin_listen};
+                       .admin_listen_override = admin_listen,
+                       .data_dir_override = data_dir};
     pthread_mutex_init(&s.policy_lock, NULL);
     struct policy_errors errs = {0};
     if (policy_load(file, NULL, &s.policy, &errs) != 0) {
@@ -235,6 +236,7 @@ int main(int argc, char **argv) {
         return 2;
     }
     const char *cmd = argv[1], *file = NULL, *data_dir = NULL, *listen = NULL, *admin_listen = NULL;
+    bool check = strcmp(cmd, "check") == 0;
     for (int i = 2; i < argc; i++) {
         const char *a = argv[i];
         const char **slot = NULL;
@@ -246,6 +248,14 @@ int main(int argc, char **argv) {
             slot = &listen;
         else if (strcmp(a, "--admin-listen") == 0)
             slot = &admin_listen;
+        /* `check` validates the file alone (SPEC 1: `pep check -c FILE`): a serve flag
+         * given to it would be silently ignored, so the check would vouch for a command
+         * line it never looked at. */
+        if (check && slot && slot != &file) {
+            fprintf(stderr, "pep: check takes only -c FILE; %s is an option of serve\n", a);
+            usage(stderr);
+            return 2;
+        }
         if (!slot || i + 1 >= argc) {
             fprintf(stderr, "pep: %s: %s\n", slot ? "missing value for" : "unknown option", a);
             usage(stderr);

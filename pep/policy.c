@@ -246,6 +246,11 @@ static void policy_route_free(struct route *r) {
     free(r->path);
     route_segments_free(r->segments, r->segments_len);
     free(r->forward_path);
+    for (size_t i = 0; i < r->forward_parts_len; i++) {
+        free(r->forward_parts[i].literal);
+        free(r->forward_parts[i].param);
+    }
+    free(r->forward_parts);
     free(r->retry.on_status);
 }
 
@@ -561,6 +566,22 @@ static bool policy_scope(struct policy_compiler *c, const ynode *n, const char *
     return true;
 }
 
+/* An agent id: the admin API's id rule (pep_is_id), since an agent seeded from the policy
+ * is managed through /admin/v1/agents/{id} like any other; an id that is not one URL
+ * path segment could never be addressed there. */
+static bool policy_agent_id(struct policy_compiler *c, const ynode *n, char **out) {
+    if (!policy_name(c, n, "agent id", out)) return false;
+    if (!pep_is_id(*out)) {
+        char q[64];
+        policy_error_at(c, n, "agent id '%s' must be 1-128 characters of [A-Za-z0-9._@-]",
+                        policy_q(n, q, sizeof q));
+        free(*out);
+        *out = NULL;
+        return false;
+    }
+    return true;
+}
+
 typedef bool (*policy_item_fn)(struct policy_compiler *c, const ynode *n, const char *what,
                                char **out);
 
@@ -631,6 +652,24 @@ static bool policy_duration(struct policy_compiler *c, const ynode *n, int64_t *
     return true;
 }
 
+/* A duration the code keeps in whole seconds: token lifetimes and clock skew become JWT
+ * NumericDates (seconds), a step-up max_age is compared with auth_time and sent as
+ * `max_age=N` (RFC 9470, seconds).  1500ms would be cut to 1 s without a word, so only
+ * whole seconds are accepted.  *out_ms is written only on success. */
+static bool policy_duration_seconds(struct policy_compiler *c, const ynode *n, const char *what,
+                                    int64_t *out_ms) {
+    int64_t ms;
+    if (!policy_duration(c, n, &ms)) return false;
+    if (ms % 1000 != 0) {
+        char q[64];
+        policy_error_at(c, n, "%s must be a whole number of seconds, got '%s'", what,
+                        policy_q(n, q, sizeof q));
+        return false;
+    }
+    *out_ms = ms;
+    return true;
+}
+
 static bool policy_size(struct policy_compiler *c, const ynode *n, uint64_t *out) {
     if (!n || n->kind == YAMLTREE_INVALID) return false;
     char q[64];
@@ -693,11 +732,21 @@ static bool policy_is_identifier(const char *s) {
 }
 
 /* HOST:PORT, HOST a name, an IPv4 address or a bracketed IPv6 address; PORT 0-65535. */
-static void policy_check_listen(struct policy_compiler *c, const ynode *n, const char *s) {
+static bool policy_check_listen(struct policy_compiler *c, const ynode *n, const char *s) {
     char q[96];
-    if (!pep_listen_address_ok(s))
-        policy_error_at(c, n, "bad listen address '%s': expected HOST:PORT (e.g. 127.0.0.1:8080)",
-                        policy_q(n, q, sizeof q));
+    if (pep_listen_address_ok(s)) return true;
+    policy_error_at(c, n, "bad listen address '%s': expected HOST:PORT (e.g. 127.0.0.1:8080)",
+                    policy_q(n, q, sizeof q));
+    return false;
+}
+
+/* Whether two valid listen addresses name the same socket as written: the same host
+ * (case-insensitively) and the same port, port 0 ("any free port") excepted. */
+static bool policy_same_listen(const char *a, const char *b) {
+    const char *ca = strrchr(a, ':'), *cb = strrchr(b, ':');
+    if (!ca || !cb || ca - a != cb - b || strncasecmp(a, b, (size_t)(ca - a)) != 0) return false;
+    long pa = strtol(ca + 1, NULL, 10), pb = strtol(cb + 1, NULL, 10);
+    return pa == pb && pa != 0;
 }
 
 /*
@@ -1039,12 +1088,29 @@ static void policy_compile_server(struct policy_compiler *c, const ynode *n) {
                                              {"drain_timeout", false}, {NULL, false}};
     struct policy *p = c->p;
     if (!policy_map(c, n, keys)) return;
-    const ynode *v;
-    if ((v = yamltree_get(n, "listen")) && policy_string(c, v, &p->listen))
-        policy_check_listen(c, v, p->listen);
-    if ((v = yamltree_get(n, "admin_listen")) && policy_string(c, v, &p->admin_listen))
-        policy_check_listen(c, v, p->admin_listen);
-    if ((v = yamltree_get(n, "data_dir"))) policy_name(c, v, "data_dir", &p->data_dir);
+    const ynode *v, *listen = yamltree_get(n, "listen"), *admin = yamltree_get(n, "admin_listen");
+    bool listen_ok = !listen || (policy_string(c, listen, &p->listen) &&
+                                 policy_check_listen(c, listen, p->listen));
+    bool admin_ok = !admin || (policy_string(c, admin, &p->admin_listen) &&
+                               policy_check_listen(c, admin, p->admin_listen));
+    /* One address cannot serve both planes: `pep serve` would fail to bind the second, so
+     * a file that `pep check` calls valid would not start. */
+    if (listen_ok && admin_ok && (listen || admin) &&
+        policy_same_listen(p->listen, p->admin_listen)) {
+        char q[96];
+        if (admin)
+            policy_error_at(c, admin, "admin_listen must differ from listen (both are '%s')",
+                            policy_q(admin, q, sizeof q));
+        else
+            policy_error_at(c, listen, "listen must differ from admin_listen (default '%s')",
+                            p->admin_listen);
+    }
+    if (listen) p->listen_loc = policy_loc_of(listen);
+    if (admin) p->admin_listen_loc = policy_loc_of(admin);
+    if ((v = yamltree_get(n, "data_dir"))) {
+        policy_name(c, v, "data_dir", &p->data_dir);
+        p->data_dir_loc = policy_loc_of(v);
+    }
     if ((v = yamltree_get(n, "max_body"))) policy_size(c, v, &p->max_body);
     if ((v = yamltree_get(n, "drain_timeout"))) policy_duration(c, v, &p->drain_timeout_ms);
 }
@@ -1081,10 +1147,11 @@ static void policy_compile_identity(struct policy_compiler *c, const ynode *n) {
     const ynode *v, *ttl = yamltree_get(n, "token_ttl"), *max = yamltree_get(n, "max_token_ttl");
     if ((v = yamltree_get(n, "issuer"))) policy_name(c, v, "issuer", &p->issuer);
     /* Both parsed before combining: every bad duration is reported in the same run. */
-    bool ttl_ok = !ttl || policy_duration(c, ttl, &p->token_ttl_ms);
-    bool max_ok = !max || policy_duration(c, max, &p->max_token_ttl_ms);
+    bool ttl_ok = !ttl || policy_duration_seconds(c, ttl, "token_ttl", &p->token_ttl_ms);
+    bool max_ok = !max || policy_duration_seconds(c, max, "max_token_ttl", &p->max_token_ttl_ms);
     bool ok = ttl_ok && max_ok;
-    if ((v = yamltree_get(n, "clock_skew"))) policy_duration(c, v, &p->clock_skew_ms);
+    if ((v = yamltree_get(n, "clock_skew")))
+        policy_duration_seconds(c, v, "clock_skew", &p->clock_skew_ms);
     if (ok && p->token_ttl_ms > p->max_token_ttl_ms) {
         if (max)
             policy_error_at(c, max, "max_token_ttl must be at least token_ttl");
@@ -1116,7 +1183,7 @@ static void policy_compile_agents(struct policy_compiler *c, const ynode *n) {
         struct policy_agent *a = &p->agents[p->agents_len++];
         a->enabled = true;
         a->loc = policy_loc_of(item);
-        if ((v = yamltree_get(item, "id")) && policy_word(c, v, "agent id", &a->id))
+        if ((v = yamltree_get(item, "id")) && policy_agent_id(c, v, &a->id))
             policy_index_add(c, &c->agent_ids, strdup(a->id), p->agents_len - 1, policy_loc_of(v));
         if ((v = yamltree_get(item, "owner"))) policy_name(c, v, "owner", &a->owner);
         if ((v = yamltree_get(item, "tenants")))
@@ -1179,10 +1246,34 @@ static bool policy_header_forbidden(const char *name) {
     return false;
 }
 
-static void policy_compile_headers(struct policy_compiler *c, const ynode *n, struct upstream *u) {
+/* Header names are case-insensitive (RFC 9110 5.1): the YAML duplicate-key check does not
+ * see X-A and x-a as the same key, so this reports every later spelling of a name. */
+static void policy_headers_duplicates(struct policy_compiler *c, const ynode *n,
+                                      struct policy_index *names) {
+    policy_index_sort(names);
+    size_t first = 0;
+    for (size_t i = 1; i < names->len; i++) {
+        const struct policy_index_entry *e = &names->entries[i], *f = &names->entries[first];
+        if (strcmp(e->key, f->key) != 0) {
+            first = i;
+            continue;
+        }
+        /* Names passed the token check: they hold nothing that needs quoting. */
+        policy_error(c, e->loc.line, e->loc.col,
+                     "duplicate header '%s' (same as '%s' at line %d, column %d: header "
+                     "names are case-insensitive)",
+                     yamltree_key(n, e->index)->text, yamltree_key(n, f->index)->text, f->loc.line,
+                     f->loc.col);
+    }
+}
+
+/* has_api_key: the upstream sets api_key_env, which owns the Authorization header. */
+static void policy_compile_headers(struct policy_compiler *c, const ynode *n, struct upstream *u,
+                                   bool has_api_key) {
     if (!policy_want(c, n, YAMLTREE_MAPPING)) return;
     u->headers = policy_calloc(c, n->len, sizeof *u->headers);
     if (!u->headers) return;
+    struct policy_index names = {0}; /* lowercase name → position, for duplicates */
     for (size_t i = 0; i < n->len; i++) {
         const ynode *key = yamltree_key(n, i), *v = yamltree_value(n, i);
         char q[96];
@@ -1196,6 +1287,20 @@ static void policy_compile_headers(struct policy_compiler *c, const ynode *n, st
         if (policy_header_forbidden(key->text)) {
             policy_error_at(c, key, "header '%s' cannot be set on an upstream",
                             policy_q(key, q, sizeof q));
+            continue;
+        }
+        char *lower = strdup(key->text);
+        for (char *p = lower; p && *p; p++)
+            *p = (char)tolower((unsigned char)*p);
+        policy_index_add(c, &names, lower, i, policy_loc_of(key));
+        /* SECURITY: api_key_env already sends "Authorization: Bearer …"; a second
+         * Authorization would put two credentials in one request, and which one an upstream
+         * honours is up to it. */
+        if (has_api_key && strcasecmp(key->text, "authorization") == 0) {
+            policy_error_at(c, key,
+                            "header '%s' conflicts with api_key_env, which sends "
+                            "'Authorization: Bearer ...': keep one of them",
+                            key->text);
             continue;
         }
         struct upstream_header *h = &u->headers[u->headers_len];
@@ -1236,6 +1341,8 @@ static void policy_compile_headers(struct policy_compiler *c, const ynode *n, st
         }
         u->headers_len++;
     }
+    policy_headers_duplicates(c, n, &names);
+    policy_index_free(&names);
 }
 
 static void policy_compile_upstream(struct policy_compiler *c, const ynode *n, struct upstream *u) {
@@ -1258,7 +1365,8 @@ static void policy_compile_upstream(struct policy_compiler *c, const ynode *n, s
         char q[96];
         policy_error_at(c, v, "bad environment variable name '%s'", policy_q(v, q, sizeof q));
     }
-    if ((v = yamltree_get(n, "headers"))) policy_compile_headers(c, v, u);
+    if ((v = yamltree_get(n, "headers")))
+        policy_compile_headers(c, v, u, yamltree_get(n, "api_key_env") != NULL);
     if ((v = yamltree_get(n, "timeout"))) policy_duration(c, v, &u->timeout_ms);
     if ((v = yamltree_get(n, "idle_timeout"))) policy_duration(c, v, &u->idle_timeout_ms);
     if ((v = yamltree_get(n, "breaker"))) policy_compile_breaker(c, v, &u->breaker);
@@ -1498,7 +1606,8 @@ static void policy_compile_control(struct policy_compiler *c, const ynode *n, st
         if (policy_map(c, v, step_up_keys)) {
             const ynode *w;
             if ((w = yamltree_get(v, "acr"))) policy_word(c, w, "acr", &ctl->acr);
-            if ((w = yamltree_get(v, "max_age"))) policy_duration(c, w, &ctl->max_age_ms);
+            if ((w = yamltree_get(v, "max_age")))
+                policy_duration_seconds(c, w, "max_age", &ctl->max_age_ms);
         }
         break;
     case CONTROL_REQUIRE_APPROVAL:
@@ -1592,9 +1701,11 @@ static void policy_report_duplicate_route(struct policy_compiler *c,
                  c->p->routes[first->index].loc.line);
 }
 
-static void policy_compile_match(struct policy_compiler *c, const ynode *n, struct route *r) {
+/* Returns true when the route's path template compiled (its parameters are known). */
+static bool policy_compile_match(struct policy_compiler *c, const ynode *n, struct route *r) {
     static const struct policy_key keys[] = {{"method", false}, {"path", true}, {NULL, false}};
-    if (!policy_map(c, n, keys)) return;
+    bool compiled = false;
+    if (!policy_map(c, n, keys)) return false;
     const ynode *v;
     char q[96];
     if ((v = yamltree_get(n, "method")) && policy_name(c, v, "method", &r->method)) {
@@ -1614,6 +1725,7 @@ static void policy_compile_match(struct policy_compiler *c, const ynode *n, stru
             policy_error_at(c, v, "bad path template '%s': %s", policy_q(v, q, sizeof q),
                             why ? why : "invalid");
         } else {
+            compiled = true;
             for (size_t i = 0; i < r->segments_len; i++)
                 if (r->segments[i].param && strcmp(r->segments[i].param, "tenant") == 0)
                     r->tenant_param = (int)i;
@@ -1621,9 +1733,85 @@ static void policy_compile_match(struct policy_compiler *c, const ynode *n, stru
                              policy_loc_of(v));
         }
     }
+    return compiled;
 }
 
-static void policy_compile_forward(struct policy_compiler *c, const ynode *n, struct route *r) {
+/* Append a literal or a parameter to r->forward_parts (sized for the worst case). */
+static void policy_forward_literal(struct policy_compiler *c, struct route *r, const char *text,
+                                   size_t len) {
+    struct forward_path_part *part = &r->forward_parts[r->forward_parts_len];
+    if ((part->literal = strndup(text, len)))
+        r->forward_parts_len++;
+    else
+        c->oom = true;
+}
+
+static void policy_forward_param(struct policy_compiler *c, struct route *r, const char *name,
+                                 size_t index) {
+    struct forward_path_part *part = &r->forward_parts[r->forward_parts_len];
+    part->param_index = index;
+    if ((part->param = policy_strdup(c, name))) r->forward_parts_len++;
+}
+
+/*
+ * Compiles r->forward_path (already checked to be a normal-form path) into
+ * r->forward_parts: literal text between whole-segment `{name}` parameters, each of which
+ * must be a parameter of the route's own template (known when match_ok).  A name the
+ * template lacks has no value to substitute: sent literally it would reach an upstream
+ * resource nobody meant.
+ */
+static void policy_compile_forward_path(struct policy_compiler *c, const ynode *v, struct route *r,
+                                        bool match_ok) {
+    const char *s = r->forward_path;
+    size_t nparts = 1;
+    for (const char *p = s; *p; p++)
+        nparts += *p == '{' ? 2 : 0;
+    r->forward_parts = policy_calloc(c, nparts, sizeof *r->forward_parts);
+    if (!r->forward_parts) return;
+    /* The template's parameters in order (at most ROUTE_MAX_PARAMS): a lookup costs at
+     * most that many comparisons however long the template or the rewrite. */
+    const char *params[ROUTE_MAX_PARAMS];
+    size_t nparams = 0;
+    for (size_t i = 0; i < r->segments_len && nparams < ROUTE_MAX_PARAMS; i++)
+        if (r->segments[i].param) params[nparams++] = r->segments[i].param;
+    char q[96];
+    const char *lit = s; /* start of the literal text not yet stored */
+    for (const char *seg = s + 1;; seg++) {
+        size_t len = strcspn(seg, "/");
+        bool braces = memchr(seg, '{', len) || memchr(seg, '}', len);
+        if (braces) {
+            bool whole = len >= 3 && seg[0] == '{' && seg[len - 1] == '}';
+            char *name = whole ? strndup(seg + 1, len - 2) : NULL;
+            if (whole && !name) {
+                c->oom = true;
+                return;
+            }
+            if (!name || !policy_is_identifier(name)) {
+                policy_error_at(c, v,
+                                "bad forward path '%s': a parameter is written {name}, "
+                                "name [A-Za-z_][A-Za-z0-9_]*, and fills a whole segment",
+                                policy_q(v, q, sizeof q));
+            } else {
+                size_t index = 0;
+                while (index < nparams && strcmp(params[index], name) != 0)
+                    index++;
+                if (index == nparams && match_ok)
+                    policy_error_at(
+                        c, v, "forward.path: {%s} is not a parameter of the route's path", name);
+                policy_forward_literal(c, r, lit, (size_t)(seg - lit));
+                policy_forward_param(c, r, name, index);
+                lit = seg + len;
+            }
+            free(name);
+        }
+        if (seg[len] == '\0') break;
+        seg += len;
+    }
+    if (*lit || r->forward_parts_len == 0) policy_forward_literal(c, r, lit, strlen(lit));
+}
+
+static void policy_compile_forward(struct policy_compiler *c, const ynode *n, struct route *r,
+                                   bool match_ok) {
     static const struct policy_key keys[] = {{"upstream", false},   {"chain", false},
                                              {"path", false},       {"retry", false},
                                              {"retry_safe", false}, {NULL, false}};
@@ -1665,6 +1853,8 @@ static void policy_compile_forward(struct policy_compiler *c, const ynode *n, st
             char q[96];
             policy_error_at(c, v, "bad forward path '%s': %s", policy_q(v, q, sizeof q),
                             why ? why : "a path has no query or fragment");
+        } else {
+            policy_compile_forward_path(c, v, r, match_ok);
         }
     }
     if ((v = yamltree_get(n, "retry"))) {
@@ -1691,7 +1881,7 @@ static void policy_compile_routes(struct policy_compiler *c, const ynode *n) {
         r->loc = policy_loc_of(item);
         r->tenant_param = -1;
         policy_retry_defaults(c, &r->retry);
-        if ((v = yamltree_get(item, "match"))) policy_compile_match(c, v, r);
+        bool match_ok = (v = yamltree_get(item, "match")) && policy_compile_match(c, v, r);
         char *action = NULL;
         if ((v = yamltree_get(item, "action")) && policy_name(c, v, "action", &action)) {
             long a = policy_index_find(&c->actions, action);
@@ -1703,7 +1893,7 @@ static void policy_compile_routes(struct policy_compiler *c, const ynode *n) {
             }
         }
         free(action);
-        if ((v = yamltree_get(item, "forward"))) policy_compile_forward(c, v, r);
+        if ((v = yamltree_get(item, "forward"))) policy_compile_forward(c, v, r, match_ok);
     }
     policy_index_duplicates(c, &c->routes, policy_report_duplicate_route);
 }

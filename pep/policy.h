@@ -208,6 +208,21 @@ struct route_segment {
     char *param;   /* NULL for a literal */
 };
 
+/*
+ * One piece of a compiled `forward.path`.  The upstream path is the concatenation of the
+ * pieces in order: a literal as written (raw, percent-escapes kept, '/' included), or the
+ * value the request matched for one of the route's own path parameters.  That value is
+ * the decoded segment (struct route_param), so the forwarder must percent-encode it for a
+ * path segment before appending it (a decoded "a?b" or "a%b" would otherwise change the
+ * URL).  In forward.path, as in match paths, `{name}` fills a whole segment.
+ */
+struct forward_path_part {
+    char *literal;      /* NULL for a parameter */
+    char *param;        /* NULL for a literal; always a parameter of the route's template */
+    size_t param_index; /* parameter: its position among the match template's parameters,
+                           which is its index in struct route_match.params[] */
+};
+
 struct route {
     char *method; /* uppercase; NULL matches any method */
     char *path;   /* the template as written */
@@ -219,7 +234,11 @@ struct route {
     bool forwards;
     struct upstream *upstream; /* forward: {upstream: X} */
     struct chain *chain;       /* forward: {chain: X} */
-    char *forward_path;        /* rewrite, NULL = same path + query; in normal form (SPEC 3.3) */
+    char *forward_path;        /* rewrite as written, NULL = same path + query; in normal form
+                                  (SPEC 3.3), may hold `{name}` parameters */
+    struct forward_path_part *forward_parts; /* forward_path compiled; in a loaded policy
+                                                set (never empty) exactly when it is */
+    size_t forward_parts_len;
     bool retry_safe;           /* forward.retry_safe, default false */
     struct retry_config retry; /* forward.retry, only with forward.upstream */
     struct policy_loc loc;
@@ -253,6 +272,9 @@ struct policy {
     char *data_dir;           /* default ./var */
     uint64_t max_body;        /* default 1 MiB */
     int64_t drain_timeout_ms; /* default 10s */
+    /* Where listen, admin_listen and data_dir are written (line 0 when defaulted): they
+     * take effect only at start, so a reload that changes them is refused there. */
+    struct policy_loc listen_loc, admin_listen_loc, data_dir_loc;
 
     /* audit */
     enum audit_durability durability; /* default full */

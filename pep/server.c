@@ -8,6 +8,7 @@
 #include "pep/server.h"
 #include "pep/util.h"
 
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -38,6 +39,49 @@ static void reload_error(struct policy_errors *errs, const char *file, const cha
     if (errs->items && (errs->items[0] = strdup(msg))) errs->len = 1;
 }
 
+/* Adds "FILE:LINE:COL: message" to errs (best effort: out of memory drops it). */
+static void reload_add_error(struct policy_errors *errs, const char *file, struct policy_loc at,
+                             const char *fmt, ...) {
+    char msg[1024];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    char **grown = realloc(errs->items, (errs->len + 1) * sizeof *grown);
+    if (!grown) return;
+    errs->items = grown;
+    /* A setting deleted from the file has no position left: the file's start stands in. */
+    if (asprintf(&errs->items[errs->len], "%s:%d:%d: %s", file, at.line ? at.line : 1,
+                 at.line ? at.col : 1, msg) >= 0)
+        errs->len++;
+}
+
+/* Settings that take effect only at start (the sockets, the data directory) must not
+ * change on a reload: accepting the file would report as active a policy whose settings
+ * are not.  A command-line override makes the file's value moot.  Returns the number of
+ * errors added. */
+static size_t reload_start_only_errors(const struct server *s, const struct policy *active,
+                                       const struct policy *p, struct policy_errors *errs) {
+    static const char restart[] = "it takes effect only at start: restart pep to change it";
+    struct {
+        const char *key, *now, *next;
+        bool overridden;
+        struct policy_loc at;
+    } settings[] = {
+        {"server.listen", active->listen, p->listen, s->listen_override != NULL, p->listen_loc},
+        {"server.admin_listen", active->admin_listen, p->admin_listen,
+         s->admin_listen_override != NULL, p->admin_listen_loc},
+        {"server.data_dir", active->data_dir, p->data_dir, s->data_dir_override != NULL,
+         p->data_dir_loc},
+    };
+    size_t before = errs->len;
+    for (size_t i = 0; i < PEP_ARRAY_LEN(settings); i++)
+        if (!settings[i].overridden && strcmp(settings[i].now, settings[i].next) != 0)
+            reload_add_error(errs, p->file, settings[i].at, "%s changed from '%s' to '%s': %s",
+                             settings[i].key, settings[i].now, settings[i].next, restart);
+    return errs->len - before;
+}
+
 int server_reload(struct server *s, const struct reload_origin *by, int64_t *audit_seq,
                   struct policy_errors *errs) {
     pthread_mutex_lock(&reload_lock);
@@ -53,6 +97,14 @@ int server_reload(struct server *s, const struct reload_origin *by, int64_t *aud
         }
         goto out;
     }
+    struct policy *active = server_policy(s);
+    size_t refused = reload_start_only_errors(s, active, p, errs);
+    policy_release(active);
+    if (refused) {
+        rc = PEP_EINVAL;
+        policy_release(p);
+        goto out;
+    }
     json_t *rec = reload_record(p, by);
     if (!rec || server_audit_sync(s, rec, NULL, NULL, audit_seq) != 0) {
         rc = PEP_EUNAVAILABLE;
@@ -66,8 +118,8 @@ int server_reload(struct server *s, const struct reload_origin *by, int64_t *aud
     s->policy = p;
     s->policy_loaded_at_us = pep_now_us();
     pthread_mutex_unlock(&s->policy_lock);
-    if (strcmp(old->listen, p->listen) != 0 || strcmp(old->admin_listen, p->admin_listen) != 0)
-        fprintf(stderr, "pep: reload: listen addresses take effect at the next start\n");
+    if (old->durability != p->durability || old->checkpoint_every != p->checkpoint_every)
+        audit_retune(s->audit, p->durability == AUDIT_DURABILITY_FULL, p->checkpoint_every);
     policy_release(old);
     if (server_seed_agents(s, p) != 0)
         fprintf(stderr, "pep: reload: policy agents could not be seeded\n");

@@ -34,6 +34,7 @@ struct server {
     char *policy_path;
     const char *listen_override;       /* --listen, or NULL */
     const char *admin_listen_override; /* --admin-listen, or NULL */
+    const char *data_dir_override;     /* --data-dir, or NULL */
 
     pthread_mutex_t policy_lock; /* guards `policy` (the pointer swap on reload) */
     struct policy *policy;       /* current snapshot; requests retain their own */

@@ -402,3 +402,11 @@ bool pep_is_scope_token(const char *s) {
         if (*p < 0x21 || *p > 0x7e || *p == 0x22 || *p == 0x5c) return false;
     return true;
 }
+
+bool pep_is_id(const char *s) {
+    size_t n = s ? strlen(s) : 0;
+    if (n == 0 || n > 128) return false;
+    for (size_t i = 0; i < n; i++)
+        if (!isalnum((unsigned char)s[i]) && !strchr("._@-", s[i])) return false;
+    return true;
+}

@@ -70,5 +70,9 @@ bool pep_has_no_control(const char *s);
  * '"' and '\\'.  Only such scopes fit a token's space-separated `scope` claim, so agents
  * are refused any other (policy and admin API alike). */
 bool pep_is_scope_token(const char *s);
+/* An agent or operator id: 1-128 characters of [A-Za-z0-9._@-], so that it is one URL
+ * path segment as it is (/admin/v1/agents/{id}).  The admin API and the policy compiler
+ * apply this one rule. */
+bool pep_is_id(const char *s);
 
 #endif

@@ -375,6 +375,7 @@ int h_start_pep_opts(struct h_proc *p, const char *policy_path, const char *data
                     "--admin-listen",
                     "127.0.0.1:0",
                     NULL};
+    if (opts && opts->listen_from_policy) argv[6] = NULL;
     p->pid = h_spawn(argv, extra_env, p->out_path, p->err_path, opts, NULL);
     if (p->pid <= 0 || h_wait_listening(p, "listening data ", "listening admin ") != 0) {
         h_print_tail(p->err_path, 4096);

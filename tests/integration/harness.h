@@ -45,8 +45,9 @@ struct h_proc {
 
 /* Options of h_start_pep_opts; a zeroed struct means "none". */
 struct h_spawn_opts {
-    long fsize_limit; /* > 0: RLIMIT_FSIZE in bytes for the child (and SIGXFSZ ignored, so
-                         a write past it fails with EFBIG instead of killing pep) */
+    long fsize_limit;        /* > 0: RLIMIT_FSIZE in bytes for the child (and SIGXFSZ ignored, so
+                                a write past it fails with EFBIG instead of killing pep) */
+    bool listen_from_policy; /* no --listen/--admin-listen: the policy's addresses apply */
 };
 
 /* ---- directories and files */

@@ -43,6 +43,9 @@ static const char *POLICY =
     "  - match: { method: GET, path: \"/v1/tenants/{tenant}/search\" }\n"
     "    action: tool.search\n"
     "    forward: { upstream: mock, path: /search }\n"
+    "  - match: { method: GET, path: \"/v1/tenants/{tenant}/items/{item}\" }\n"
+    "    action: tool.search\n"
+    "    forward: { upstream: mock, path: \"/store/{tenant}/item/{item}\" }\n"
     "  - match: { method: POST, path: /v1/dead }\n"
     "    action: llm.chat\n"
     "    forward: { upstream: dead }\n"
@@ -380,6 +383,16 @@ static void test_tenant_from_path(void **state) {
     json_t *rec = decision_of(&r, "ok");
     assert_string_equal(json_string_value(json_object_get(rec, "tenant")), "globex");
     json_decref(rec);
+
+    /* forward.path parameters take the matched values, encoded again: a decoded '?' or
+     * '/' cannot change the upstream URL */
+    assert_int_equal(
+        h_http(&r, "GET", url("/v1/tenants/acme/items/a%3Fb%20c?v=1"), NULL, auth, NULL), 0);
+    assert_int_equal(r.status, 200);
+    echo = h_json(&r);
+    assert_string_equal(json_string_value(json_object_get(echo, "path")),
+                        "/store/acme/item/a%3Fb%20c?v=1");
+    json_decref(echo);
 
     assert_int_equal(h_http(&r, "GET", url("/v1/tenants/initech/search"), NULL, auth, NULL), 0);
     assert_error(&r, 403, "tenant_mismatch");

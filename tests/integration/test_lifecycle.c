@@ -1,7 +1,7 @@
 /*
- * test_lifecycle.c — pep as a process: first start, restart, kill -9 in the middle of a
- * burst, SIGTERM drain, SIGHUP and admin reloads, and failing closed when the audit
- * store cannot be written (SPEC 1, 2, 6.5).
+ * test_lifecycle.c — pep as a process: `pep check`, first start, restart, kill -9 in the
+ * middle of a burst, SIGTERM drain, SIGHUP and admin reloads, and failing closed when the
+ * audit store cannot be written (SPEC 1, 2, 6.5).
  */
 #include "tests/integration/fixture.h"
 
@@ -16,6 +16,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <arpa/inet.h>
+#include <fcntl.h>
 #include <netinet/in.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -42,6 +43,101 @@ static mode_t file_mode(const char *dir, const char *name) {
     snprintf(path, sizeof path, "%s/%s", dir, name);
     struct stat st;
     return stat(path, &st) == 0 ? (st.st_mode & 0777) : (mode_t)-1;
+}
+
+/* Runs $PEP_BUILD_DIR/pep with argv (argv[0] included, NULL-terminated), its stdout and
+ * stderr both in out_path, for at most 10 s.  Returns its exit status, or -1. */
+static int run_pep(const char *const argv[], const char *out_path) {
+    const char *build = getenv("PEP_BUILD_DIR");
+    char bin[512];
+    snprintf(bin, sizeof bin, "%s/pep", build && *build ? build : "build");
+    pid_t pid = fork();
+    if (pid < 0) return -1;
+    if (pid == 0) {
+        int fd = open(out_path, O_WRONLY | O_CREAT | O_TRUNC, 0600);
+        if (fd < 0 || dup2(fd, 1) < 0 || dup2(fd, 2) < 0) _exit(126);
+        execv(bin, (char *const *)argv);
+        _exit(127);
+    }
+    int status = 0;
+    for (int waited_ms = 0; waitpid(pid, &status, WNOHANG) == 0; waited_ms += 10) {
+        if (waited_ms >= 10000) { /* `check` must never start serving */
+            kill(pid, SIGKILL);
+            waitpid(pid, &status, 0);
+            return -1;
+        }
+        usleep(10000);
+    }
+    return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+}
+
+/* SPEC 1: `pep check -c FILE` and nothing else.  A serve option given to check used to be
+ * ignored (exit 0 for `--data-dir /nonexistent`), vouching for a command line it never
+ * looked at. */
+static void test_check_refuses_serve_options(void **state) {
+    (void)state;
+    char dir[256], policy[300], bad[300], out[300];
+    assert_int_equal(h_tmpdir(dir), 0);
+    snprintf(policy, sizeof policy, "%s/policy.yaml", dir);
+    snprintf(bad, sizeof bad, "%s/bad.yaml", dir);
+    snprintf(out, sizeof out, "%s/out", dir);
+    assert_int_equal(h_write_file(policy, "version: 1\n"), 0);
+    assert_int_equal(h_write_file(bad, "version: 1\n"
+                                       "server: { listen: '127.0.0.1:8080', "
+                                       "admin_listen: '127.0.0.1:8080' }\n"),
+                     0);
+
+    const char *ok[] = {"pep", "check", "-c", policy, NULL};
+    assert_int_equal(run_pep(ok, out), 0);
+    char *text = h_read_file(out);
+    assert_non_null(strstr(text, ": ok (policy_hash "));
+    free(text);
+    const char *ok_long[] = {"pep", "check", "--config", policy, NULL};
+    assert_int_equal(run_pep(ok_long, out), 0);
+
+    static const char *const serve_only[][2] = {
+        {"--data-dir", "/nonexistent"},
+        {"--listen", "127.0.0.1:1"},
+        {"--admin-listen", "127.0.0.1:2"},
+    };
+    for (size_t i = 0; i < sizeof serve_only / sizeof *serve_only; i++) {
+        char want[128];
+        snprintf(want, sizeof want, "pep: check takes only -c FILE; %s is an option of serve\n",
+                 serve_only[i][0]);
+        const char *after[] = {"pep", "check", "-c", policy, serve_only[i][0], serve_only[i][1],
+                               NULL};
+        const char *before[] = {"pep",  "check", serve_only[i][0], serve_only[i][1], "-c",
+                                policy, NULL};
+        const char *const *cases[] = {after, before};
+        for (size_t k = 0; k < 2; k++) {
+            assert_int_equal(run_pep(cases[k], out), 2);
+            text = h_read_file(out);
+            assert_non_null(text);
+            assert_non_null(strstr(text, want));
+            assert_non_null(strstr(text, "usage:"));
+            assert_null(strstr(text, ": ok (policy_hash "));
+            free(text);
+        }
+    }
+
+    /* serve still takes them (it fails here on the invalid policy, not on the flags). */
+    const char *serve[] = {"pep", "serve",    "-c",          bad, "--data-dir",
+                           dir,   "--listen", "127.0.0.1:0", NULL};
+    assert_int_equal(run_pep(serve, out), 2);
+    text = h_read_file(out);
+    assert_null(strstr(text, "is an option of serve"));
+    free(text);
+
+    /* An invalid file: exit 2, each error as FILE:LINE:COL: message. */
+    const char *invalid[] = {"pep", "check", "-c", bad, NULL};
+    assert_int_equal(run_pep(invalid, out), 2);
+    text = h_read_file(out);
+    char want[512];
+    snprintf(want, sizeof want,
+             "%s:2:51: admin_listen must differ from listen (both are '127.0.0.1:8080')\n", bad);
+    assert_string_equal(text, want);
+    free(text);
+    h_rmrf(dir);
 }
 
 static void test_first_start_creates_data_dir(void **state) {
@@ -431,13 +527,72 @@ static void test_audit_write_failure_fails_closed(void **state) {
     fx_stop(&f);
 }
 
+/* Reloads with a file whose start-only settings changed are refused where they are
+ * written; durability and checkpoint_every apply from the next batch on. */
+static void test_reload_start_only_and_live_settings(void **state) {
+    (void)state;
+    static const char *const base = "version: 1\n"
+                                    "server:\n"
+                                    "  listen: 127.0.0.1:0\n"
+                                    "  admin_listen: 127.0.0.1:0\n"
+                                    "%s"
+                                    "agents:\n"
+                                    "  - { id: bot, owner: a, tenants: [acme], scopes: [x] }\n";
+    char *text = NULL;
+    assert_true(asprintf(&text, base, "") > 0);
+    struct fx f;
+    struct h_spawn_opts opts = {.listen_from_policy = true};
+    assert_int_equal(fx_start(&f, text, NULL, &opts), 0);
+    free(text);
+
+    struct h_resp r = {0};
+    char *moved = NULL;
+    assert_true(asprintf(&moved, base, "") > 0);
+    char *at = strstr(moved, "  listen: 127.0.0.1:0");
+    at[strlen("  listen: 127.0.0.")] = '2'; /* 127.0.0.2:0 */
+    assert_int_equal(h_write_file(f.policy, moved), 0);
+    free(moved);
+    assert_int_equal(fx_admin(&f, &r, "POST", "/admin/v1/policy/reload", NULL), 0);
+    assert_int_equal(r.status, 422);
+    json_t *j = h_json(&r);
+    const char *e0 = json_string_value(
+        json_array_get(json_object_get(json_object_get(j, "error"), "errors"), 0));
+    assert_non_null(e0);
+    assert_non_null(strstr(e0, "policy.yaml:3:11: server.listen changed from '127.0.0.1:0' to "
+                               "'127.0.0.2:0'"));
+    json_decref(j);
+
+    assert_true(asprintf(&text, base, "audit: { durability: normal, checkpoint_every: 2 }\n") > 0);
+    assert_int_equal(h_write_file(f.policy, text), 0);
+    free(text);
+    assert_int_equal(fx_admin(&f, &r, "POST", "/admin/v1/policy/reload", NULL), 0);
+    assert_int_equal(r.status, 200);
+    for (int i = 0; i < 4; i++) {
+        assert_int_equal(fx_admin(&f, &r, "POST", "/admin/v1/agents/bot/disable", NULL), 0);
+        assert_int_equal(r.status, 200);
+    }
+    h_resp_free(&r);
+    sqlite3 *db = NULL;
+    assert_int_equal(sqlite3_open_v2(f.db, &db, SQLITE_OPEN_READONLY, NULL), SQLITE_OK);
+    sqlite3_stmt *st = NULL;
+    assert_int_equal(sqlite3_prepare_v2(db, "SELECT count(*) FROM checkpoints", -1, &st, NULL),
+                     SQLITE_OK);
+    assert_int_equal(sqlite3_step(st), SQLITE_ROW);
+    assert_true(sqlite3_column_int(st, 0) >= 2); /* default 1000 would have made none yet */
+    sqlite3_finalize(st);
+    sqlite3_close(db);
+    fx_stop(&f);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_check_refuses_serve_options),
         cmocka_unit_test(test_first_start_creates_data_dir),
         cmocka_unit_test(test_kill_9_during_burst_keeps_every_answered_record),
         cmocka_unit_test(test_sigterm_drains_and_exits_zero),
         cmocka_unit_test(test_drain_timeout_cancels_then_refuses),
         cmocka_unit_test(test_reload_keeps_policy_on_errors),
+        cmocka_unit_test(test_reload_start_only_and_live_settings),
         cmocka_unit_test(test_audit_write_failure_fails_closed),
     };
     return cmocka_run_group_tests_name("lifecycle", tests, NULL, NULL);

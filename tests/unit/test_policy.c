@@ -22,6 +22,7 @@
 #include <cmocka.h>
 
 #include "pep/policy.h"
+#include "pep/route.h"
 
 #define NAME "t.yaml"
 
@@ -685,6 +686,27 @@ static void test_error_duplicate_agent_id(void **state) {
                  NAME ":5:11: duplicate agent id 'bot' (first at line 3)");
 }
 
+static void test_error_agent_id_not_addressable(void **state) {
+    (void)state;
+    /* The admin API's id rule: a seeded agent must be reachable at /admin/v1/agents/{id}. */
+    char yaml[512];
+    snprintf(yaml, sizeof yaml,
+             "version: 1\n"
+             "agents:\n"
+             "  - { id: a/b, tenants: [t], scopes: [] }\n"
+             "  - { id: 'a b', tenants: [t], scopes: [] }\n"
+             "  - { id: %0129d, tenants: [t], scopes: [] }\n"
+             "  - { id: b.bot_1@acme-x, tenants: [t], scopes: [] }\n",
+             0);
+    const char *const errs[] = {
+        NAME ":3:11: agent id 'a/b' must be 1-128 characters of [A-Za-z0-9._@-]",
+        NAME ":4:11: agent id 'a b' must be 1-128 characters of [A-Za-z0-9._@-]",
+        NAME ":5:11: agent id '000000000000000000000000000000000000000000000000000000000000"
+             "...' must be 1-128 characters of [A-Za-z0-9._@-]", /* quoted, cut */
+    };
+    expect_errors(yaml, false, ERRS(errs));
+}
+
 static void test_error_duplicate_key(void **state) {
     (void)state;
     expect_error("version: 1\n"
@@ -975,6 +997,206 @@ static void test_error_sanity_checks(void **state) {
     expect_errors(yaml, true, ERRS(errs));
 }
 
+static void test_error_duration_not_whole_seconds(void **state) {
+    (void)state;
+    /* Kept in whole seconds (JWT NumericDates, RFC 9470 max_age): 1500ms would be cut. */
+    const char *const errs[] = {
+        NAME ":2:24: token_ttl must be a whole number of seconds, got '1500ms'",
+        NAME ":2:67: clock_skew must be a whole number of seconds, got '500ms'",
+        NAME ":7:49: max_age must be a whole number of seconds, got '1500ms'",
+    };
+    expect_errors("version: 1\n"
+                  "identity: { token_ttl: 1500ms, max_token_ttl: 2000ms, clock_skew: 500ms }\n"
+                  "actions:\n"
+                  "  a:\n"
+                  "    scope: s\n"
+                  "    # a step-up control\n"
+                  "    controls: [ { step_up: { acr: mfa, max_age: 1500ms } } ]\n",
+                  true, ERRS(errs));
+    /* Whole seconds written in ms are fine; durations kept in ms still take ms. */
+    struct policy *p =
+        load_ok("version: 1\n"
+                "server: { drain_timeout: 1500ms }\n"
+                "identity: { token_ttl: 2000ms, max_token_ttl: 3000ms, "
+                "clock_skew: 1000ms }\n"
+                "upstreams:\n"
+                "  u: { base_url: 'http://h', timeout: 1500ms, idle_timeout: 250ms }\n"
+                "actions:\n"
+                "  a:\n"
+                "    scope: s\n"
+                "    rate_limits: [ { key: agent, limit: 1, window: 1500ms } ]\n"
+                "    controls: [ { step_up: { acr: mfa, max_age: 3000ms } } ]\n",
+                true);
+    assert_int_equal(p->drain_timeout_ms, 1500);
+    assert_int_equal(p->token_ttl_ms, 2000);
+    assert_int_equal(p->max_token_ttl_ms, 3000);
+    assert_int_equal(p->clock_skew_ms, 1000);
+    assert_int_equal(p->upstreams[0].timeout_ms, 1500);
+    assert_int_equal(p->upstreams[0].idle_timeout_ms, 250);
+    assert_int_equal(p->actions[0].rate_limits[0].window_ms, 1500);
+    assert_int_equal(p->actions[0].controls[0].max_age_ms, 3000);
+    policy_release(p);
+}
+
+static void test_error_upstream_headers(void **state) {
+    (void)state;
+    /* Names differing only in case are one header; api_key_env owns Authorization. */
+    const char *yaml = "version: 1\n"
+                       "upstreams:\n"
+                       "  u:\n"
+                       "    base_url: http://h\n"
+                       "    api_key_env: KEY\n"
+                       "    headers: { X-A: a, x-a: { env: B }, Authorization: x, x-A: c }\n"
+                       "  v:\n"
+                       "    api_key_env: KEY\n"
+                       "    base_url: http://h\n"
+                       "    headers: { authorization: { env: B } }\n"
+                       "  w:\n"
+                       "    base_url: http://h\n"
+                       "    headers: { Authorization: { env: W_TOKEN }, X-A: a }\n";
+    const char *const errs[] = {
+        NAME ":6:24: duplicate header 'x-a' (same as 'X-A' at line 6, column 16: header names "
+             "are case-insensitive)",
+        NAME ":6:41: header 'Authorization' conflicts with api_key_env, which sends "
+             "'Authorization: Bearer ...': keep one of them",
+        NAME ":6:59: duplicate header 'x-A' (same as 'X-A' at line 6, column 16: header names "
+             "are case-insensitive)",
+        NAME ":10:16: header 'authorization' conflicts with api_key_env, which sends "
+             "'Authorization: Bearer ...': keep one of them",
+    };
+    expect_errors(yaml, false, ERRS(errs));
+    /* Without api_key_env an Authorization header is the upstream's one credential, and
+     * each upstream has its own header names. */
+    struct policy *p = load_ok("version: 1\n"
+                               "upstreams:\n"
+                               "  w:\n"
+                               "    base_url: http://h\n"
+                               "    headers: { Authorization: { env: W_TOKEN }, X-A: a }\n"
+                               "  x:\n"
+                               "    base_url: http://h\n"
+                               "    api_key_env: KEY\n"
+                               "    headers: { x-a: b }\n",
+                               false);
+    assert_int_equal(p->upstreams[0].headers_len, 2);
+    assert_string_equal(p->upstreams[0].headers[0].name, "Authorization");
+    assert_int_equal(p->upstreams[1].headers_len, 1);
+    policy_release(p);
+}
+
+static void test_error_listen_equals_admin_listen(void **state) {
+    (void)state;
+    expect_error("version: 1\n"
+                 "server: { listen: '127.0.0.1:8080', admin_listen: '127.0.0.1:8080' }\n",
+                 NAME ":2:51: admin_listen must differ from listen (both are '127.0.0.1:8080')");
+    /* Host names compare case-insensitively and ports as numbers. */
+    expect_error("version: 1\n"
+                 "server: { listen: LOCALHOST:09000, admin_listen: 'localhost:9000' }\n",
+                 NAME ":2:50: admin_listen must differ from listen (both are 'localhost:9000')");
+    /* Against the other one's default. */
+    expect_error("version: 1\nserver: { listen: '127.0.0.1:8081' }\n",
+                 NAME ":2:19: listen must differ from admin_listen (default '127.0.0.1:8081')");
+    expect_error("version: 1\nserver: { admin_listen: '127.0.0.1:8080' }\n",
+                 NAME ":2:25: admin_listen must differ from listen (both are '127.0.0.1:8080')");
+    /* Port 0 picks a free port for each; other hosts or ports are other sockets. */
+    policy_release(load_ok("version: 1\n"
+                           "server: { listen: '127.0.0.1:0', admin_listen: '127.0.0.1:0' }\n",
+                           false));
+    policy_release(load_ok("version: 1\n"
+                           "server: { listen: '127.0.0.1:8080', admin_listen: '[::1]:8080' }\n",
+                           false));
+    policy_release(load_ok("version: 1\n"
+                           "server: { listen: '127.0.0.1:8080', admin_listen: '127.0.0.1:80' }\n",
+                           false));
+}
+
+static void test_forward_path_parameters(void **state) {
+    (void)state;
+    struct policy *p =
+        load_ok("version: 1\n"
+                "upstreams: { u: { base_url: 'http://h' } }\n"
+                "routes:\n"
+                "  - match: { method: POST, path: '/v1/tenants/{tenant}/refunds/{id}' }\n"
+                "    action: a\n"
+                "    forward: { upstream: u, path: '/refunds/{id}/t/{tenant}/' }\n"
+                "  - match: { path: '/x/{id}' }\n"
+                "    action: a\n"
+                "    forward: { upstream: u, path: '/x%20y/{id}' }\n"
+                "  - { match: { path: /y }, action: a, forward: { upstream: u, path: / } }\n"
+                "  - { match: { path: /z }, action: a, forward: { upstream: u } }\n"
+                "actions: { a: { scope: s } }\n",
+                false);
+    const struct route *r0 = &p->routes[0], *r1 = &p->routes[1];
+    assert_string_equal(r0->forward_path, "/refunds/{id}/t/{tenant}/");
+    assert_int_equal(r0->forward_parts_len, 5);
+    assert_string_equal(r0->forward_parts[0].literal, "/refunds/");
+    assert_null(r0->forward_parts[0].param);
+    assert_null(r0->forward_parts[1].literal);
+    assert_string_equal(r0->forward_parts[1].param, "id");
+    assert_int_equal(r0->forward_parts[1].param_index, 1);
+    assert_string_equal(r0->forward_parts[2].literal, "/t/");
+    assert_string_equal(r0->forward_parts[3].param, "tenant");
+    assert_int_equal(r0->forward_parts[3].param_index, 0);
+    assert_string_equal(r0->forward_parts[4].literal, "/");
+    /* param_index is where route_match puts that parameter's value. */
+    struct route_match m;
+    assert_ptr_equal(route_match(p, "POST", "/v1/tenants/acme/refunds/r1", &m), r0);
+    for (size_t i = 1; i < 4; i += 2)
+        assert_string_equal(m.params[r0->forward_parts[i].param_index].name,
+                            r0->forward_parts[i].param);
+    assert_int_equal(m.params[r0->forward_parts[1].param_index].value_len, 2);
+    assert_memory_equal(m.params[r0->forward_parts[1].param_index].value, "r1", 2);
+    /* Literals stay as written, percent-escapes included. */
+    assert_int_equal(r1->forward_parts_len, 2);
+    assert_string_equal(r1->forward_parts[0].literal, "/x%20y/");
+    assert_string_equal(r1->forward_parts[1].param, "id");
+    assert_int_equal(r1->forward_parts[1].param_index, 0);
+    /* Without parameters: one literal; without a rewrite: nothing. */
+    assert_int_equal(p->routes[2].forward_parts_len, 1);
+    assert_string_equal(p->routes[2].forward_parts[0].literal, "/");
+    assert_null(p->routes[3].forward_path);
+    assert_null(p->routes[3].forward_parts);
+    assert_int_equal(p->routes[3].forward_parts_len, 0);
+    policy_release(p);
+}
+
+static void test_error_forward_path_parameters(void **state) {
+    (void)state;
+    const char *yaml =
+        "version: 1\n"
+        "upstreams: { u: { base_url: 'http://h' } }\n"
+        "routes:\n"
+        "  - match: { path: '/r/{id}' }\n"
+        "    action: a\n"
+        "    forward: { upstream: u, path: '/r/{nope}/{id}/{tenant}' }\n"
+        "  - { match: { path: '/s/{id}' }, action: a,"
+        " forward: { upstream: u, path: '/s/a{id}' } }\n"
+        "  - { match: { path: '/s/{id}/1' }, action: a, forward: { upstream: u, path: '/{1x}' } }\n"
+        "  - { match: { path: '/s/{id}/2' }, action: a, forward: { upstream: u, path: '/{id' } }\n"
+        "  - { match: { path: '/s/{id}/3' }, action: a, forward: { upstream: u, path: '/id}' } }\n"
+        "  - { match: { path: '/s/{id}/4' }, action: a, forward: { upstream: u, path: '/{}' } }\n"
+        "  - { match: { path: '/t/a{id}' }, action: a,"
+        " forward: { upstream: u, path: '/t/{no}' } }\n"
+        "actions: { a: { scope: s } }\n";
+    const char *const errs[] = {
+        NAME ":6:35: forward.path: {nope} is not a parameter of the route's path",
+        NAME ":6:35: forward.path: {tenant} is not a parameter of the route's path",
+        NAME ":7:76: bad forward path '/s/a{id}': a parameter is written {name}, name "
+             "[A-Za-z_][A-Za-z0-9_]*, and fills a whole segment",
+        NAME ":8:78: bad forward path '/{1x}': a parameter is written {name}, name "
+             "[A-Za-z_][A-Za-z0-9_]*, and fills a whole segment",
+        NAME ":9:78: bad forward path '/{id': a parameter is written {name}, name "
+             "[A-Za-z_][A-Za-z0-9_]*, and fills a whole segment",
+        NAME ":10:78: bad forward path '/id}': a parameter is written {name}, name "
+             "[A-Za-z_][A-Za-z0-9_]*, and fills a whole segment",
+        NAME ":11:78: bad forward path '/{}': a parameter is written {name}, name "
+             "[A-Za-z_][A-Za-z0-9_]*, and fills a whole segment",
+        /* The template is wrong: its parameters are unknown, so only that is reported. */
+        NAME ":12:22: bad path template '/t/a{id}': a parameter is written {name} and fills a "
+             "whole segment",
+    };
+    expect_errors(yaml, false, ERRS(errs));
+}
+
 /* ---- hostile input ------------------------------------------------------------------- */
 
 static void test_alias_bomb_refused(void **state) {
@@ -1121,6 +1343,7 @@ int main(void) {
         cmocka_unit_test(test_error_duplicate_route),
         cmocka_unit_test(test_error_duplicate_action),
         cmocka_unit_test(test_error_duplicate_agent_id),
+        cmocka_unit_test(test_error_agent_id_not_addressable),
         cmocka_unit_test(test_error_duplicate_key),
         cmocka_unit_test(test_error_bad_op),
         cmocka_unit_test(test_error_bad_op_value),
@@ -1134,6 +1357,11 @@ int main(void) {
         cmocka_unit_test(test_error_yaml_features_refused),
         cmocka_unit_test(test_errors_several_in_file_order),
         cmocka_unit_test(test_error_sanity_checks),
+        cmocka_unit_test(test_error_duration_not_whole_seconds),
+        cmocka_unit_test(test_error_upstream_headers),
+        cmocka_unit_test(test_error_listen_equals_admin_listen),
+        cmocka_unit_test(test_forward_path_parameters),
+        cmocka_unit_test(test_error_forward_path_parameters),
         cmocka_unit_test(test_alias_bomb_refused),
         cmocka_unit_test(test_deep_nesting_refused),
         cmocka_unit_test(test_file_size_cap),

@@ -140,6 +140,29 @@ static void test_listen_addresses(void **state) {
             fail_msg("'%s' should be %s", cases[i].spec, cases[i].ok ? "accepted" : "refused");
 }
 
+static void test_ids(void **state) {
+    (void)state;
+    char longest[130];
+    memset(longest, 'a', 128);
+    longest[128] = '\0';
+    assert_true(pep_is_id(longest));
+    longest[128] = 'a';
+    longest[129] = '\0';
+    assert_false(pep_is_id(longest));
+    static const struct {
+        const char *id;
+        bool ok;
+    } cases[] = {
+        {"billing-bot", true}, {"a.b_c@d-e", true}, {"A9", true},    {"", false},
+        {"a/b", false},        {"a b", false},      {"a%2f", false}, {"a?b", false},
+        {"\xc3\xa9", false},   {"a\nb", false},
+    };
+    for (size_t i = 0; i < PEP_ARRAY_LEN(cases); i++)
+        if (pep_is_id(cases[i].id) != cases[i].ok)
+            fail_msg("'%s' should be %s", cases[i].id, cases[i].ok ? "accepted" : "refused");
+    assert_false(pep_is_id(NULL));
+}
+
 static void test_request_ids_ordered_and_unique(void **state) {
     (void)state;
     pthread_t th[4];
@@ -201,6 +224,7 @@ int main(void) {
         cmocka_unit_test(test_rfc3339),
         cmocka_unit_test(test_encodings),
         cmocka_unit_test(test_listen_addresses),
+        cmocka_unit_test(test_ids),
         cmocka_unit_test(test_request_ids_ordered_and_unique),
         cmocka_unit_test(test_strmap),
     };
