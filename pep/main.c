@@ -179,6 +179,7 @@ static int cmd_serve(const char *file, const char *data_dir, const char *listen,
         return 2;
     }
     s.policy_loaded_at_us = pep_now_us();
+    server_warn_unset_credentials(s.policy);
     s.data_dir = strdup(data_dir ? data_dir : s.policy->data_dir);
     s.db_path = malloc(strlen(s.data_dir) + 8);
     if (!s.data_dir || !s.db_path) return 1;

@@ -39,6 +39,24 @@ static void reload_error(struct policy_errors *errs, const char *file, const cha
     if (errs->items && (errs->items[0] = strdup(msg))) errs->len = 1;
 }
 
+void server_warn_unset_credentials(const struct policy *p) {
+    for (size_t i = 0; i < p->upstreams_len; i++) {
+        const struct upstream *u = &p->upstreams[i];
+        const char *var = u->api_key_env;
+        if (var && !getenv(var))
+            fprintf(stderr,
+                    "pep: warning: upstream %s: api_key_env %s is not set; its requests go "
+                    "without Authorization\n",
+                    u->name, var);
+        for (size_t k = 0; k < u->headers_len; k++)
+            if (u->headers[k].env && !getenv(u->headers[k].env))
+                fprintf(stderr,
+                        "pep: warning: upstream %s: header %s: %s is not set; the header is not "
+                        "sent\n",
+                        u->name, u->headers[k].name, u->headers[k].env);
+    }
+}
+
 /* Adds "FILE:LINE:COL: message" to errs (best effort: out of memory drops it). */
 static void reload_add_error(struct policy_errors *errs, const char *file, struct policy_loc at,
                              const char *fmt, ...) {
@@ -123,6 +141,7 @@ int server_reload(struct server *s, const struct reload_origin *by, int64_t *aud
     policy_release(old);
     if (server_seed_agents(s, p) != 0)
         fprintf(stderr, "pep: reload: policy agents could not be seeded\n");
+    server_warn_unset_credentials(p);
     fprintf(stderr, "pep: policy reloaded from %s (policy_hash %s)\n", p->file, p->policy_hash);
 out:
     pthread_mutex_unlock(&reload_lock);

@@ -196,6 +196,11 @@ struct reload_origin {
 int server_reload(struct server *s, const struct reload_origin *by, int64_t *audit_seq,
                   struct policy_errors *errs);
 
+/* Warns on stderr about every upstream credential whose environment variable is unset
+ * (start and reload): the variables are read per request, so pep runs, but the upstream
+ * would see calls without the credential the policy names. */
+void server_warn_unset_credentials(const struct policy *p);
+
 /* First start: creates the bootstrap operator `admin` and writes DATA/admin.token (0600)
  * when that file does not exist.  Blocks on the audit writer (startup only). */
 int server_bootstrap_admin(struct server *s, struct pep_err *err);

@@ -584,6 +584,29 @@ static void test_reload_start_only_and_live_settings(void **state) {
     fx_stop(&f);
 }
 
+/* An upstream credential read from an unset variable is announced at start: the request
+ * path reads it per call, so pep runs, but an operator must learn why the upstream says 401. */
+static void test_unset_credential_variables_are_warned(void **state) {
+    (void)state;
+    struct fx f;
+    assert_int_equal(fx_start(&f,
+                              "version: 1\n"
+                              "upstreams:\n"
+                              "  m:\n"
+                              "    base_url: \"@MOCK@\"\n"
+                              "    api_key_env: PEP_IT_SURELY_UNSET_KEY\n"
+                              "    headers: { x-api-key: { env: PEP_IT_SURELY_UNSET_HDR } }\n",
+                              NULL, NULL),
+                     0);
+    char *err = h_read_file(f.pep.err_path);
+    assert_non_null(err);
+    assert_non_null(strstr(err, "upstream m: api_key_env PEP_IT_SURELY_UNSET_KEY is not set"));
+    assert_non_null(
+        strstr(err, "upstream m: header x-api-key: PEP_IT_SURELY_UNSET_HDR is not set"));
+    free(err);
+    fx_stop(&f);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_check_refuses_serve_options),
@@ -593,6 +616,7 @@ int main(void) {
         cmocka_unit_test(test_drain_timeout_cancels_then_refuses),
         cmocka_unit_test(test_reload_keeps_policy_on_errors),
         cmocka_unit_test(test_reload_start_only_and_live_settings),
+        cmocka_unit_test(test_unset_credential_variables_are_warned),
         cmocka_unit_test(test_audit_write_failure_fails_closed),
     };
     return cmocka_run_group_tests_name("lifecycle", tests, NULL, NULL);
