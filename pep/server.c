@@ -31,14 +31,6 @@ static json_t *reload_record(const struct policy *p, const struct reload_origin 
     return rec;
 }
 
-/* One error in the "FILE:LINE:COL: message" shape, so callers always have one to show. */
-static void reload_error(struct policy_errors *errs, const char *file, const char *what) {
-    char msg[4200];
-    snprintf(msg, sizeof msg, "%s:1:1: %s", file, what);
-    errs->items = calloc(1, sizeof(char *));
-    if (errs->items && (errs->items[0] = strdup(msg))) errs->len = 1;
-}
-
 void server_warn_unset_credentials(const struct policy *p) {
     for (size_t i = 0; i < p->upstreams_len; i++) {
         const struct upstream *u = &p->upstreams[i];
@@ -58,8 +50,10 @@ void server_warn_unset_credentials(const struct policy *p) {
 }
 
 /* Adds "FILE:LINE:COL: message" to errs (best effort: out of memory drops it). */
-static void reload_add_error(struct policy_errors *errs, const char *file, struct policy_loc at,
-                             const char *fmt, ...) {
+__attribute__((format(printf, 4, 5))) static void reload_add_error(struct policy_errors *errs,
+                                                                   const char *file,
+                                                                   struct policy_loc at,
+                                                                   const char *fmt, ...) {
     char msg[1024];
     va_list ap;
     va_start(ap, fmt);
@@ -108,11 +102,9 @@ int server_reload(struct server *s, const struct reload_origin *by, int64_t *aud
     if (rc != 0) {
         /* policy_load reports an unreadable or invalid file itself; what is left (out of
          * memory) is said in the same shape. */
-        if (errs->len == 0) {
-            char what[200];
-            snprintf(what, sizeof what, "the policy could not be loaded: %s", pep_strerror(rc));
-            reload_error(errs, s->policy_path, what);
-        }
+        if (errs->len == 0)
+            reload_add_error(errs, s->policy_path, (struct policy_loc){0},
+                             "the policy could not be loaded: %s", pep_strerror(rc));
         goto out;
     }
     struct policy *active = server_policy(s);
@@ -126,8 +118,8 @@ int server_reload(struct server *s, const struct reload_origin *by, int64_t *aud
     json_t *rec = reload_record(p, by);
     if (!rec || server_audit_sync(s, rec, NULL, NULL, audit_seq) != 0) {
         rc = PEP_EUNAVAILABLE;
-        reload_error(errs, s->policy_path,
-                     "the reload could not be audited; the active policy is kept");
+        reload_add_error(errs, s->policy_path, (struct policy_loc){0},
+                         "the reload could not be audited; the active policy is kept");
         policy_release(p);
         goto out;
     }
