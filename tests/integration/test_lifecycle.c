@@ -518,6 +518,28 @@ static void test_audit_write_failure_fails_closed(void **state) {
     snprintf(probe, sizeof probe, "%s/healthz", f.pep.url);
     assert_int_equal(h_http(&r, "GET", probe, NULL, NULL), 0);
     assert_int_equal(r.status, 200);
+    /* a reload that cannot be audited is not made: the active policy stays */
+    assert_int_equal(fx_admin(&f, &r, "GET", "/admin/v1/policy", NULL), 0);
+    j = h_json(&r);
+    char *hash_before = strdup(json_string_value(json_object_get(j, "policy_hash")));
+    json_decref(j);
+    char *text = h_read_file(f.policy), *edited = NULL;
+    assert_non_null(text);
+    assert_true(asprintf(&edited, "%s# edited\n", text) > 0);
+    free(text);
+    assert_int_equal(h_write_file(f.policy, edited), 0);
+    assert_int_equal(fx_admin(&f, &r, "POST", "/admin/v1/policy/reload", NULL), 0);
+    assert_int_equal(r.status, 503);
+    j = h_json(&r);
+    assert_string_equal(json_string_value(json_object_get(json_object_get(j, "error"), "code")),
+                        "audit_unavailable");
+    json_decref(j);
+    assert_int_equal(fx_admin(&f, &r, "GET", "/admin/v1/policy", NULL), 0);
+    j = h_json(&r);
+    assert_string_equal(json_string_value(json_object_get(j, "policy_hash")), hash_before);
+    json_decref(j);
+    free(edited);
+    free(hash_before);
     h_resp_free(&r);
     h_stop(&f.pep, SIGKILL);
     struct audit_verify_result res;
