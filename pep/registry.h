@@ -105,8 +105,8 @@ bool registry_get_token(struct registry *r, const char *jti, struct token_rec *o
  * time (tokens, oldest first).  agent_filter may be NULL. */
 json_t *registry_list_agents(struct registry *r);
 json_t *registry_list_tokens(struct registry *r, const char *agent_filter);
-/* The agents managed by the policy file (retained; release each, then free the array).
- * NULL with *len 0 when there are none or memory ran out. */
+/* The agents managed by the policy file: an array of *len retained agents (release each,
+ * then free the array), or NULL with *len 0 when memory ran out. */
 struct agent **registry_policy_agents(struct registry *r, size_t *len);
 
 /* Writer thread, inside the audit transaction.  Return 0 or PEP_EDB. */
