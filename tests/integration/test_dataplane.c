@@ -79,6 +79,7 @@ static int group_teardown(void **state) {
     return 0;
 }
 
+/* pep's URL for path, in one static buffer: call from the test's own thread only. */
 static char *url(const char *path) {
     static char buf[512];
     snprintf(buf, sizeof buf, "%s%s", F.pep.url, path);
@@ -673,15 +674,18 @@ static void test_upstream_timeout(void **state) {
 }
 
 struct call {
+    const char *url; /* built once by the test: url() reuses one static buffer */
     char auth[2100];
     long status;
+    int curl_code; /* kept so a failed call says why it failed */
 };
 
 static void *one_call(void *arg) {
     struct call *c = arg;
     struct h_resp r = {0};
-    h_http(&r, "POST", url("/v1/chat/completions"), "{}", c->auth, NULL);
+    h_http(&r, "POST", c->url, "{}", c->auth, NULL);
     c->status = r.status;
+    c->curl_code = r.curl_code;
     h_resp_free(&r);
     return NULL;
 }
@@ -693,9 +697,12 @@ static void test_listener_is_not_blocked_by_slow_upstream(void **state) {
         h_mock_fault(F.mock.url, "{\"kind\":\"delay\",\"delay_ms\":200,\"count\":100}"), 0);
     static struct call calls[N];
     pthread_t threads[N];
+    char chat_url[512];
+    snprintf(chat_url, sizeof chat_url, "%s", url("/v1/chat/completions"));
     struct timespec t0, t1;
     clock_gettime(CLOCK_MONOTONIC, &t0);
     for (int i = 0; i < N; i++) {
+        calls[i].url = chat_url;
         fx_bearer(calls[i].auth, sizeof calls[i].auth, BOT_TOKEN);
         assert_int_equal(pthread_create(&threads[i], NULL, one_call, &calls[i]), 0);
     }
@@ -703,8 +710,12 @@ static void test_listener_is_not_blocked_by_slow_upstream(void **state) {
         pthread_join(threads[i], NULL);
     clock_gettime(CLOCK_MONOTONIC, &t1);
     double secs = (double)(t1.tv_sec - t0.tv_sec) + (double)(t1.tv_nsec - t0.tv_nsec) / 1e9;
-    for (int i = 0; i < N; i++)
+    for (int i = 0; i < N; i++) {
+        if (calls[i].status != 200)
+            fprintf(stderr, "call %d: status %ld, curl: %s\n", i, calls[i].status,
+                    curl_easy_strerror((CURLcode)calls[i].curl_code));
         assert_int_equal(calls[i].status, 200);
+    }
     /* Serialized, 100 × 200 ms would take 20 s; concurrent, about 0.2 s plus overhead.
      * The bound is loose on purpose: it only proves the calls overlapped. */
     fprintf(stderr, "100 calls with 200 ms upstream delay took %.2f s\n", secs);
