@@ -17,12 +17,13 @@ TEST_LDLIBS := $(shell pkg-config --libs cmocka 2>/dev/null)
 
 LIB_SRC    := $(filter-out pep/main.c,$(wildcard pep/*.c)) $(wildcard audit/*.c)
 LIB_OBJ    := $(LIB_SRC:%.c=$(BUILD)/obj/%.o)
-HEADERS    := $(wildcard pep/*.h audit/*.h tests/integration/*.h)
+HEADERS    := $(wildcard pep/*.h audit/*.h tests/integration/*.h tests/support/*.h)
 UNIT_SRC   := $(wildcard tests/unit/test_*.c)
 UNIT_BIN   := $(UNIT_SRC:tests/unit/%.c=$(BUILD)/tests/%)
 ITEST_SRC  := $(wildcard tests/integration/test_*.c)
 ITEST_BIN  := $(ITEST_SRC:tests/integration/%.c=$(BUILD)/tests/i%)
 ITEST_LIB  := $(filter-out $(ITEST_SRC),$(wildcard tests/integration/*.c))
+TEST_SUPPORT := $(patsubst %.c,$(BUILD)/obj/%.o,$(wildcard tests/support/*.c))
 TOOLS      := $(BUILD)/pep $(BUILD)/pepctl $(BUILD)/mockllm
 
 .PHONY: all deps run test test-suite test-one bench clean format lint
@@ -48,13 +49,13 @@ $(BUILD)/pepctl: tools/pepctl.c $(BUILD)/libpep.a $(HEADERS)
 $(BUILD)/mockllm: tools/mockllm.c $(HEADERS)
 	$(CC) $(CFLAGS) -o $@ tools/mockllm.c $(LDLIBS)
 
-$(BUILD)/tests/test_%: tests/unit/test_%.c $(BUILD)/libpep.a $(HEADERS)
+$(BUILD)/tests/test_%: tests/unit/test_%.c $(TEST_SUPPORT) $(BUILD)/libpep.a $(HEADERS)
 	@mkdir -p $(dir $@)
-	$(CC) $(CFLAGS) -o $@ $< $(BUILD)/libpep.a $(LDLIBS) $(TEST_LDLIBS)
+	$(CC) $(CFLAGS) -o $@ $< $(TEST_SUPPORT) $(BUILD)/libpep.a $(LDLIBS) $(TEST_LDLIBS)
 
-$(BUILD)/tests/itest_%: tests/integration/test_%.c $(ITEST_LIB) $(BUILD)/libpep.a $(HEADERS)
+$(BUILD)/tests/itest_%: tests/integration/test_%.c $(ITEST_LIB) $(TEST_SUPPORT) $(BUILD)/libpep.a $(HEADERS)
 	@mkdir -p $(dir $@)
-	$(CC) $(CFLAGS) -o $@ $< $(ITEST_LIB) $(BUILD)/libpep.a $(LDLIBS) $(TEST_LDLIBS)
+	$(CC) $(CFLAGS) -o $@ $< $(ITEST_LIB) $(TEST_SUPPORT) $(BUILD)/libpep.a $(LDLIBS) $(TEST_LDLIBS)
 
 # Runs every unit test, then every integration test, in this build dir; prints
 # cmocka's summary lines and a total.
@@ -82,10 +83,10 @@ bench: deps $(TOOLS)
 	@sh tools/bench/bench.sh $(BUILD)
 
 format:
-	clang-format -i pep/*.[ch] audit/*.[ch] tools/*.c tests/unit/*.c tests/integration/*.[ch]
+	clang-format -i pep/*.[ch] audit/*.[ch] tools/*.c tests/unit/*.c tests/integration/*.[ch] tests/support/*.[ch]
 
 lint:
-	clang-format --dry-run --Werror pep/*.[ch] audit/*.[ch] tools/*.c tests/unit/*.c tests/integration/*.[ch]
+	clang-format --dry-run --Werror pep/*.[ch] audit/*.[ch] tools/*.c tests/unit/*.c tests/integration/*.[ch] tests/support/*.[ch]
 	cppcheck --quiet --error-exitcode=1 --enable=warning,portability --inline-suppr -I. pep audit tools
 
 clean:

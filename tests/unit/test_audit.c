@@ -13,6 +13,7 @@
 #include "pep/keys.h"
 #include "pep/token.h"
 #include "pep/util.h"
+#include "tests/support/forge.h"
 
 #include <ftw.h>
 #include <pthread.h>
@@ -913,55 +914,6 @@ static void set_checkpoint_jwt(const char *path, int64_t seq, const char *jwt) {
     assert_int_equal(sqlite3_step(st), SQLITE_DONE);
     assert_int_equal(sqlite3_changes(db), 1);
     sqlite3_finalize(st);
-    sqlite3_close(db);
-}
-
-/* The reviewer's forgery: with the triggers dropped, edit record `from` (its decision
- * becomes "deny"), recompute prev_hash and hash from there to the head, and write the new
- * hashes into the checkpoints' hash column, leaving their JWTs as they were.  The walk
- * without signatures then holds. */
-static void forge_rehashed(const char *path, int64_t from) {
-    sqlite3 *db = raw_open(path);
-    char sql[512];
-    snprintf(sql, sizeof(sql),
-             DROP_TRIGGERS " DROP TRIGGER checkpoints_no_update;"
-                           " UPDATE audit SET record = replace(record, '\"decision\":\"allow\"',"
-                           " '\"decision\":\"deny\"') WHERE seq = %lld",
-             (long long)from);
-    assert_int_equal(sqlite3_exec(db, sql, NULL, NULL, NULL), SQLITE_OK);
-    assert_int_equal(sqlite3_changes(db), 1);
-    uint8_t prev[32], h[32];
-    snprintf(sql, sizeof(sql), "SELECT prev_hash FROM audit WHERE seq = %lld", (long long)from);
-    query_hash(db, sql, prev);
-    int64_t head = query_int(db, "SELECT MAX(seq) FROM audit");
-    sqlite3_stmt *get = NULL, *put = NULL;
-    assert_int_equal(
-        sqlite3_prepare_v2(db, "SELECT record FROM audit WHERE seq = ?1", -1, &get, NULL),
-        SQLITE_OK);
-    assert_int_equal(sqlite3_prepare_v2(db,
-                                        "UPDATE audit SET prev_hash = ?1, hash = ?2 WHERE seq = ?3",
-                                        -1, &put, NULL),
-                     SQLITE_OK);
-    for (int64_t seq = from; seq <= head; seq++) {
-        sqlite3_bind_int64(get, 1, seq);
-        assert_int_equal(sqlite3_step(get), SQLITE_ROW);
-        const char *text = (const char *)sqlite3_column_text(get, 0);
-        assert_int_equal(audit_chain_hash(prev, text, strlen(text), h), 0);
-        sqlite3_reset(get);
-        sqlite3_bind_blob(put, 1, prev, 32, SQLITE_TRANSIENT);
-        sqlite3_bind_blob(put, 2, h, 32, SQLITE_TRANSIENT);
-        sqlite3_bind_int64(put, 3, seq);
-        assert_int_equal(sqlite3_step(put), SQLITE_DONE);
-        sqlite3_reset(put);
-        memcpy(prev, h, 32);
-    }
-    sqlite3_finalize(get);
-    sqlite3_finalize(put);
-    assert_int_equal(sqlite3_exec(db,
-                                  "UPDATE checkpoints SET hash ="
-                                  " (SELECT hash FROM audit a WHERE a.seq = checkpoints.seq)",
-                                  NULL, NULL, NULL),
-                     SQLITE_OK);
     sqlite3_close(db);
 }
 
