@@ -26,6 +26,10 @@ ITEST_LIB  := $(filter-out $(ITEST_SRC),$(wildcard tests/integration/*.c))
 TEST_SUPPORT := $(patsubst %.c,$(BUILD)/obj/%.o,$(wildcard tests/support/*.c))
 TOOLS      := $(BUILD)/pep $(BUILD)/pepctl $(BUILD)/mockllm
 
+# Only pattern rules name the test-support objects: keep make from deleting them as
+# intermediates after every build.
+.SECONDARY: $(TEST_SUPPORT)
+
 .PHONY: all deps run test test-suite test-one bench clean format lint
 all: deps $(TOOLS) $(UNIT_BIN) $(ITEST_BIN)
 
