@@ -1298,6 +1298,47 @@ static void test_fault_full(void **state) {
     run_fault(((struct fixture *)*state)->dir, AUDIT_FAULT_FULL);
 }
 
+/* Submits one record while every fsync fails; returns the record's result code. */
+static int submit_while_fsync_fails(struct audit_store *s, const char *request_id) {
+    struct tracker *t = tracker_new(1);
+    audit_fault_set(AUDIT_FAULT_FSYNC);
+    assert_int_equal(
+        audit_submit(s, make_record(request_id, 0), NULL, NULL, tracker_done, &t->slots[0]), 0);
+    tracker_wait(t, 1);
+    audit_fault_set(AUDIT_FAULT_NONE);
+    int rc = t->rc[0];
+    tracker_free(t);
+    return rc;
+}
+
+/* A reload's durability applies from the next batch (audit_retune).  Observed through the
+ * commit's fsync: with `full` a failing fsync refuses the record; with `normal` a WAL commit
+ * does not sync, so the same fault leaves it written; back to `full`, refused again. */
+static void test_retune_durability(void **state) {
+    struct fixture *f = *state;
+    char path[160];
+    snprintf(path, sizeof(path), "%s/retune.db", f->dir);
+    assert_int_equal(audit_fault_install(), 0);
+    audit_fault_set(AUDIT_FAULT_NONE);
+    struct audit_options opt = {.durability_full = true, .vfs = AUDIT_FAULT_VFS};
+    struct audit_store *s = open_store(path, &opt);
+    write_records(s, "before", 1);
+
+    assert_int_equal(submit_while_fsync_fails(s, "full"), PEP_EDB);
+    audit_retune(s, false, opt.checkpoint_every);
+    assert_int_equal(submit_while_fsync_fails(s, "normal"), 0);
+    audit_retune(s, true, opt.checkpoint_every);
+    assert_int_equal(submit_while_fsync_fails(s, "full-again"), PEP_EDB);
+    write_records(s, "after", 1);
+    audit_close(s);
+
+    verify_expect(path, true, 0, NULL, 3);
+    sqlite3 *db = raw_open(path);
+    assert_true(audit_has(db, "normal"));
+    assert_false(audit_has(db, "full") || audit_has(db, "full-again"));
+    sqlite3_close(db);
+}
+
 static void test_close_drains(void **state) {
     struct fixture *f = *state;
     enum { N = 500 };
@@ -1442,6 +1483,7 @@ int main(void) {
         cmocka_unit_test_setup_teardown(test_fault_write, fixture_setup, fixture_teardown),
         cmocka_unit_test_setup_teardown(test_fault_fsync, fixture_setup, fixture_teardown),
         cmocka_unit_test_setup_teardown(test_fault_full, fixture_setup, fixture_teardown),
+        cmocka_unit_test_setup_teardown(test_retune_durability, fixture_setup, fixture_teardown),
         cmocka_unit_test_setup_teardown(test_close_drains, fixture_setup, fixture_teardown),
         cmocka_unit_test_setup_teardown(test_queue_bound, fixture_setup, fixture_teardown),
         cmocka_unit_test_setup_teardown(test_reader_while_writing, fixture_setup, fixture_teardown),
