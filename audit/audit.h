@@ -186,6 +186,11 @@ int audit_verify_db(sqlite3 *db, struct audit_verify_result *res);
 int audit_verify_db_checked(sqlite3 *db, audit_checkpoint_check_fn check, void *check_arg,
                             struct audit_verify_result *res);
 
+/* The SPEC 5 answer of GET /admin/v1/audit/verify for res: {ok, records, head_seq,
+ * head_hash, checkpoints_signed} plus first_bad_seq and reason when not ok (new
+ * reference, NULL when memory ran out).  One shape for the API and pepctl --db. */
+json_t *audit_verify_result_json(const struct audit_verify_result *res);
+
 /* The checkpoint of the highest seq: 0 and *seq, hash and (if jwt is not NULL) a malloc'd
  * copy of the JWT the caller frees; PEP_ENOTFOUND when there is none; PEP_EDB. */
 int audit_latest_checkpoint(sqlite3 *db, int64_t *seq, uint8_t hash[32], char **jwt);

@@ -334,3 +334,18 @@ out:
     sqlite3_finalize(st);
     return rc;
 }
+
+json_t *audit_verify_result_json(const struct audit_verify_result *res) {
+    char head[65];
+    pep_hex(res->head_hash, sizeof res->head_hash, head);
+    json_t *v = json_pack("{s:b, s:I, s:I, s:s, s:b}", "ok", res->ok, "records",
+                          (json_int_t)res->records, "head_seq", (json_int_t)res->head_seq,
+                          "head_hash", head, "checkpoints_signed", res->signatures_checked);
+    if (v && !res->ok &&
+        (json_object_set_new(v, "first_bad_seq", json_integer(res->first_bad_seq)) != 0 ||
+         json_object_set_new(v, "reason", json_string(res->reason)) != 0)) {
+        json_decref(v);
+        v = NULL;
+    }
+    return v;
+}

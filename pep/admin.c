@@ -554,16 +554,7 @@ static enum MHD_Result audit_verify(struct request *r) {
         reply_error(r, 503, "audit_unavailable", err.msg, NULL);
         return MHD_YES;
     }
-    char head[65];
-    pep_hex(res.head_hash, 32, head);
-    json_t *ans = json_pack("{s:b, s:I, s:I, s:s, s:b}", "ok", res.ok, "records",
-                            (json_int_t)res.records, "head_seq", (json_int_t)res.head_seq,
-                            "head_hash", head, "checkpoints_signed", res.signatures_checked);
-    if (!res.ok) {
-        json_object_set_new(ans, "first_bad_seq", json_integer(res.first_bad_seq));
-        json_object_set_new(ans, "reason", json_string(res.reason));
-    }
-    reply_json(r, 200, ans);
+    reply_json(r, 200, audit_verify_result_json(&res));
     return MHD_YES;
 }
 

@@ -9,12 +9,12 @@
  * aligned text meant for people.  `tokens issue` and `operators token` print the token
  * alone so that `TOKEN=$(pepctl tokens issue bot)` works.  `audit verify --db FILE` copies
  * FILE with SQLite's online backup (one consistent snapshot, WAL included, safe while pep
- * runs) into a private temporary directory and walks the copy with audit_verify_file, so
- * the evidence file itself is only ever read.  The checkpoints' JWTs are checked with pep's
- * keys, read (never created or repaired) from --keys DIR or else from the keys/ directory
- * next to FILE (pep's data dir: DATA/pep.db, DATA/keys/<kid>.pem).  Without a key the chain
- * is still walked and a warning says the signatures went unchecked: the hash column of a
- * checkpoint row is unsigned, so a chain re-hashed after an edit passes such a walk.
+ * runs) into a private temporary directory and walks the copy
+ * (audit_verify_file_checked), so the evidence file itself is only ever read.  The checkpoints'
+ * JWTs are checked with pep's keys, read (never created or repaired) from --keys DIR or else from
+ * the keys/ directory next to FILE (pep's data dir: DATA/pep.db, DATA/keys/<kid>.pem).  Without a
+ * key the chain is still walked and a warning says the signatures went unchecked: the hash column
+ * of a checkpoint row is unsigned, so a chain re-hashed after an edit passes such a walk.
  *
  * Flags: global ones (--url, --token, --data-dir, --json, -h/--help) and the command's
  * own may appear anywhere after `pepctl`, in any order, as `--flag value` or `--flag=value`;
@@ -933,18 +933,7 @@ static int pepctl_audit_verify_offline(struct pepctl *ctx, const char *db_path,
         pepctl_errorf("%s is not a readable pep audit store: %s", db_path, res.reason);
         goto out;
     }
-    char head[65];
-    pep_hex(res.head_hash, sizeof res.head_hash, head);
-    v = json_pack("{s:b, s:I, s:I, s:s, s:b}", "ok", res.ok, "records", (json_int_t)res.records,
-                  "head_seq", (json_int_t)res.head_seq, "head_hash", head, "checkpoints_signed",
-                  res.signatures_checked);
-    if (v && !res.ok &&
-        (json_object_set_new(v, "first_bad_seq", json_integer(res.first_bad_seq)) != 0 ||
-         json_object_set_new(v, "reason", json_string(res.reason)) != 0)) {
-        json_decref(v);
-        v = NULL;
-    }
-    if (!v) {
+    if (!(v = audit_verify_result_json(&res))) {
         pepctl_errorf("out of memory");
         goto out;
     }
