@@ -750,6 +750,7 @@ static int seed_write(struct server *s, const struct policy *p, struct agent *a,
 static int seed_disable_removed(struct server *s, const struct policy *p, int64_t now) {
     size_t n = 0;
     struct agent **managed = registry_policy_agents(s->registry, &n);
+    if (!managed) return PEP_ENOMEM; /* a removed agent left enabled would keep its tokens */
     int rc = 0;
     for (size_t i = 0; i < n; i++) {
         if (rc == 0 && managed[i]->enabled && !policy_find_agent(p, managed[i]->id)) {

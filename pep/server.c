@@ -17,13 +17,13 @@ static pthread_mutex_t reload_lock = PTHREAD_MUTEX_INITIALIZER;
 
 /* The policy.reload record of p, by an operator (kind admin) or by SIGHUP (kind system). */
 static json_t *reload_record(const struct policy *p, const struct reload_origin *by) {
-    bool operator= by && by->operator_id;
-    json_t *rec = server_record(operator? "admin" : "system", by ? by->request_id : NULL);
+    bool by_operator = by && by->operator_id;
+    json_t *rec = server_record(by_operator ? "admin" : "system", by ? by->request_id : NULL);
     if (!rec) return NULL;
     json_object_set_new(rec, "action", json_string("policy.reload"));
     json_object_set_new(rec, "policy_hash", json_string(p->policy_hash));
     json_object_set_new(rec, "reason", json_string(p->file));
-    if (operator) {
+    if (by_operator) {
         json_object_set_new(rec, "operator", json_string(by->operator_id));
         json_object_set_new(rec, "decision", json_string("allow"));
         json_object_set_new(rec, "code", json_string("ok"));
