@@ -415,6 +415,15 @@ static char *policy_strdup(struct policy_compiler *c, const char *s) {
     return d;
 }
 
+/* A lowercase copy: header names are case-insensitive (RFC 9110 5.1), so they are
+ * compared in one case. */
+static char *policy_strdup_lower(struct policy_compiler *c, const char *s) {
+    char *d = policy_strdup(c, s);
+    for (char *p = d; p && *p; p++)
+        *p = (char)tolower((unsigned char)*p);
+    return d;
+}
+
 static const char *policy_kind_name(enum yamltree_kind kind) {
     switch (kind) {
     case YAMLTREE_MAPPING:
@@ -958,12 +967,9 @@ static bool policy_cond_field(struct policy_compiler *c, const ynode *key, struc
                             policy_q(key, q, sizeof q));
             return false;
         }
-        t->name = policy_strdup(c, name);
-        if (!t->name) return false;
         /* Header names are case-insensitive (SPEC 8); the evaluator compares lowercase. */
-        for (char *p = t->name; *p; p++)
-            *p = (char)tolower((unsigned char)*p);
-        return true;
+        t->name = policy_strdup_lower(c, name);
+        return t->name != NULL;
     }
     if (strncmp(s, "query.", 6) == 0 || strncmp(s, "path.", 5) == 0) {
         bool query = s[0] == 'q';
@@ -1289,10 +1295,7 @@ static void policy_compile_headers(struct policy_compiler *c, const ynode *n, st
                             policy_q(key, q, sizeof q));
             continue;
         }
-        char *lower = strdup(key->text);
-        for (char *p = lower; p && *p; p++)
-            *p = (char)tolower((unsigned char)*p);
-        policy_index_add(c, &names, lower, i, policy_loc_of(key));
+        policy_index_add(c, &names, policy_strdup_lower(c, key->text), i, policy_loc_of(key));
         /* SECURITY: api_key_env already sends "Authorization: Bearer …"; a second
          * Authorization would put two credentials in one request, and which one an upstream
          * honours is up to it. */
