@@ -535,12 +535,6 @@ static void read_model(struct request *r) {
     json_decref(doc);
 }
 
-static bool forward_path_has_params(const struct route *route) {
-    for (size_t i = 0; i < route->forward_parts_len; i++)
-        if (!route->forward_parts[i].literal) return true;
-    return false;
-}
-
 /* The route's forward.path with the matched parameters put in (malloc'd, or NULL when
  * memory ran out).  A value was decoded when the path was matched: it is percent-encoded
  * again (all but RFC 3986 unreserved characters), so that a decoded '?', '/' or '%' stays
@@ -576,9 +570,8 @@ static int prepare_forward(struct request *r) {
     const struct route *route = r->match.route;
     const struct upstream *up = route->upstream;
     struct forward_job *job = &r->job;
-    /* A fixed rewrite is used as compiled; only one with parameters is built per request. */
     char *rewritten = NULL;
-    if (forward_path_has_params(route) && !(rewritten = forward_path_render(route, &r->match)))
+    if (route->forward_path_params && !(rewritten = forward_path_render(route, &r->match)))
         return PEP_ENOMEM;
     const char *path = rewritten             ? rewritten
                        : route->forward_path ? route->forward_path

@@ -1754,6 +1754,7 @@ static void policy_forward_param(struct policy_compiler *c, struct route *r, con
     struct forward_path_part *part = &r->forward_parts[r->forward_parts_len];
     part->param_index = index;
     if ((part->param = policy_strdup(c, name))) r->forward_parts_len++;
+    r->forward_path_params = true;
 }
 
 /*

@@ -239,6 +239,8 @@ struct route {
     struct forward_path_part *forward_parts; /* forward_path compiled; in a loaded policy
                                                 set (never empty) exactly when it is */
     size_t forward_parts_len;
+    bool forward_path_params;  /* forward_parts holds a parameter: the upstream path is built
+                                  per request; otherwise forward_path is used as it is */
     bool retry_safe;           /* forward.retry_safe, default false */
     struct retry_config retry; /* forward.retry, only with forward.upstream */
     struct policy_loc loc;

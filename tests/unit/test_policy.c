@@ -1128,6 +1128,7 @@ static void test_forward_path_parameters(void **state) {
     const struct route *r0 = &p->routes[0], *r1 = &p->routes[1];
     assert_string_equal(r0->forward_path, "/refunds/{id}/t/{tenant}/");
     assert_int_equal(r0->forward_parts_len, 5);
+    assert_true(r0->forward_path_params);
     assert_string_equal(r0->forward_parts[0].literal, "/refunds/");
     assert_null(r0->forward_parts[0].param);
     assert_null(r0->forward_parts[1].literal);
@@ -1152,6 +1153,7 @@ static void test_forward_path_parameters(void **state) {
     assert_int_equal(r1->forward_parts[1].param_index, 0);
     /* Without parameters: one literal; without a rewrite: nothing. */
     assert_int_equal(p->routes[2].forward_parts_len, 1);
+    assert_false(p->routes[2].forward_path_params);
     assert_string_equal(p->routes[2].forward_parts[0].literal, "/");
     assert_null(p->routes[3].forward_path);
     assert_null(p->routes[3].forward_parts);
