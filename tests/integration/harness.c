@@ -375,7 +375,13 @@ int h_start_pep_opts(struct h_proc *p, const char *policy_path, const char *data
                     "--admin-listen",
                     "127.0.0.1:0",
                     NULL};
-    if (opts && opts->listen_from_policy) argv[6] = NULL;
+    /* listen_from_policy: argv ends where the listen flags start, so the file's addresses
+     * apply (the flags would override them). */
+    for (size_t i = 0; opts && opts->listen_from_policy && argv[i]; i++)
+        if (strcmp(argv[i], "--listen") == 0) {
+            argv[i] = NULL;
+            break;
+        }
     p->pid = h_spawn(argv, extra_env, p->out_path, p->err_path, opts, NULL);
     if (p->pid <= 0 || h_wait_listening(p, "listening data ", "listening admin ") != 0) {
         h_print_tail(p->err_path, 4096);
