@@ -9,11 +9,18 @@
  *
  * Invariants of a loaded keyring: at least one key; keys[] sorted newest first, so
  * keys[0] is the active key; kids are distinct; every key is a P-256 key pair whose
- * public half matches its private half (pairwise-checked at load).
+ * public half matches its private half (pairwise-checked at load), held parsed twice: the
+ * pair (signs) and the public half alone (verifies, parsed from the public PEM the way any
+ * other verifier would see it).
+ *
+ * Signing builds the compact JWS here — header and claims as compact JSON with sorted keys,
+ * base64url, then ES256 over "header.payload" with EVP_DigestSign and the DER signature
+ * OpenSSL returns rewritten as the raw R‖S a JWS carries.  libjwt is not used: its encoder
+ * re-parses the private PEM on every signature.
  *
  * Threads: loading, creating and rotating do file I/O and belong to the main thread or
  * the admin handler doing a rotation.  A loaded keyring is immutable and may be read from
- * any thread (signing goes through a per-call jwt_t).
+ * any thread; each signature has its own EVP_MD_CTX.
  */
 #include "pep/keys.h"
 
@@ -22,12 +29,13 @@
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
-#include <jwt.h>
 #include <limits.h>
 #include <openssl/bio.h>
 #include <openssl/bn.h>
 #include <openssl/core_names.h>
 #include <openssl/crypto.h>
+#include <openssl/ec.h>
+#include <openssl/err.h>
 #include <openssl/evp.h>
 #include <openssl/obj_mac.h>
 #include <openssl/objects.h>
@@ -43,11 +51,12 @@ struct keys_entry {
     char kid[KEYS_KID_LEN + 1]; /* RFC 7638 thumbprint */
     char x[KEYS_KID_LEN + 1];   /* base64url of the 32-byte X coordinate (JWKS) */
     char y[KEYS_KID_LEN + 1];   /* base64url of the 32-byte Y coordinate (JWKS) */
-    unsigned char *private_pem; /* PKCS#8 PEM for libjwt's signer; cleansed on free */
+    unsigned char *private_pem; /* PKCS#8 PEM (the file's content); cleansed on free */
     size_t private_pem_len;     /* bytes, without the trailing NUL kept after them */
-    unsigned char *public_pem;  /* SubjectPublicKeyInfo PEM for libjwt's verifier */
+    unsigned char *public_pem;  /* SubjectPublicKeyInfo PEM (tests cross-check libjwt) */
     size_t public_pem_len;
-    EVP_PKEY *pkey;        /* the parsed key pair */
+    EVP_PKEY *pkey;        /* the parsed key pair: signs */
+    EVP_PKEY *public_key;  /* the public half alone, parsed from public_pem: verifies */
     struct timespec mtime; /* of the key file: orders keys, newest signs */
 };
 
@@ -65,6 +74,7 @@ static void keys_entry_clear(struct keys_entry *e) {
     }
     free(e->public_pem);
     EVP_PKEY_free(e->pkey);
+    EVP_PKEY_free(e->public_key);
     memset(e, 0, sizeof *e);
 }
 
@@ -126,10 +136,10 @@ static bool keys_is_p256(const EVP_PKEY *pkey) {
 
 /*
  * Fills e from a P-256 key pair (taking ownership of pkey on success): coordinates,
- * thumbprint kid, private and public PEM.
+ * thumbprint kid, private and public PEM, and the public key parsed back from its PEM.
  */
 static int keys_entry_from_pkey(EVP_PKEY *pkey, struct keys_entry *e, struct pep_err *err) {
-    BIO *priv = NULL, *pub = NULL;
+    BIO *priv = NULL, *pub = NULL, *pub_in = NULL;
     EVP_PKEY_CTX *check = NULL;
     char *kid = NULL;
     int rc;
@@ -185,6 +195,11 @@ static int keys_entry_from_pkey(EVP_PKEY *pkey, struct keys_entry *e, struct pep
         pep_err_set(err, rc, "cannot copy the key PEM");
         goto out;
     }
+    pub_in = BIO_new_mem_buf(e->public_pem, (int)e->public_pem_len);
+    if (!pub_in || !(e->public_key = PEM_read_bio_PUBKEY(pub_in, NULL, NULL, NULL))) {
+        rc = pep_err_set(err, PEP_ECRYPTO, "cannot parse the public key back");
+        goto out;
+    }
     e->pkey = pkey;
     rc = 0;
 out:
@@ -195,6 +210,7 @@ out:
     EVP_PKEY_CTX_free(check);
     BIO_free(priv); /* memory BIOs clear their buffer when freed */
     BIO_free(pub);
+    BIO_free(pub_in);
     free(kid);
     return rc;
 }
@@ -487,15 +503,26 @@ const unsigned char *keys_active_private_pem(const struct keyring *k, size_t *le
     return k->keys[0].private_pem;
 }
 
-const unsigned char *keys_public_pem(const struct keyring *k, const char *kid, size_t *len) {
+/* The entry named kid, or NULL.  A keyring holds a handful of keys: a linear scan of
+ * 44-byte strings is cheaper than any index. */
+static const struct keys_entry *keys_find(const struct keyring *k, const char *kid) {
     if (!kid) return NULL;
     for (size_t i = 0; i < k->len; i++) {
-        if (strcmp(k->keys[i].kid, kid) == 0) {
-            if (len) *len = k->keys[i].public_pem_len;
-            return k->keys[i].public_pem;
-        }
+        if (strcmp(k->keys[i].kid, kid) == 0) return &k->keys[i];
     }
     return NULL;
+}
+
+const unsigned char *keys_public_pem(const struct keyring *k, const char *kid, size_t *len) {
+    const struct keys_entry *e = keys_find(k, kid);
+    if (!e) return NULL;
+    if (len) *len = e->public_pem_len;
+    return e->public_pem;
+}
+
+EVP_PKEY *keys_public_key(const struct keyring *k, const char *kid) {
+    const struct keys_entry *e = keys_find(k, kid);
+    return e ? e->public_key : NULL;
 }
 
 json_t *keys_jwks(const struct keyring *k) {
@@ -520,42 +547,107 @@ fail:
     return NULL;
 }
 
+/*
+ * ES256 over input with e's key pair, as a JWS carries it (RFC 7518 3.4): EVP_DigestSign
+ * answers a DER ECDSA-Sig-Value, whose INTEGERs drop leading zero bytes (and add one when
+ * the top bit is set), so R and S are re-padded to exactly 32 bytes each.  Returns 0 or
+ * PEP_ECRYPTO / PEP_ENOMEM.
+ */
+static int keys_sign_es256(const struct keys_entry *e, const void *input, size_t len,
+                           uint8_t out[KEYS_ES256_SIG_LEN]) {
+    unsigned char der[KEYS_ES256_DER_MAX];
+    size_t der_len = sizeof der;
+    EVP_MD_CTX *ctx = EVP_MD_CTX_new();
+    ECDSA_SIG *sig = NULL;
+    const BIGNUM *r, *s;
+    int rc = PEP_ECRYPTO;
+
+    if (!ctx) return PEP_ENOMEM;
+    if (EVP_PKEY_get_size(e->pkey) > (int)sizeof der ||
+        EVP_DigestSignInit(ctx, NULL, EVP_sha256(), NULL, e->pkey) != 1 ||
+        EVP_DigestSign(ctx, der, &der_len, input, len) != 1)
+        goto out;
+    const unsigned char *p = der;
+    sig = d2i_ECDSA_SIG(NULL, &p, (long)der_len);
+    if (!sig || p != der + der_len) goto out;
+    ECDSA_SIG_get0(sig, &r, &s);
+    if (BN_bn2binpad(r, out, KEYS_ES256_SIG_LEN / 2) != KEYS_ES256_SIG_LEN / 2 ||
+        BN_bn2binpad(s, out + KEYS_ES256_SIG_LEN / 2, KEYS_ES256_SIG_LEN / 2) !=
+            KEYS_ES256_SIG_LEN / 2)
+        goto out;
+    rc = 0;
+out:
+    if (rc) ERR_clear_error();
+    ECDSA_SIG_free(sig);
+    EVP_MD_CTX_free(ctx);
+    return rc;
+}
+
+/* base64url of a JSON value serialized as libjwt does (compact, sorted keys); malloc'd or
+ * NULL. */
+static char *keys_json_b64url(const json_t *j) {
+    char *text = json_dumps(j, JSON_COMPACT | JSON_SORT_KEYS);
+    if (!text) return NULL;
+    char *b64 = pep_base64url_encode((const uint8_t *)text, strlen(text));
+    free(text);
+    return b64;
+}
+
 int keys_sign_claims(const struct keyring *k, const json_t *claims, char **jwt_out,
                      struct pep_err *err) {
-    jwt_t *jwt = NULL;
-    char *grants = NULL;
+    json_t *header = NULL;
+    char *head64 = NULL, *body64 = NULL, *sig64 = NULL, *jwt = NULL;
+    uint8_t sig[KEYS_ES256_SIG_LEN];
     int rc;
 
     *jwt_out = NULL;
     if (!json_is_object(claims))
         return pep_err_set(err, PEP_EINVAL, "claims must be a JSON object");
     const struct keys_entry *active = &k->keys[0];
-    if (active->private_pem_len > INT_MAX) return pep_err_set(err, PEP_EINVAL, "key too large");
-    if (jwt_new(&jwt) != 0) return pep_err_set(err, PEP_ENOMEM, "out of memory");
-    /* libjwt copies the key and scrubs its copy in jwt_free. */
-    if (jwt_set_alg(jwt, JWT_ALG_ES256, active->private_pem, (int)active->private_pem_len) != 0 ||
-        jwt_add_header(jwt, "kid", active->kid) != 0) {
-        rc = pep_err_set(err, PEP_ECRYPTO, "cannot set up the JWT signer");
-        goto out;
-    }
-    grants = json_dumps(claims, JSON_COMPACT | JSON_SORT_KEYS);
-    if (!grants) {
+    header = json_pack("{s:s, s:s, s:s}", "alg", "ES256", "kid", active->kid, "typ", "JWT");
+    if (!header || !(head64 = keys_json_b64url(header))) {
         rc = pep_err_set(err, PEP_ENOMEM, "out of memory");
         goto out;
     }
-    if (jwt_add_grants_json(jwt, grants) != 0) {
-        rc = pep_err_set(err, PEP_EINVAL, "cannot add the claims");
+    if (!(body64 = keys_json_b64url(claims))) {
+        rc = pep_err_set(err, PEP_EINVAL, "cannot serialize the claims");
         goto out;
     }
-    *jwt_out = jwt_encode_str(jwt);
-    if (!*jwt_out) {
-        rc = pep_err_set(err, PEP_ECRYPTO, "cannot sign the JWT");
+    size_t head_len = strlen(head64), body_len = strlen(body64);
+    /* "header.payload.signature": 86 base64url characters for the 64-byte signature. */
+    size_t cap = head_len + 1 + body_len + 1 + (KEYS_ES256_SIG_LEN * 4 + 2) / 3 + 1;
+    jwt = malloc(cap);
+    if (!jwt) {
+        rc = pep_err_set(err, PEP_ENOMEM, "out of memory");
         goto out;
     }
+    memcpy(jwt, head64, head_len);
+    jwt[head_len] = '.';
+    memcpy(jwt + head_len + 1, body64, body_len);
+    size_t signed_len = head_len + 1 + body_len;
+    if ((rc = keys_sign_es256(active, jwt, signed_len, sig)) != 0) {
+        pep_err_set(err, rc, "cannot sign the JWT");
+        goto out;
+    }
+    if (!(sig64 = pep_base64url_encode(sig, sizeof sig))) {
+        rc = pep_err_set(err, PEP_ENOMEM, "out of memory");
+        goto out;
+    }
+    if (PEP_NEVER(signed_len + 1 + strlen(sig64) + 1 > cap)) {
+        rc = pep_err_set(err, PEP_ECRYPTO, "signature longer than expected");
+        goto out;
+    }
+    jwt[signed_len] = '.';
+    memcpy(jwt + signed_len + 1, sig64, strlen(sig64) + 1);
+    *jwt_out = jwt;
+    jwt = NULL;
     rc = 0;
 out:
-    free(grants);
-    jwt_free(jwt);
+    free(jwt);
+    free(sig64);
+    free(body64);
+    free(head64);
+    json_decref(header);
     return rc;
 }
 

@@ -1,20 +1,25 @@
 /*
  * token.h — issuing and verifying pep's JWTs (SPEC 3.1, 5).
  *
- * Issue: libjwt encodes and signs with the keyring's active ES256 key; header
- * {"alg":"ES256","kid":…,"typ":"JWT"}.
+ * Issue: keys_sign_claims signs with the keyring's active ES256 key, parsed at load;
+ * header {"alg":"ES256","kid":…,"typ":"JWT"}.  libjwt's jwt_decode verifies the result.
  *
- * Verify, SECURITY: the algorithm is pinned before any key is used — the header is read
- * first and anything but ES256 (none, HS*, RS* …) is refused; an unknown kid is refused;
- * only then is the token decoded with that kid's public key, and the decoded algorithm
- * checked again (libjwt otherwise lets the token choose: an HS256 token MAC'd with the
- * public PEM would verify).  libjwt checks no claims, so iss, aud, exp, nbf, iat and the
- * claim types are all checked here.
+ * Verify, cheapest first and the signature last: shape and size, the header (alg exactly
+ * ES256, typ, crit), the kid (a key the keyring holds), the payload and, in token_verify,
+ * the claim types, iss, aud and times; then one ES256 verification with OpenSSL against
+ * the kid's public key, parsed once when the keyring was loaded.  A token with several
+ * faults gets the earliest fault's status.  SECURITY: the algorithm is ours, never the
+ * token's — anything but ES256 (none, HS*, RS* …) is refused before any key is used, so an
+ * HS256 token MAC'd with the public PEM (algorithm confusion) never verifies.  libjwt is not
+ * on this path: it lets the token choose the algorithm and re-parses the PEM key per call.
  *
- * Cost: an ES256 verify through libjwt is ~0.4 ms, so verified claims are cached, keyed by
- * SHA-256 of the token bytes (bounded, LRU-ish, entries dropped once expired).  A cache
- * hit still re-checks exp/nbf/iat against `now`; revocation, the agent's enabled flag and
- * its current scopes are the caller's live checks (registry).  Failures are never cached.
+ * Cost: a token refused before the signature costs a few microseconds; the signature is
+ * one P-256 verification, ~50–60 µs here — what a forged token costs, and a valid one the
+ * first time.  Verified claims are then cached, keyed by SHA-256 of the token bytes
+ * (bounded, LRU-ish, entries dropped once expired).  A cache hit still re-checks
+ * exp/nbf/iat against `now`, and that its kid is still held; revocation, the agent's
+ * enabled flag and its current scopes are the caller's live checks (registry).  Failures
+ * are never cached.
  *
  * Threads: token_verify and token_issue may be called from any thread; the cache has one
  * lock (cache_lock) held only for lookup/insert.
@@ -99,6 +104,13 @@ void token_verifier_flush(struct token_verifier *v);
  * audience, at `now_s` with `skew_s` tolerance.  On TOKEN_OK, *claims is a new reference
  * the caller releases (otherwise *claims is NULL).  v may be NULL (no cache: tests).
  *
+ * Checks, in order, the first failure answering: size and shape (MALFORMED), header alg
+ * (BAD_ALG), header typ/crit (MALFORMED), kid (UNKNOWN_KID), payload JSON and claim types
+ * (MALFORMED), iss (WRONG_ISSUER), aud (WRONG_AUDIENCE), times (EXPIRED, NOT_YET_VALID),
+ * signature (BAD_SIGNATURE).  So a forged token with expired claims answers EXPIRED.
+ * Every part must be canonical base64url (RFC 4648 3.5); a signature must be exactly 64
+ * bytes, R‖S.
+ *
  * Time edges (all in whole seconds, skew_s < 0 counts as 0):
  *   valid while   now_s <  exp + skew_s     (exp is exclusive, RFC 7519 4.1.4)
  *   TOKEN_EXPIRED when now_s >= exp + skew_s
@@ -112,15 +124,16 @@ enum token_status token_verify(struct token_verifier *v, const struct keyring *k
                                const char *issuer, const char *audience, int64_t now_s,
                                int64_t skew_s, struct token_claims **claims);
 
-/* Longest token accepted or issued, in bytes.  SECURITY: also bounds the stack libjwt
- * uses (it alloca()s copies of the token's parts). */
+/* Longest token accepted or issued, in bytes.  SECURITY: bounds what one token can make
+ * the verifier decode and parse before it is refused. */
 #define TOKEN_MAX_LEN 8192
 
 /*
- * The signature half of token_verify, shared with audit checkpoints: structure, header
- * (alg exactly "ES256", no "crit", typ absent or "JWT"), kid held by k, ES256 signature by
- * that key.  Checks no claim.  On TOKEN_OK *claims_out is the payload object (a new
- * reference the caller decrefs); otherwise NULL.
+ * The signature half of token_verify, shared with audit checkpoints — the same parser and
+ * the same OpenSSL verifier: structure, header (alg exactly "ES256", no "crit", typ absent
+ * or "JWT"), kid held by k, payload a JSON object, then the ES256 signature by that key.
+ * Checks no claim.  On TOKEN_OK *claims_out is the payload object (a new reference the
+ * caller decrefs); otherwise NULL.
  */
 enum token_status token_verify_signature(const struct keyring *k, const char *jwt,
                                          json_t **claims_out);

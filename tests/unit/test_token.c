@@ -6,7 +6,13 @@
  * verification parameters (time edges, issuer, audience, claim types), hand-built attack
  * tokens (alg none, HS256 keyed with our public PEM, another key claiming our kid, a
  * flipped signature byte, malformed shapes), issue round trips, the claims cache and the
- * signed audit checkpoint.  Each test uses its own mkdtemp directory under /tmp.
+ * signed audit checkpoint.  Against libjwt as the reference: a generated corpus (signed
+ * tokens and ~2 000 mutants of them: truncations, flipped signature bytes, changed
+ * characters, swapped alg and kid, algorithm-confusion tokens) on which pep's OpenSSL
+ * verifier must accept only what the keyring signed and nothing libjwt's jwt_decode (alg
+ * pinned to ES256) refuses; signing round trips through libjwt, including signatures
+ * whose R or S has leading zero bytes; the order of the checks (the signature last).
+ * Each test uses its own mkdtemp directory under /tmp.
  *
  * Single-threaded except test_cache_threads, which shares one verifier across threads.
  */
@@ -1111,15 +1117,526 @@ static void test_cache_timing(void **state) {
         token_claims_release(c);
     }
     int64_t t2 = pep_mono_us();
+    /* A forged signature: refused after every cheap check, by the one P-256 verify. */
+    char *forged = strdup(t);
+    assert_non_null(forged);
+    char *sig = strrchr(forged, '.') + 1;
+    sig[20] = sig[20] == 'A' ? 'B' : 'A';
+    for (int i = 0; i < N; i++)
+        assert_int_equal(token_verify(v, fx.k, forged, ISS, AUD, 1500, 0, &c), TOKEN_BAD_SIGNATURE);
+    int64_t t3 = pep_mono_us();
+    /* What libjwt's jwt_decode costs for the same token (it parses the PEM every call). */
+    size_t pem_len = 0;
+    const unsigned char *pem = keys_public_pem(fx.k, keys_active_kid(fx.k), &pem_len);
+    for (int i = 0; i < N / 10; i++) {
+        jwt_t *j = NULL;
+        assert_int_equal(jwt_decode(&j, t, pem, (int)pem_len), 0);
+        jwt_free(j);
+    }
+    int64_t t4 = pep_mono_us();
     /* Printed, never asserted: timings depend on the machine. */
-    printf("token_verify over %d iterations: cold %.1f us/op, cached %.2f us/op\n", N,
-           (double)(t1 - t0) / N, (double)(t2 - t1) / N);
+    printf("token_verify over %d iterations: cold %.1f us/op, cached %.2f us/op, "
+           "forged signature %.1f us/op; libjwt jwt_decode %.1f us/op\n",
+           N, (double)(t1 - t0) / N, (double)(t2 - t1) / N, (double)(t3 - t2) / N,
+           (double)(t4 - t3) / (N / 10));
+    free(forged);
     struct token_cache_stats s;
     token_verifier_stats(v, &s);
-    assert_int_equal(s.misses, 1);
+    assert_int_equal(s.misses, 1 + N);
     assert_int_equal(s.hits, N - 1);
+    assert_int_equal(s.inserts, 1); /* failures are never cached */
     token_verifier_free(v);
     free(t);
+}
+
+/* ---------------------------------------------------------------------------------- */
+/* Agreement with libjwt                                                               */
+
+#define AGREE_NOW 1500
+#define AGREE_SKEW 30
+
+static const char B64URL_ALPHABET[] =
+    "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+
+/* base64url decoding that reports failure instead of asserting, for mutated tokens:
+ * -1, or the decoded length (out has room for cap bytes). */
+static long lenient_b64url_decode(const char *s, size_t n, uint8_t *out, size_t cap) {
+    size_t padded = (n + 3) / 4 * 4;
+    if (n % 4 == 1 || padded / 4 * 3 > cap) return -1;
+    char *in = malloc(padded + 1);
+    assert_non_null(in);
+    for (size_t i = 0; i < n; i++)
+        in[i] = s[i] == '-' ? '+' : s[i] == '_' ? '/' : s[i];
+    memset(in + n, '=', padded - n);
+    int m = EVP_DecodeBlock(out, (unsigned char *)in, (int)padded);
+    free(in);
+    return m < 0 ? -1 : m - (long)(padded - n);
+}
+
+/*
+ * The reference verifier: libjwt's jwt_decode with the public PEM of the key the header's
+ * kid names (the kid read here with jansson), the algorithm pinned to ES256 after the
+ * decode (libjwt 1.10 cannot pin it before).  True when it accepts; *grants is then the
+ * payload as libjwt decoded it (caller decrefs).
+ */
+static bool ref_accepts(const struct keyring *k, const char *token, json_t **grants) {
+    *grants = NULL;
+    const char *dot = strchr(token, '.');
+    if (!dot) return false;
+    size_t n = (size_t)(dot - token);
+    uint8_t *buf = malloc(n + 4);
+    assert_non_null(buf);
+    long m = lenient_b64url_decode(token, n, buf, n + 4);
+    json_t *h = m < 0 ? NULL : json_loadb((const char *)buf, (size_t)m, 0, NULL);
+    free(buf);
+    size_t pem_len = 0;
+    const unsigned char *pem =
+        keys_public_pem(k, json_string_value(json_object_get(h, "kid")), &pem_len);
+    json_decref(h);
+    if (!pem) return false;
+    jwt_t *j = NULL;
+    bool ok = jwt_decode(&j, token, pem, (int)pem_len) == 0 && j && jwt_get_alg(j) == JWT_ALG_ES256;
+    if (ok) {
+        char *g = jwt_get_grants_json(j, NULL);
+        assert_non_null(g);
+        *grants = json_loads(g, 0, NULL);
+        assert_non_null(*grants);
+        free(g);
+    }
+    if (j) jwt_free(j);
+    return ok;
+}
+
+/* t with part `part` (0 header, 1 payload, 2 signature) replaced by text. */
+static char *with_part(const char *t, int part, const char *text) {
+    const char *d1 = strchr(t, '.');
+    assert_non_null(d1);
+    const char *d2 = strchr(d1 + 1, '.');
+    assert_non_null(d2);
+    const char *start[3] = {t, d1 + 1, d2 + 1};
+    int len[3] = {(int)(d1 - t), (int)(d2 - d1 - 1), (int)strlen(d2 + 1)};
+    start[part] = text;
+    len[part] = (int)strlen(text);
+    char *out = NULL;
+    assert_true(
+        asprintf(&out, "%.*s.%.*s.%.*s", len[0], start[0], len[1], start[1], len[2], start[2]) > 0);
+    return out;
+}
+
+/* Where part `part` of t starts, and its length. */
+static const char *part_of(const char *t, int part, size_t *len) {
+    const char *p = t;
+    for (int i = 0; i < part; i++) {
+        p = strchr(p, '.');
+        assert_non_null(p);
+        p++;
+    }
+    *len = strcspn(p, ".");
+    return p;
+}
+
+/* The 64 raw signature bytes of a well-formed ES256 token. */
+static void sig_raw(const char *t, uint8_t raw[66]) {
+    size_t n = 0;
+    const char *sig = part_of(t, 2, &n);
+    assert_int_equal(n, 86);
+    char copy[100];
+    memcpy(copy, sig, n);
+    copy[n] = '\0';
+    assert_int_equal(test_b64url_decode(copy, raw), 64);
+}
+
+/* One token of the corpus: what it is and where it comes from. */
+struct corpus_entry {
+    char *token;
+    const char *what; /* the family it belongs to, for failure messages */
+    int base;         /* the signed token it was derived from, or -1 */
+    bool is_signed;   /* signed by a keyring key under that key's own kid */
+    bool expired;     /* signed, but expired at AGREE_NOW */
+};
+
+struct corpus {
+    struct corpus_entry *e;
+    size_t len, cap;
+};
+
+static int corpus_add(struct corpus *c, char *token, const char *what, int base) {
+    if (c->len == c->cap) {
+        c->cap = c->cap ? 2 * c->cap : 256;
+        c->e = realloc(c->e, c->cap * sizeof *c->e);
+        assert_non_null(c->e);
+    }
+    c->e[c->len] = (struct corpus_entry){.token = token, .what = what, .base = base};
+    return (int)c->len++;
+}
+
+static int corpus_add_signed(struct corpus *c, char *token, const char *what, bool expired) {
+    int i = corpus_add(c, token, what, -1);
+    c->e[i].is_signed = true;
+    c->e[i].expired = expired;
+    return i;
+}
+
+/* Every prefix of base's token. */
+static void corpus_truncations(struct corpus *c, int base) {
+    const char *t = c->e[base].token;
+    for (size_t n = 0; n < strlen(t); n++) {
+        char *p = strndup(t, n);
+        assert_non_null(p);
+        corpus_add(c, p, "truncated", base);
+    }
+}
+
+/* One bit flipped in each signature byte, lowest and highest bit in turn. */
+static void corpus_signature_bytes(struct corpus *c, int base) {
+    uint8_t raw[66];
+    sig_raw(c->e[base].token, raw);
+    for (size_t pos = 0; pos < 64; pos++) {
+        for (int mask = 0x01; mask <= 0x80; mask <<= 7) {
+            uint8_t flipped[64];
+            char enc[100];
+            memcpy(flipped, raw, 64);
+            flipped[pos] ^= (uint8_t)mask;
+            test_b64url(flipped, 64, enc);
+            corpus_add(c, with_part(c->e[base].token, 2, enc), "signature byte flipped", base);
+        }
+    }
+}
+
+/* Each character of part `part` replaced by the next (+1) and the 17th next (+16) letter of
+ * the alphabet: for the last character of the signature, +1 only touches the unused low
+ * bits — the same bytes, another spelling — and +16 the data bits. */
+static void corpus_characters(struct corpus *c, int base, int part, const char *what) {
+    size_t n = 0;
+    const char *t = c->e[base].token;
+    const char *p = part_of(t, part, &n);
+    for (size_t pos = 0; pos < n; pos++) {
+        for (int step = 1; step <= 16; step += 15) {
+            char *m = strdup(t);
+            assert_non_null(m);
+            size_t at = (size_t)(p - t) + pos;
+            size_t idx = (size_t)(strchr(B64URL_ALPHABET, m[at]) - B64URL_ALPHABET);
+            m[at] = B64URL_ALPHABET[(idx + (size_t)step) % 64];
+            corpus_add(c, m, what, base);
+        }
+    }
+}
+
+/* base with its header replaced by the JSON text header_json (its signature kept). */
+static void corpus_header(struct corpus *c, int base, const char *header_json, const char *what) {
+    char *h = pep_base64url_encode((const uint8_t *)header_json, strlen(header_json));
+    assert_non_null(h);
+    corpus_add(c, with_part(c->e[base].token, 0, h), what, base);
+    free(h);
+}
+
+static void test_verify_agrees_with_libjwt(void **state) {
+    (void)state;
+    char *tmp = make_tmpdir();
+    struct keyring *ka = NULL, *k = NULL;
+    struct pep_err err = {0};
+    assert_int_equal(keys_load_or_create(tmp, &ka, &err), 0); /* key A */
+    assert_int_equal(keys_rotate(tmp, &k, &err), 0);          /* A and B, B active */
+    char kid_a[KEYS_KID_LEN + 1], kid_b[KEYS_KID_LEN + 1];
+    snprintf(kid_a, sizeof kid_a, "%s", keys_active_kid(ka));
+    snprintf(kid_b, sizeof kid_b, "%s", keys_active_kid(k));
+    assert_string_not_equal(kid_a, kid_b);
+    size_t priv_a_len = 0, pub_b_len = 0, other_len = 0;
+    const unsigned char *priv_a = keys_active_private_pem(ka, &priv_a_len);
+    const unsigned char *pub_b = keys_public_pem(k, kid_b, &pub_b_len);
+    const unsigned char *other_priv = keys_active_private_pem(fx.other, &other_len);
+
+    struct corpus c = {0};
+    /* Signed by a key of the keyring, under its kid: ours must accept each signature. */
+    const char *const scoped = "{" BASE ",\"iat\":1000,\"exp\":2000,\"scope\":\"llm.chat a.*\"}";
+    int by_a = corpus_add_signed(&c, sign_json(ka, scoped), "signed by A (ours)", false);
+    int by_b = corpus_add_signed(
+        &c,
+        sign_json(k,
+                  "{\"iss\":\"pep\",\"aud\":[\"pep\"],\"sub\":\"bot\",\"jti\":\"J2\","
+                  "\"iat\":1000,\"nbf\":1000,\"exp\":2000,\"roles\":[\"admin\"],"
+                  "\"acr\":\"mfa\",\"auth_time\":1000,\"x\":{\"deep\":[1,2.5,null,\"\\u00e9\"]}}"),
+        "signed by B (ours)", false);
+    corpus_add_signed(&c, sign_json(k, "{" BASE ",\"iat\":1000,\"exp\":1200}"),
+                      "signed by B, expired", true);
+    corpus_add_signed(&c,
+                      sign_json(k, "{\"iss\":\"pep\",\"aud\":[\"pep\",\"pep-admin\"],"
+                                   "\"sub\":\"bot\",\"jti\":\"J3\",\"iat\":1000,\"exp\":2000}"),
+                      "signed by B, two audiences", false);
+    int by_libjwt =
+        corpus_add_signed(&c, libjwt_token(JWT_ALG_ES256, priv_a, priv_a_len, kid_a, GOOD_PAYLOAD),
+                          "signed by A (libjwt)", false);
+    const char *scopes[] = {"llm.chat"};
+    struct token_request req = {.issuer = ISS,
+                                .aud = AUD,
+                                .sub = "bot",
+                                .scopes = scopes,
+                                .scopes_len = 1,
+                                .now_s = 1400,
+                                .ttl_s = 3600};
+    char *issued = NULL, jti[TOKEN_JTI_SIZE];
+    assert_int_equal(token_issue(k, &req, &issued, jti, &err), 0);
+    int by_issue = corpus_add_signed(&c, issued, "token_issue", false);
+
+    /* Mutants of the signed tokens. */
+    corpus_truncations(&c, by_issue);
+    corpus_truncations(&c, by_libjwt);
+    corpus_signature_bytes(&c, by_a);
+    corpus_signature_bytes(&c, by_issue);
+    corpus_signature_bytes(&c, by_libjwt);
+    corpus_characters(&c, by_a, 2, "signature character changed");
+    corpus_characters(&c, by_issue, 2, "signature character changed");
+    corpus_characters(&c, by_issue, 1, "payload character changed");
+    corpus_characters(&c, by_b, 0, "header character changed");
+    char header[256];
+    static const char *const algs[] = {"HS256", "none", "RS256", "ES384", "es256", "ES512"};
+    for (size_t i = 0; i < PEP_ARRAY_LEN(algs); i++) {
+        snprintf(header, sizeof header, "{\"alg\":\"%s\",\"kid\":\"%s\",\"typ\":\"JWT\"}", algs[i],
+                 kid_b);
+        corpus_header(&c, by_issue, header, "alg swapped, signature kept");
+    }
+    snprintf(header, sizeof header, "{\"alg\":\"ES256\",\"kid\":\"%s\",\"typ\":\"JWT\"}", kid_b);
+    corpus_header(&c, by_a, header, "kid swapped A -> B, signature kept");
+    snprintf(header, sizeof header, "{\"alg\":\"ES256\",\"kid\":\"%s\",\"typ\":\"JWT\"}", kid_a);
+    corpus_header(&c, by_issue, header, "kid swapped B -> A, signature kept");
+    snprintf(header, sizeof header, "{\"alg\":\"ES256\",\"kid\":\"%s\"}", kid_b);
+    corpus_header(&c, by_issue, header, "header rewritten without typ, signature kept");
+    static const char *const payloads[] = {
+        "{" BASE ",\"iat\":1000,\"exp\":99999}",
+        "{\"iss\":\"pep\",\"aud\":\"pep\",\"sub\":\"admin\",\"jti\":\"J1\",\"iat\":1000,"
+        "\"exp\":2000}",
+        "{" BASE ",\"iat\":1000,\"exp\":2000,\"scope\":\"llm.chat refund.*\"}",
+    };
+    for (size_t i = 0; i < PEP_ARRAY_LEN(payloads); i++) {
+        char *p = pep_base64url_encode((const uint8_t *)payloads[i], strlen(payloads[i]));
+        assert_non_null(p);
+        corpus_add(&c, with_part(c.e[by_issue].token, 1, p), "payload replaced", by_issue);
+        free(p);
+    }
+    /* Signed, but not by us, or not ES256: the algorithm-confusion family. */
+    corpus_add(&c, libjwt_token(JWT_ALG_HS256, pub_b, pub_b_len, kid_b, GOOD_PAYLOAD),
+               "HS256 MAC'd with B's public PEM", -1);
+    corpus_add(&c, libjwt_token(JWT_ALG_NONE, NULL, 0, kid_b, GOOD_PAYLOAD), "alg none", -1);
+    corpus_add(&c, libjwt_token(JWT_ALG_ES256, other_priv, other_len, kid_b, GOOD_PAYLOAD),
+               "re-signed by another key, kid B", -1);
+    corpus_add(&c, libjwt_token(JWT_ALG_ES256, other_priv, other_len, kid_a, GOOD_PAYLOAD),
+               "re-signed by another key, kid A", -1);
+    EVP_PKEY *rsa = EVP_PKEY_Q_keygen(NULL, NULL, "RSA", (size_t)2048);
+    assert_non_null(rsa);
+    BIO *bio = BIO_new(BIO_s_mem());
+    assert_non_null(bio);
+    assert_int_equal(PEM_write_bio_PrivateKey(bio, rsa, NULL, NULL, 0, NULL, NULL), 1);
+    char *rsa_pem = NULL;
+    long rsa_len = BIO_get_mem_data(bio, &rsa_pem);
+    corpus_add(
+        &c,
+        libjwt_token(JWT_ALG_RS256, (unsigned char *)rsa_pem, (size_t)rsa_len, kid_b, GOOD_PAYLOAD),
+        "RS256 by an RSA key, kid B", -1);
+    BIO_free(bio);
+    EVP_PKEY_free(rsa);
+
+    size_t accepted = 0, signed_total = 0, ref_only = 0;
+    for (size_t i = 0; i < c.len; i++) {
+        const struct corpus_entry *e = &c.e[i];
+        json_t *ours = NULL, *ref = NULL;
+        struct token_claims *cl = NULL;
+        enum token_status sig_st = token_verify_signature(k, e->token, &ours);
+        enum token_status st =
+            token_verify(NULL, k, e->token, ISS, AUD, AGREE_NOW, AGREE_SKEW, &cl);
+        bool ref_ok = ref_accepts(k, e->token, &ref);
+        if (sig_st == TOKEN_OK) {
+            accepted++;
+            /* What ours accepts, libjwt accepts, with the same claims, and it was signed. */
+            if (!ref_ok)
+                fail_msg("entry %zu (%s): ours accepts, libjwt refuses: %s", i, e->what, e->token);
+            if (!json_equal(ours, ref))
+                fail_msg("entry %zu (%s): claims differ from libjwt's", i, e->what);
+            if (!e->is_signed)
+                fail_msg("entry %zu (%s): accepted, but no key signed it: %s", i, e->what,
+                         e->token);
+        } else {
+            assert_null(ours);
+        }
+        if (st == TOKEN_OK) {
+            if (sig_st != TOKEN_OK)
+                fail_msg("entry %zu (%s): claims OK, signature not", i, e->what);
+            assert_string_equal(cl->sub, json_string_value(json_object_get(ref, "sub")));
+            assert_string_equal(cl->jti, json_string_value(json_object_get(ref, "jti")));
+            assert_string_equal(cl->iss, json_string_value(json_object_get(ref, "iss")));
+            assert_int_equal(cl->exp, json_integer_value(json_object_get(ref, "exp")));
+            assert_int_equal(cl->iat, json_integer_value(json_object_get(ref, "iat")));
+            token_claims_release(cl);
+        } else {
+            assert_null(cl);
+        }
+        if (e->is_signed) {
+            signed_total++;
+            /* Everything a keyring key signed under its own kid verifies, signature-wise. */
+            if (sig_st != TOKEN_OK || !ref_ok)
+                fail_msg("entry %zu (%s): signed, but ours %d, libjwt %d", i, e->what, sig_st,
+                         ref_ok);
+            if (e->expired && st != TOKEN_EXPIRED)
+                fail_msg("entry %zu (%s): want EXPIRED, got %d", i, e->what, st);
+        }
+        if (ref_ok && sig_st != TOKEN_OK) {
+            /* libjwt is laxer in one way only: a signature spelled with the unused low bits
+             * of its last character set decodes to the same bytes, and it accepts it. */
+            ref_only++;
+            const struct corpus_entry *b = e->base >= 0 ? &c.e[e->base] : NULL;
+            size_t n = strlen(e->token);
+            if (!b || strcmp(e->what, "signature character changed") != 0 ||
+                strlen(b->token) != n || memcmp(b->token, e->token, n - 1) != 0)
+                fail_msg("entry %zu (%s): libjwt accepts, ours refuses (%d): %s", i, e->what,
+                         sig_st, e->token);
+            assert_int_equal(sig_st, TOKEN_BAD_SIGNATURE);
+        }
+        json_decref(ours);
+        json_decref(ref);
+    }
+    assert_int_equal(accepted, signed_total);
+    assert_true(ref_only > 0); /* the lax spelling was in the corpus */
+    printf("agreement corpus: %zu tokens, %zu signed and accepted by both, %zu refused by both, "
+           "%zu non-canonical signature spellings accepted by libjwt only\n",
+           c.len, accepted, c.len - accepted - ref_only, ref_only);
+
+    for (size_t i = 0; i < c.len; i++)
+        free(c.e[i].token);
+    free(c.e);
+    keys_free(ka);
+    keys_free(k);
+    rm_rf(tmp);
+    free(tmp);
+}
+
+/* The signer's DER → R‖S and the verifier's R‖S → DER: an R or S below 2^248 has a leading
+ * zero byte, which DER drops; signing until both have happened a few times (each about
+ * one signature in 256) checks that the padding and its removal agree with libjwt. */
+static void test_sign_round_trip_short_r_s(void **state) {
+    (void)state;
+    size_t pem_len = 0;
+    const unsigned char *pem = keys_public_pem(fx.k, keys_active_kid(fx.k), &pem_len);
+    json_t *want = json_loads(GOOD_PAYLOAD, 0, NULL);
+    assert_non_null(want);
+    int short_r = 0, short_s = 0, high_r = 0, by_libjwt = 0, i;
+    for (i = 0; i < 40000 && (short_r < 3 || short_s < 3); i++) {
+        char *t = sign_json(fx.k, GOOD_PAYLOAD);
+        uint8_t raw[66];
+        sig_raw(t, raw);
+        bool r_short = raw[0] == 0, s_short = raw[32] == 0;
+        short_r += r_short;
+        short_s += s_short;
+        high_r += raw[0] >= 0x80; /* DER needs a leading zero byte there */
+        json_t *ours = NULL;
+        if (token_verify_signature(fx.k, t, &ours) != TOKEN_OK) fail_msg("ours refuses %s", t);
+        assert_true(json_equal(ours, want));
+        json_decref(ours);
+        if (r_short || s_short || i % 64 == 0) {
+            jwt_t *j = NULL;
+            if (jwt_decode(&j, t, pem, (int)pem_len) != 0)
+                fail_msg("libjwt refuses our signature (R short %d, S short %d): %s", r_short,
+                         s_short, t);
+            assert_int_equal(jwt_get_alg(j), JWT_ALG_ES256);
+            char *g = jwt_get_grants_json(j, NULL);
+            json_t *grants = json_loads(g, 0, NULL);
+            assert_true(json_equal(grants, want));
+            json_decref(grants);
+            free(g);
+            jwt_free(j);
+            by_libjwt++;
+        }
+        free(t);
+    }
+    assert_true(short_r >= 3);
+    assert_true(short_s >= 3);
+    assert_true(high_r > 0);
+    printf("signed %d tokens: %d with a short R, %d with a short S; %d checked by libjwt\n", i,
+           short_r, short_s, by_libjwt);
+
+    /* libjwt's signer, which pads R and S its own way, verifies with ours as well. */
+    size_t priv_len = 0;
+    const unsigned char *priv = keys_active_private_pem(fx.k, &priv_len);
+    for (i = 0; i < 200; i++) {
+        char *t = libjwt_token(JWT_ALG_ES256, priv, priv_len, keys_active_kid(fx.k), GOOD_PAYLOAD);
+        json_t *ours = NULL;
+        if (token_verify_signature(fx.k, t, &ours) != TOKEN_OK) fail_msg("ours refuses %s", t);
+        json_decref(ours);
+        free(t);
+    }
+    json_decref(want);
+}
+
+/* A signature part differing from a valid one only in the unused low bits of its last
+ * character decodes to the same 64 bytes: libjwt accepts it, ours refuses the spelling. */
+static void test_verify_noncanonical_signature(void **state) {
+    (void)state;
+    char *t = sign_json(fx.k, GOOD_PAYLOAD);
+    size_t n = strlen(t);
+    char last = t[n - 1];
+    size_t idx = (size_t)(strchr(B64URL_ALPHABET, last) - B64URL_ALPHABET);
+    assert_int_equal(idx % 16, 0); /* canonical: 2 data bits, 4 zero bits */
+    t[n - 1] = B64URL_ALPHABET[idx + 1];
+    size_t pem_len = 0;
+    const unsigned char *pem = keys_public_pem(fx.k, keys_active_kid(fx.k), &pem_len);
+    jwt_t *j = NULL;
+    assert_int_equal(jwt_decode(&j, t, pem, (int)pem_len), 0);
+    jwt_free(j);
+    expect_status("non-canonical signature spelling", t, TOKEN_BAD_SIGNATURE);
+    t[n - 1] = last;
+    expect_status("canonical again", t, TOKEN_OK);
+
+    /* The same rule for the header and the payload, where the other spelling also changes
+     * the signed bytes: refused as malformed before the signature is looked at. */
+    for (int part = 0; part < 2; part++) {
+        size_t len = 0;
+        const char *p = part_of(t, part, &len);
+        if (len % 4 == 0) continue; /* no unused bits to set */
+        char *m = strdup(t);
+        assert_non_null(m);
+        size_t at = (size_t)(p - t) + len - 1;
+        idx = (size_t)(strchr(B64URL_ALPHABET, m[at]) - B64URL_ALPHABET);
+        m[at] = B64URL_ALPHABET[idx + 1];
+        expect_status(part == 0 ? "non-canonical header" : "non-canonical payload", m,
+                      TOKEN_MALFORMED);
+        free(m);
+    }
+    free(t);
+}
+
+/* Cheap checks first, the signature last: a token with a bad signature and a bad claim is
+ * refused for the claim, without the signature being checked. */
+static void test_verify_order(void **state) {
+    (void)state;
+    static const struct {
+        const char *name;
+        const char *payload;
+        enum token_status want;
+    } cases[] = {
+        {"expired", "{" BASE ",\"iat\":1000,\"exp\":1200}", TOKEN_EXPIRED},
+        {"wrong issuer",
+         "{\"iss\":\"x\",\"aud\":\"pep\",\"sub\":\"bot\",\"jti\":\"J1\",\"iat\":1000,\"exp\":2000}",
+         TOKEN_WRONG_ISSUER},
+        {"wrong audience",
+         "{\"iss\":\"pep\",\"aud\":\"x\",\"sub\":\"bot\",\"jti\":\"J1\",\"iat\":1000,\"exp\":2000}",
+         TOKEN_WRONG_AUDIENCE},
+        {"claim type", "{" BASE ",\"iat\":1000,\"exp\":\"2000\"}", TOKEN_MALFORMED},
+        {"not yet valid", "{" BASE ",\"iat\":1000,\"nbf\":1900,\"exp\":2000}", TOKEN_NOT_YET_VALID},
+        {"all good", GOOD_PAYLOAD, TOKEN_BAD_SIGNATURE},
+    };
+    for (size_t i = 0; i < PEP_ARRAY_LEN(cases); i++) {
+        char *t = sign_json(fx.k, cases[i].payload);
+        char *sig = strrchr(t, '.') + 1;
+        sig[20] = sig[20] == 'A' ? 'B' : 'A';
+        struct token_claims *c = (struct token_claims *)0x1;
+        enum token_status st = token_verify(NULL, fx.k, t, ISS, AUD, 1500, 30, &c);
+        if (st != cases[i].want)
+            fail_msg("case \"%s\": got %d, want %d", cases[i].name, st, cases[i].want);
+        assert_null(c);
+        /* The signature-only check knows no claim: bad signature, whatever the claims. */
+        json_t *j = (json_t *)0x1;
+        assert_int_equal(token_verify_signature(fx.k, t, &j), TOKEN_BAD_SIGNATURE);
+        assert_null(j);
+        free(t);
+    }
 }
 
 /* ---------------------------------------------------------------------------------- */
@@ -1188,6 +1705,10 @@ int main(void) {
         cmocka_unit_test(test_verify_other_key_claiming_our_kid),
         cmocka_unit_test(test_verify_flipped_signature),
         cmocka_unit_test(test_verify_malformed),
+        cmocka_unit_test(test_verify_agrees_with_libjwt),
+        cmocka_unit_test(test_sign_round_trip_short_r_s),
+        cmocka_unit_test(test_verify_noncanonical_signature),
+        cmocka_unit_test(test_verify_order),
         cmocka_unit_test(test_issue_agent_round_trip),
         cmocka_unit_test(test_issue_operator_and_acr),
         cmocka_unit_test(test_issue_refuses_bad_requests),

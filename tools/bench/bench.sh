@@ -7,11 +7,23 @@
 #                 is forwarded, outcome audited after
 # Each figure is measured with durability: full (fsync per batch) and the 1-connection
 # latencies also with durability: normal, to separate pep's own cost from the disk's.
-# Knobs: DURATION (s per run, default 5), CONNS (default 64), ROUNDS (default 2).
+# Then the token table (token_table below): what a request costs pep in CPU by the token
+# it carries, none / garbage / unknown kid / forged signature / valid (cached) / valid
+# (uncached), each against "no token".
+# Knobs: DURATION (s per run, default 5), CONNS (default 64), ROUNDS (default 2),
+#        ONLY (paths | tokens: run one part; default both), TOKEN_CONNS (default 32),
+#        TOKEN_DURATION (s per token-table run, default DURATION), TOKEN_ROUNDS (default
+#        ROUNDS), ISSUE_SECONDS (s spent issuing tokens for the uncached row in each round,
+#        default 2 * TOKEN_DURATION).
 build=${1:-build}
 DURATION=${DURATION:-5}
 CONNS=${CONNS:-64}
 ROUNDS=${ROUNDS:-2}
+ONLY=${ONLY:-}
+TOKEN_CONNS=${TOKEN_CONNS:-32}
+TOKEN_DURATION=${TOKEN_DURATION:-$DURATION}
+TOKEN_ROUNDS=${TOKEN_ROUNDS:-$ROUNDS}
+ISSUE_SECONDS=${ISSUE_SECONDS:-$((2 * TOKEN_DURATION))}
 here=$(cd "$(dirname "$0")" && pwd)
 if ! command -v wrk >/dev/null 2>&1; then
     if [ "$(id -u)" = 0 ]; then
@@ -47,8 +59,11 @@ routes:
   - match: { method: POST, path: /v1/chat/completions }
     action: llm.chat
     forward: { upstream: mock }
+  - match: { method: POST, path: /bench/token }
+    action: bench.token
 actions:
   llm.chat: { scope: llm.chat }
+  bench.token: { scope: bench.token }
 YAML
     : >"$dir/pep.out"
     BENCH_UPSTREAM_KEY=sk-bench "$build/pep" serve -c "$dir/bench.yaml" --data-dir "$dir/data" \
@@ -80,6 +95,7 @@ run() {
     echo "$name $c ${rps:-0} $(to_us "$p50")" >>"$dir/results"
 }
 
+[ "$ONLY" = tokens ] && ROUNDS=0
 echo "pep bench: $(nproc) cores, ${DURATION}s per run, $ROUNDS rounds, wrk on loopback"
 for round in $(seq 1 "$ROUNDS"); do
     echo "-- round $round"
@@ -95,8 +111,7 @@ for round in $(seq 1 "$ROUNDS"); do
     run allow.normal "$data_url/v1/chat/completions" "$CONNS" "$here/chat.lua"
     run allow.normal "$data_url/v1/chat/completions" 1 "$here/chat.lua"
 done
-echo "-- summary (means over rounds)"
-awk -v c="$CONNS" '
+[ "$ROUNDS" -gt 0 ] && echo "-- summary (means over rounds)" && awk -v c="$CONNS" '
     { k = $1 " " $2; rps[k] += $3; p50[k] += $4; n[k]++ }
     function r(k) { return n[k] ? rps[k] / n[k] : 0 }
     function p(k) { return n[k] ? p50[k] / n[k] : 0 }
@@ -108,4 +123,94 @@ awk -v c="$CONNS" '
         printf "added p50 at 1 conn, durability full:   %6.0f us\n", p("allow.full 1") - p("direct 1")
         printf "added p50 at 1 conn, durability normal: %6.0f us\n", p("allow.normal 1") - p("direct 1")
     }' "$dir/results"
+
+# ---- token table ----------------------------------------------------------------------
+# POST /bench/token: an action whose scope no agent holds, so a request with a valid token
+# is refused 403 insufficient_scope right after authentication, and every other row 401
+# invalid_token.  Every row is one audited decision and nothing is forwarded: the rows
+# differ only by what verifying the token costs.  durability: normal, so that the disk's
+# fsync does not blur pep's own CPU.  CPU per request is pep's utime + stime (all threads,
+# /proc/PID/stat) over the wrk run, divided by the requests wrk completed; the summary
+# pools every round (total CPU / total requests), since this VM's noise moves single runs
+# by ±15%.
+hz=$(getconf CLK_TCK)
+
+# cpu_ticks PID: utime + stime of the whole process, in clock ticks.  The fields are
+# counted after "(comm) ", which may itself hold spaces.
+cpu_ticks() { sed 's/^.*) //' "/proc/$1/stat" | awk '{print $12 + $13}'; }
+
+# token_run LABEL MODE SECONDS: one wrk run of token.lua; prints it and appends
+# "LABEL|req/s|ticks|requests|statuses" to $dir/token_results.
+token_run() {
+    label=$1 mode=$2 secs=$3
+    before=$(cpu_ticks "$pep")
+    BENCH_MODE=$mode BENCH_THREADS=2 BENCH_TOKENS_FILE="$dir/tokens.txt" \
+        wrk -t2 -c"$TOKEN_CONNS" -d"${secs}s" -s "$here/token.lua" "$data_url/bench/token" \
+        >"$dir/wrk.out" 2>&1
+    after=$(cpu_ticks "$pep")
+    reqs=$(awk '/ requests in / {print $1}' "$dir/wrk.out")
+    rps=$(awk '/^Requests\/sec/ {print $2}' "$dir/wrk.out")
+    statuses=$(sed -n 's/^statuses: //p' "$dir/wrk.out")
+    [ "$label" = warm-up ] && return
+    echo "$label|${rps:-0}|$((after - before))|${reqs:-0}|$statuses" >>"$dir/token_results"
+    awk -v t=$((after - before)) -v hz="$hz" -v n="${reqs:-0}" -v l="$label" -v r="${rps:-0}" \
+        -v s="$statuses" 'BEGIN { printf "%-38s %9s req/s %7.1f us CPU/req  (%d requests; %s)\n",
+                                  l, r, (n > 0 ? t * 1000000 / hz / n : 0), n, s }'
+}
+
+token_round() {
+    start_pep normal
+    # The uncached row needs one token per request: issue them through the admin API first.
+    : >"$dir/tokens.txt"
+    BENCH_TOKENS_FILE="$dir/tokens.txt" BENCH_AGENT=bench-bot \
+        BENCH_ADMIN_TOKEN=$(cat "$dir/data/admin.token") \
+        wrk -t1 -c8 -d"${ISSUE_SECONDS}s" -s "$here/issue.lua" \
+        "$admin_url/admin/v1/agents/bench-bot/tokens" >"$dir/issue.out" 2>&1
+    ntokens=$(wc -l <"$dir/tokens.txt")
+    token_run warm-up none 1
+    token_run "no token" none "$TOKEN_DURATION"
+    token_run "garbage token" garbage "$TOKEN_DURATION"
+    token_run "unknown kid (new each request)" unknown_kid "$TOKEN_DURATION"
+    token_run "forged signature (new each request)" forged "$TOKEN_DURATION"
+    token_run "valid token (cached)" valid "$TOKEN_DURATION"
+    # As long as the tokens last, at the forged rate of this round (the closest cost) with
+    # a margin; wrk takes whole seconds, so at least 1.
+    forged_rps=$(awk -F'|' '$1 ~ /^forged/ {r = $2} END {print r + 0}' "$dir/token_results")
+    secs=$(awk -v n="$ntokens" -v r="$forged_rps" -v d="$TOKEN_DURATION" \
+        'BEGIN { s = r > 0 ? int(n / (r * 1.25)) : 1; if (s < 1) s = 1; if (s > d) s = d; print s }')
+    if [ "$ntokens" -eq 0 ]; then
+        echo "  no token could be issued for the uncached row (see $dir/issue.out); row skipped"
+        return
+    fi
+    token_run "valid token (uncached)" uncached "$secs"
+    [ "${reqs:-0}" -gt "$ntokens" ] &&
+        echo "  warning: $reqs requests for $ntokens tokens: some were answered from the cache"
+    echo "  ($ntokens tokens issued for the uncached row)"
+}
+
+token_table() {
+    : >"$dir/token_results"
+    for round in $(seq 1 "$TOKEN_ROUNDS"); do
+        echo "-- token table, round $round: POST /bench/token, wrk -t2 -c$TOKEN_CONNS," \
+            "${TOKEN_DURATION}s per run, durability normal"
+        token_round
+    done
+    echo "-- token table summary ($TOKEN_ROUNDS rounds pooled; issue target: forged and" \
+        "uncached ≤ 2.5 x no token)"
+    awk -F'|' -v hz="$hz" '
+        !($1 in ticks) { order[++n] = $1 }
+        { rps[$1] += $2; runs[$1]++; ticks[$1] += $3; reqs[$1] += $4 }
+        END {
+            printf "%-38s %9s %13s %11s\n", "token", "req/s", "CPU/req", "x no token"
+            for (i = 1; i <= n; i++) {
+                k = order[i]
+                us = reqs[k] > 0 ? ticks[k] * 1000000 / hz / reqs[k] : 0
+                if (i == 1) base = us
+                printf "%-38s %9.0f %10.1f us %10.2f\n", k, rps[k] / runs[k], us,
+                    (base > 0 ? us / base : 0)
+            }
+        }' "$dir/token_results"
+}
+
+[ "$ONLY" = paths ] || token_table
 exit 0
