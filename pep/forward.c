@@ -36,6 +36,7 @@ struct forwarder {
     struct forward_job *running; /* jobs added to multi (forwarder thread only) */
     CURL *idle_easy[64];         /* reusable easy handles (forwarder thread only) */
     size_t idle_easy_len;
+    size_t buffered; /* answer bytes held by running jobs (forwarder thread only) */
 };
 
 static const char *const hop_by_hop[] = {
@@ -73,10 +74,25 @@ static bool connection_names(const char *tokens, const char *name) {
 
 bool forward_header_allowed(const char *name, const char *connection_tokens) {
     /* SECURITY: the agent's credentials (Authorization, Cookie) and pep's own control
-     * headers stop here; framing headers are curl's to set (no smuggling through us). */
-    static const char *const never[] = {"authorization", "cookie", "content-length",
-                                        "host",          "expect", "x-request-id"};
-    if (strncasecmp(name, "pep-", 4) == 0) return false;
+     * headers stop here; framing headers are curl's to set (no smuggling through us).
+     * Headers that make a server or framework act on another method, URL or client than
+     * the one pep decided on stop here too (SPEC 4.7): an agent allowed GET /x must not
+     * have the upstream run DELETE /admin through X-HTTP-Method-Override or
+     * X-Original-URL, nor speak for another client through Forwarded/X-Forwarded-*. */
+    static const char *const never[] = {"authorization",
+                                        "cookie",
+                                        "content-length",
+                                        "host",
+                                        "expect",
+                                        "x-request-id",
+                                        "x-http-method-override",
+                                        "x-http-method",
+                                        "x-method-override",
+                                        "x-original-url",
+                                        "x-rewrite-url",
+                                        "forwarded"};
+    if (strncasecmp(name, "pep-", 4) == 0 || strncasecmp(name, "x-forwarded-", 12) == 0)
+        return false;
     if (in_list(name, never, PEP_ARRAY_LEN(never)) ||
         in_list(name, hop_by_hop, PEP_ARRAY_LEN(hop_by_hop)))
         return false;
@@ -126,7 +142,8 @@ static size_t on_body(char *data, size_t size, size_t nmemb, void *arg) {
     struct forward_job *job = arg;
     size_t n = size * nmemb;
     job->last_byte_mono_us = pep_mono_us();
-    if (job->body_out_len + n > FORWARD_MAX_RESPONSE) {
+    if (job->body_out_len + n > FORWARD_MAX_RESPONSE ||
+        job->owner->buffered + n > FORWARD_MAX_BUFFERED) {
         job->error = FORWARD_TOO_LARGE;
         return 0; /* makes curl fail the transfer with CURLE_WRITE_ERROR */
     }
@@ -142,6 +159,7 @@ static size_t on_body(char *data, size_t size, size_t nmemb, void *arg) {
     }
     memcpy(job->body_out + job->body_out_len, data, n);
     job->body_out_len += n;
+    job->owner->buffered += n;
     job->body_out[job->body_out_len] = '\0';
     return n;
 }
@@ -160,6 +178,19 @@ static size_t on_header(char *line, size_t size, size_t nmemb, void *arg) {
     job->last_byte_mono_us = pep_mono_us();
     if (n >= 5 && strncmp(line, "HTTP/", 5) == 0) {
         drop_response_headers(job); /* a new (e.g. after 100 Continue) response head */
+        job->head_bytes = n;
+        job->head_complete = false;
+        return n;
+    }
+    /* SECURITY: a head the agent's connection could not carry whole (libmicrohttpd's
+     * per-connection pool) would reach it as an empty reply; refuse it as an attempt. */
+    job->head_bytes += n;
+    if (job->head_bytes > FORWARD_MAX_HEAD) {
+        job->head_too_large = true;
+        return 0;
+    }
+    if ((n == 2 && line[0] == '\r' && line[1] == '\n') || (n == 1 && line[0] == '\n')) {
+        job->head_complete = true;
         return n;
     }
     const char *colon = memchr(line, ':', n);
@@ -227,6 +258,7 @@ static void finish(struct forwarder *f, struct forward_job *job, enum forward_er
         job->easy = NULL;
     }
     job->next = NULL;
+    f->buffered -= job->body_out_len; /* the answer is the job's now, not in flight */
     job->error = error;
     job->elapsed_us = pep_mono_us() - job->started_mono_us;
     job->done(job, job->done_arg);
@@ -234,10 +266,39 @@ static void finish(struct forwarder *f, struct forward_job *job, enum forward_er
 
 #define FORWARD_MAX_IDLE_REUSE_S 4
 
+/*
+ * CURLOPT_PREREQFUNCTION: libcurl calls it each time it is about to send the request on a
+ * connection — including when it sends it again on a fresh connection because a reused
+ * one closed before any answer byte (Curl_retry_request, up to 5 times).  So it counts
+ * the request's real attempts, and SECURITY (SPEC 4.2): it refuses the second send of a
+ * request that is not safe to repeat (a refund must not reach the upstream twice because
+ * a keep-alive connection died under it).
+ */
+static int on_prereq(void *arg, char *primary_ip, char *local_ip, int primary_port,
+                     int local_port) {
+    (void)primary_ip;
+    (void)local_ip;
+    (void)primary_port;
+    (void)local_port;
+    struct forward_job *job = arg;
+    if (job->sends > 0 && !job->repeatable) {
+        job->resend_refused = true;
+        return CURL_PREREQFUNC_ABORT;
+    }
+    if (job->sends < FORWARD_MAX_SENDS) job->send_at_us[job->sends] = pep_mono_us();
+    job->sends++;
+    return CURL_PREREQFUNC_OK;
+}
+
 static int setup(struct forwarder *f, struct forward_job *job) {
     CURL *e = take_easy(f);
     if (!e) return -1;
     job->easy = e;
+    job->head_bytes = 0;
+    job->head_complete = false;
+    job->head_too_large = false;
+    job->resend_refused = false;
+    job->sends = 0;
     job->curl_errbuf[0] = '\0';
     job->last_byte_mono_us = pep_mono_us();
     int64_t connect_ms = job->timeout_ms < 10000 ? job->timeout_ms : 10000;
@@ -257,14 +318,17 @@ static int setup(struct forwarder *f, struct forward_job *job) {
     SET(CURLOPT_HEADERFUNCTION, on_header);
     SET(CURLOPT_HEADERDATA, job);
     SET(CURLOPT_ERRORBUFFER, job->curl_errbuf);
+    SET(CURLOPT_PREREQFUNCTION, on_prereq);
+    SET(CURLOPT_PREREQDATA, job);
     SET(CURLOPT_HTTP_VERSION, (long)CURL_HTTP_VERSION_1_1);
     SET(CURLOPT_ACCEPT_ENCODING, NULL); /* relay bytes as the upstream sent them */
     SET(CURLOPT_PROXY, "");             /* never an environment proxy for upstream calls */
-    /* libcurl re-sends a request once when a reused connection turns out closed before any
-     * answer byte, which can make an upstream see a POST twice.  The usual cause is the
-     * upstream's keep-alive timeout expiring as the request goes out (Node and uvicorn
-     * close idle connections after 5 s); not reusing connections idle for more than
-     * FORWARD_MAX_IDLE_REUSE_S narrows that race at the cost of one connect after a lull. */
+    /* libcurl re-sends a request when a reused connection turns out closed before any
+     * answer byte (on_prereq counts and, for a request not safe to repeat, refuses that).
+     * The usual cause is the upstream's keep-alive timeout expiring as the request goes out
+     * (Node and uvicorn close idle connections after 5 s); not reusing connections idle
+     * for more than FORWARD_MAX_IDLE_REUSE_S makes it rare, at the cost of one connect
+     * after a lull. */
     SET(CURLOPT_MAXAGE_CONN, (long)FORWARD_MAX_IDLE_REUSE_S);
     if (strcmp(job->method, "GET") == 0) {
         SET(CURLOPT_HTTPGET, 1L);
@@ -288,8 +352,14 @@ static int setup(struct forwarder *f, struct forward_job *job) {
 
 static enum forward_error classify(const struct forward_job *job, CURLcode result) {
     if (job->error == FORWARD_TOO_LARGE) return FORWARD_TOO_LARGE;
+    if (job->head_too_large) return FORWARD_CONNECT_ERROR;
     switch (result) {
     case CURLE_OK:
+        /* SECURITY (SPEC 8): only an answer pep can relay as sent counts as one: a head
+         * the upstream cut off (libcurl ends such a transfer without an error) or a status
+         * outside 200-599 (which the agent's HTTP stack would misread) is a failed attempt. */
+        if (!job->head_complete || job->status < 200 || job->status > 599)
+            return FORWARD_CONNECT_ERROR;
         return FORWARD_OK;
     case CURLE_OPERATION_TIMEDOUT: {
         /* The connect timeout and the overall timeout share this code: a connection that
@@ -375,7 +445,9 @@ static void reap(struct forwarder *f) {
         CURLcode result = msg->data.result;
         if (result == CURLE_OK)
             curl_easy_getinfo(msg->easy_handle, CURLINFO_RESPONSE_CODE, &job->status);
-        finish(f, job, classify(job, result));
+        enum forward_error error = classify(job, result);
+        if (error != FORWARD_OK) job->status = 0; /* no answer that can be relayed */
+        finish(f, job, error);
     }
 }
 
@@ -400,6 +472,7 @@ static void *forwarder_main(void *arg) {
         while (batch) {
             struct forward_job *next = batch->next;
             batch->next = NULL;
+            batch->owner = f;
             batch->started_mono_us = pep_mono_us();
             if (setup(f, batch) != 0) finish(f, batch, FORWARD_CONNECT_ERROR);
             batch = next;

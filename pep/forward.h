@@ -24,13 +24,23 @@
 
 /* Caps the relayed answer; a larger one fails the attempt. */
 #define FORWARD_MAX_RESPONSE (32u * 1024 * 1024)
+/* Caps the answer bytes all transfers in flight hold at once (answers are buffered whole
+ * until they are relayed): an attempt that would pass it fails as FORWARD_TOO_LARGE. */
+#define FORWARD_MAX_BUFFERED (256u * 1024 * 1024)
+/* Sends of one request whose times are kept (libcurl re-sends at most 5 times). */
+#define FORWARD_MAX_SENDS 8
+/* Caps a response head (status line and header lines); a larger one cannot be relayed
+ * faithfully, so the attempt is a connect_error (SPEC 8). */
+#define FORWARD_MAX_HEAD (32u * 1024)
 
 enum forward_error {
     FORWARD_OK = 0,        /* an HTTP answer arrived (any status) */
     FORWARD_TIMEOUT,       /* no complete answer within timeout_ms */
     FORWARD_IDLE_TIMEOUT,  /* silence longer than idle_timeout_ms */
-    FORWARD_CONNECT_ERROR, /* refused, reset, or closed before a complete answer */
-    FORWARD_TOO_LARGE,     /* answer over FORWARD_MAX_RESPONSE */
+    FORWARD_CONNECT_ERROR, /* refused, reset, or closed before a complete answer; also an
+                              answer pep cannot relay faithfully: a head over
+                              FORWARD_MAX_HEAD, a head cut off, a status outside 200-599 */
+    FORWARD_TOO_LARGE,     /* answer over FORWARD_MAX_RESPONSE or FORWARD_MAX_BUFFERED */
     FORWARD_CANCELLED,     /* pep is shutting down */
 };
 
@@ -49,6 +59,7 @@ struct forward_job {
     size_t body_len;
     int64_t timeout_ms;
     int64_t idle_timeout_ms; /* 0 = none */
+    bool repeatable;         /* safe to send again (SPEC 4.2); else at most once */
 
     /* --- result, filled by the forwarder before done --- */
     enum forward_error error;
@@ -60,13 +71,24 @@ struct forward_job {
     size_t resp_headers_len;
     size_t resp_headers_cap;
     int64_t elapsed_us;
+    /* How many times the request went upstream (SPEC 4.2: each is an attempt): libcurl
+     * sends a request again, on a fresh connection, when a reused one closes before any
+     * answer byte; a request not `repeatable` is never sent twice (the transfer fails as
+     * FORWARD_CONNECT_ERROR instead).  0 when no connection was made. */
+    int sends;
+    int64_t send_at_us[FORWARD_MAX_SENDS]; /* monotonic time of each send (the first ones) */
 
     void (*done)(struct forward_job *job, void *arg); /* forwarder thread */
     void *done_arg;
 
     /* --- private to the forwarder --- */
     struct forward_job *next;
+    struct forwarder *owner; /* while running */
     CURL *easy;
+    size_t head_bytes;   /* of the current response head */
+    bool head_complete;  /* the current head's blank line arrived */
+    bool head_too_large; /* some head passed FORWARD_MAX_HEAD */
+    bool resend_refused; /* libcurl wanted to send a request that is not repeatable again */
     int64_t started_mono_us;
     int64_t last_byte_mono_us; /* when the upstream last sent a byte (or the job started) */
     char curl_errbuf[CURL_ERROR_SIZE];
@@ -90,8 +112,8 @@ void forwarder_cancel_all(struct forwarder *f);
 void forward_job_clear(struct forward_job *job);
 
 /* True when an incoming request header may be sent upstream (case-insensitive name).
- * `connection_tokens` is the agent's Connection header value (its tokens name more
- * hop-by-hop headers), or NULL. */
+ * `connection_tokens` is the agent's Connection header values, joined by commas (their
+ * tokens name more hop-by-hop headers), or NULL. */
 bool forward_header_allowed(const char *name, const char *connection_tokens);
 
 /* True when an upstream response header may be relayed to the agent. */

@@ -116,6 +116,21 @@ static const struct header_case header_cases[] = {
     {"Content-Type", "close, X-Hop", true},
     /* the Connection header cannot re-allow anything */
     {"Authorization", "", false},
+    /* SPEC 4.7: headers that would make the upstream act on another method, URL or client */
+    {"X-HTTP-Method-Override", NULL, false},
+    {"x-http-method", NULL, false},
+    {"X-Method-Override", NULL, false},
+    {"X-Original-URL", NULL, false},
+    {"X-Rewrite-Url", NULL, false},
+    {"Forwarded", NULL, false},
+    {"X-Forwarded-For", NULL, false},
+    {"x-forwarded-host", NULL, false},
+    {"X-Forwarded-Proto", NULL, false},
+    {"X-Forwarded", NULL, true}, /* not the X-Forwarded- prefix */
+    {"X-Forwarder", NULL, true},
+    /* two Connection headers, joined by the caller: both name hop-by-hop headers */
+    {"X-Hop-A", "keep-alive, X-Hop-A,X-Hop-B,", false},
+    {"X-Hop-B", "keep-alive, X-Hop-A,X-Hop-B,", false},
 };
 
 static void test_forward_header_allowed_table(void **state) {
