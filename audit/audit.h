@@ -97,15 +97,28 @@ const char *audit_path(struct audit_store *s);
  * Queues one item.  `record` is a JSON object without `seq` (the writer adds it); its
  * reference is stolen in every case.  `apply` may be NULL.  `done` may be NULL (fire and
  * forget, e.g. outcome records).  Returns 0, or PEP_EUNAVAILABLE when the store is closed
- * or the queue is full, or PEP_EINVAL when record is not a JSON object — then no callback
- * will run.  From the call on the store owns the record alone (it adds `seq` to it on the
- * writer thread): the caller must not keep and read another reference.
- * A record that has no canonical form (see audit_canonical_json: a real number, invalid
- * UTF-8 …) fails alone: done(arg, PEP_EINVAL, 0), its apply never runs.
- * `apply` must not BEGIN/COMMIT: it runs inside a SAVEPOINT of the batch transaction.
+ * or the queue is full, PEP_EBACKLOG when AUDIT_MAX_HELD records are held back (see
+ * below), or PEP_EINVAL when record is not a JSON object — then no callback will run.
+ *
+ * SPEC 6.5, nothing dropped while pep runs: a fire-and-forget item records something that
+ * has happened (an upstream call, an ended window), so when its batch fails it is not
+ * failed but held, in queue order, and written as soon as the store accepts writes
+ * again; the queue bound does not refuse it.  Items someone waits for (decisions, admin
+ * changes) fail with their batch, as before: their caller refuses what they record.  While
+ * AUDIT_MAX_HELD or more fire-and-forget records are queued (held ones included), items
+ * with a waiter are refused with PEP_EBACKLOG, so that nothing new is decided whose
+ * outcome could not be kept.  Held
+ * records that still cannot be written when the store is shut down are reported on
+ * stderr (their count) and lost: the process is exiting.  From the call on the store owns the
+ * record alone (it adds `seq` to it on the writer thread): the caller must not keep and read
+ * another reference. A record that has no canonical form (see audit_canonical_json: a real number,
+ * invalid UTF-8 …) fails alone: done(arg, PEP_EINVAL, 0), its apply never runs. `apply` must not
+ * BEGIN/COMMIT: it runs inside a SAVEPOINT of the batch transaction.
  */
 int audit_submit(struct audit_store *s, json_t *record, audit_apply_fn apply, void *apply_arg,
                  audit_done_fn done, void *done_arg);
+
+#define AUDIT_MAX_HELD 65536
 
 /* Deepest nesting a record may have (the record object itself is depth 1). */
 #define AUDIT_MAX_DEPTH 32
@@ -208,6 +221,7 @@ struct audit_stats {
     int64_t head_seq;
     size_t queued;
     bool failing;            /* the last batch failed: the store cannot write now */
+    size_t held;             /* records held back by failed batches, to be written (SPEC 6.5) */
     int64_t commit_us_total; /* time spent in COMMIT (the fsync), summed over batches */
 };
 void audit_get_stats(struct audit_store *s, struct audit_stats *out);

@@ -14,9 +14,12 @@
  *
  * Failure is closed: if anything in the batch fails at the SQLite level (insert, commit,
  * SQLITE_FULL, SQLITE_IOERR …) the transaction is rolled back, the in-memory head stays
- * where it was, and every item of the batch gets done(PEP_EDB, 0) — nothing of it was
- * written.  The next batch tries again: a full disk that gets space back, or a transient
- * I/O error, heals without a restart.  One log line per failure streak, one on recovery.
+ * where it was, and every item of the batch someone waits for gets done(PEP_EDB, 0) —
+ * nothing of it was written.  Fire-and-forget items (what they record has happened) are
+ * held instead: put back at the front of the queue, in order, and retried every
+ * AUDIT_RETRY_US until a batch commits (SPEC 6.5).  A full disk that gets space back, or a
+ * transient I/O error, heals without a restart.  One log line per failure streak, one on
+ * recovery.
  * An item whose own apply fails, or whose record has no canonical form, fails alone (its
  * savepoint is rolled back, it takes no seq) and the rest of the batch commits.
  * One window is left, as in SQLite itself: when the WAL fsync of COMMIT fails, the batch's
@@ -53,6 +56,8 @@
 #define AUDIT_DEFAULT_MAX_BATCH 1024
 #define AUDIT_DEFAULT_MAX_QUEUE 65536
 #define AUDIT_BUSY_TIMEOUT_MS 5000
+#define AUDIT_RETRY_US 50000     /* pause between retries of held records */
+#define AUDIT_CLOSING_RETRIES 40 /* at shutdown, held records are retried this often */
 
 /* The audit schema.  Copy columns (ts … request_id) duplicate record fields for queries;
  * the record text stays the only thing the chain covers.  Every index costs the single
@@ -120,6 +125,7 @@ struct audit_item {
     void *apply_arg;
     audit_done_fn done; /* may be NULL */
     void *done_arg;
+    bool held;   /* put back after a failed batch (counted in audit_store.held) */
     int rc;      /* outcome in the current batch: 0 or PEP_E* */
     int64_t seq; /* assigned seq, 0 when the item failed */
 };
@@ -151,6 +157,7 @@ struct audit_store {
     bool head_checkpointed; /* a checkpoint row exists for head_seq */
     bool failing;           /* inside a failure streak (for logging once) */
     int64_t failed_batches; /* batches failed in the current streak */
+    int closing_retries;    /* failed batches since closing began */
 
     pthread_t thread; /* the writer */
     bool thread_started;
@@ -161,6 +168,7 @@ struct audit_store {
     struct audit_item *q_tail; /* newest queued item */
     size_t q_len;
     size_t q_waiting;  /* queued items with a done callback (someone waits) */
+    size_t held;       /* fire-and-forget items put back after a failed batch (at the front) */
     int64_t linger_us; /* how long fire-and-forget items may wait for company */
     bool closing;      /* audit_submit refuses; the writer drains and stops */
     /* Settings a reload changed (audit_retune), applied by the writer between batches. */
@@ -471,29 +479,72 @@ fail:
     return PEP_EDB;
 }
 
-/* Writes a batch, publishes the outcome, runs the callbacks and frees the items. */
-static void store_run_batch(struct audit_store *s, struct audit_item *batch, size_t n) {
+/* Whether a failed batch's item is kept to be written later: nobody waits for it (what it
+ * records has happened), and only the store failed it, not its own content. */
+static bool store_holds(const struct audit_store *s, const struct audit_item *it) {
+    return !it->done && !it->invalid && s->closing_retries < AUDIT_CLOSING_RETRIES;
+}
+
+/* Writes a batch, publishes the outcome, runs the callbacks and frees the items — or, when
+ * the batch failed, puts the items it holds back at the front of the queue.  Returns the
+ * batch's rc. */
+static int store_run_batch(struct audit_store *s, struct audit_item *batch, size_t n) {
     size_t written = 0;
     int64_t commit_us = 0;
     int rc = store_write_batch(s, batch, &written, &commit_us);
+    if (rc != 0 && s->closing) s->closing_retries++;
+
+    /* Split off what is held (in queue order); the rest is reported and freed. */
+    struct audit_item *held = NULL, *held_last = NULL, *report = NULL, **report_tail = &report;
+    size_t held_n = 0, lost = 0, were_held = 0;
+    for (struct audit_item *it = batch, *next; it; it = next) {
+        next = it->next;
+        it->next = NULL;
+        were_held += it->held;
+        if (rc != 0 && store_holds(s, it)) {
+            it->held = true;
+            if (held_last)
+                held_last->next = it;
+            else
+                held = it;
+            held_last = it;
+            held_n++;
+        } else {
+            if (rc != 0 && !it->done && !it->invalid) lost++;
+            *report_tail = it;
+            report_tail = &it->next;
+        }
+    }
+    if (lost > 0)
+        fprintf(stderr, "audit: %zu held record(s) lost: the store still failed at shutdown\n",
+                lost);
 
     pthread_mutex_lock(&s->lock);
     s->stats.batches++;
     s->stats.records_written += (int64_t)written;
-    s->stats.failures += (int64_t)(n - written);
+    s->stats.failures += (int64_t)(n - written - held_n);
     s->stats.head_seq = s->head_seq;
     s->stats.failing = rc != 0;
     s->stats.commit_us_total += commit_us;
+    if (held) { /* back in front of everything queued meanwhile */
+        held_last->next = s->q_head;
+        if (!s->q_head) s->q_tail = held_last;
+        s->q_head = held;
+        s->q_len += held_n;
+    }
+    s->held = s->held - were_held + held_n;
+    s->stats.held = s->held;
     pthread_mutex_unlock(&s->lock);
 
     if (rc == 0 && s->batch_observe) s->batch_observe(s->batch_observe_arg, written, commit_us);
     /* Queue order is seq order: written items got increasing seqs. */
-    while (batch) {
-        struct audit_item *next = batch->next;
-        if (batch->done) batch->done(batch->done_arg, batch->rc, batch->seq);
-        store_item_free(batch);
-        batch = next;
+    while (report) {
+        struct audit_item *next = report->next;
+        if (report->done) report->done(report->done_arg, report->rc, report->seq);
+        store_item_free(report);
+        report = next;
     }
+    return rc;
 }
 
 /* The closing checkpoint at the head, in its own transaction. */
@@ -523,10 +574,26 @@ static void store_apply_retune(struct audit_store *s, bool full, int64_t checkpo
     if (s->checkpoint_sign) s->checkpoint_every = checkpoint_every;
 }
 
+/* After a failed batch that held records: waits AUDIT_RETRY_US before trying again, unless
+ * an item someone waits for arrives (it deserves its answer, success or refusal, now).
+ * Called with s->lock held. */
+static void store_pause_before_retry(struct audit_store *s) {
+    struct timespec until;
+    clock_gettime(CLOCK_REALTIME, &until);
+    int64_t ns = until.tv_nsec + AUDIT_RETRY_US * 1000LL;
+    until.tv_sec += ns / 1000000000;
+    until.tv_nsec = ns % 1000000000;
+    size_t waiting = s->q_waiting;
+    while (s->q_waiting == waiting && pthread_cond_timedwait(&s->cond, &s->lock, &until) == 0)
+        ;
+}
+
 static void *store_writer_main(void *arg) {
     struct audit_store *s = arg;
+    bool retry = false;
     for (;;) {
         pthread_mutex_lock(&s->lock);
+        if (retry) store_pause_before_retry(s);
         while (!s->q_head && !s->closing)
             pthread_cond_wait(&s->cond, &s->lock);
         if (!s->q_head) { /* closing and drained */
@@ -564,7 +631,7 @@ static void *store_writer_main(void *arg) {
         s->retune = false;
         pthread_mutex_unlock(&s->lock);
         if (retune) store_apply_retune(s, retune_full, retune_every);
-        store_run_batch(s, batch, n);
+        retry = store_run_batch(s, batch, n) != 0 && s->held > 0;
     }
     store_final_checkpoint(s);
     pthread_mutex_lock(&s->lock);
@@ -772,10 +839,16 @@ int audit_submit(struct audit_store *s, json_t *record, audit_apply_fn apply, vo
         return PEP_EUNAVAILABLE;
     }
     pthread_mutex_lock(&s->lock);
-    if (s->closing || s->q_len >= s->max_queue) {
+    /* Fire-and-forget items record what has happened: only closing refuses them. */
+    int refuse = s->closing                                  ? PEP_EUNAVAILABLE
+                 : !done                                     ? 0
+                 : s->q_len - s->q_waiting >= AUDIT_MAX_HELD ? PEP_EBACKLOG
+                 : s->q_len >= s->max_queue                  ? PEP_EUNAVAILABLE
+                                                             : 0;
+    if (refuse) {
         pthread_mutex_unlock(&s->lock);
         store_item_free(it);
-        return PEP_EUNAVAILABLE;
+        return refuse;
     }
     if (s->q_tail)
         s->q_tail->next = it;

@@ -25,7 +25,8 @@
     X(EXISTS, -7, "already exists")                                                                \
     X(UNAVAILABLE, -8, "unavailable")                                                              \
     X(DENIED, -9, "denied")                                                                        \
-    X(CLOSED, -10, "closed")
+    X(CLOSED, -10, "closed")                                                                       \
+    X(BACKLOG, -11, "too many records held back")
 
 enum pep_code {
 #define PEP_X_ENUM(name, value, msg) PEP_E##name = (value),
