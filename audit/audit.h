@@ -171,16 +171,40 @@ int audit_verify_file(const char *path, struct audit_verify_result *res, struct 
 int audit_verify_file_checked(const char *path, audit_checkpoint_check_fn check, void *check_arg,
                               struct audit_verify_result *res, struct pep_err *err);
 
+/* Read transactions of a walk end after this many rows or this long, whichever is first:
+ * a reader holds back the writer's WAL checkpoints only while its transaction lasts. */
+#define AUDIT_VERIFY_CHUNK_ROWS 4096
+#define AUDIT_VERIFY_CHUNK_US 50000
+
+/* How a walk runs; a zeroed struct is audit_verify_db's walk. */
+struct audit_verify_options {
+    audit_checkpoint_check_fn check; /* checks every checkpoint's JWT; NULL: not checked */
+    void *check_arg;
+    int64_t chunk_rows; /* most rows per read transaction; <= 0: AUDIT_VERIFY_CHUNK_ROWS */
+    int64_t chunk_us;   /* a read transaction ends after this long; <= 0: AUDIT_VERIFY_CHUNK_US */
+    /* Called between two read transactions (outside both, so the writer may checkpoint
+     * the WAL meanwhile), on the walking thread; false stops the walk, which then returns
+     * PEP_ECLOSED.  NULL: never stops. */
+    bool (*pause)(void *arg);
+    void *pause_arg;
+};
+
 /*
  * The walk itself, on an open connection (a reader, or the writer's before its thread
- * starts).  Runs inside one read transaction so that it sees one snapshot.  Checks, row by
- * row in seq order: seq = previous + 1 from 1 ("missing row" names the missing seq);
- * prev_hash = previous hash (zeros for seq 1); hash = SHA-256(prev_hash || record); the
- * record parses as a JSON object whose "seq" is the row's seq; the record is canonical
- * (re-dumping it gives the same bytes).  Every checkpoint row must match the hash of the
- * row of its seq, and no checkpoint may lie beyond the last row ("truncated: checkpoint at
- * seq N", first_bad_seq = head + 1).  Checkpoint JWT signatures are not checked
- * (res->signatures_checked false): see audit_verify_db_checked.
+ * starts).  Checks, row by row in seq order: seq = previous + 1 from 1 ("missing row"
+ * names the missing seq); prev_hash = previous hash (zeros for seq 1); hash =
+ * SHA-256(prev_hash || record); the record parses as a JSON object whose "seq" is the
+ * row's seq; the record is canonical (re-dumping it gives the same bytes).  Every
+ * checkpoint row must match the hash of the row of its seq, and no checkpoint may lie
+ * beyond the last row ("truncated: checkpoint at seq N", first_bad_seq = head + 1).
+ * Checkpoint JWT signatures are not checked (res->signatures_checked false): see
+ * audit_verify_db_checked.
+ * On a connection outside any transaction the walk reads in bounded read transactions
+ * (audit_verify_options) up to the head of the first one, so that it never holds back
+ * the WAL for long: rows appended meanwhile are not walked, and the result is that of
+ * the chain as it stood when the walk began (the table is append-only; a row of that
+ * range gone before the walk reached it is reported "missing row").
+ * Inside a transaction the caller holds, it walks that snapshot in one pass.
  * Returns 0 when the walk ran (see res->ok), PEP_EINVAL when db is not an audit store, or
  * PEP_EDB when SQLite fails during the walk (res->reason says why).
  */
@@ -198,6 +222,15 @@ int audit_verify_db(sqlite3 *db, struct audit_verify_result *res);
  */
 int audit_verify_db_checked(sqlite3 *db, audit_checkpoint_check_fn check, void *check_arg,
                             struct audit_verify_result *res);
+
+/* audit_verify_db with options: JWT checks, chunk bounds, and a pause between chunks that
+ * may cancel the walk (then PEP_ECLOSED, res->reason "cancelled", res not a result). */
+int audit_verify_db_opts(sqlite3 *db, const struct audit_verify_options *opt,
+                         struct audit_verify_result *res);
+
+/* audit_verify_file with options (see audit_verify_db_opts). */
+int audit_verify_file_opts(const char *path, const struct audit_verify_options *opt,
+                           struct audit_verify_result *res, struct pep_err *err);
 
 /* The SPEC 5 answer of GET /admin/v1/audit/verify for res: {ok, records, head_seq,
  * head_hash, checkpoints_signed} plus first_bad_seq and reason when not ok (new

@@ -16,6 +16,7 @@
  */
 #include "pep/server.h"
 #include "pep/util.h"
+#include "pep/verifier.h"
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -37,13 +38,19 @@ struct admin_op {
     struct agent *agent;     /* OP_PUT_AGENT (reference moves to the registry) */
     struct operator_rec *op; /* OP_PUT_OPERATOR */
     struct token_rec token;  /* OP_PUT_TOKEN, OP_REVOKE_TOKEN (jti, revoked_at_s) */
-    int status;              /* HTTP status of the answer once committed */
-    json_t *answer;          /* the answer once committed */
+    /* Published before its record was queued (see commit_async); undone if the record
+     * could not be written: */
+    bool published_early;
+    struct agent *previous; /* OP_PUT_AGENT: the agent it replaced (retained) */
+    bool was_revoked;       /* OP_REVOKE_TOKEN: the token was revoked already */
+    int status;             /* HTTP status of the answer once committed */
+    json_t *answer;         /* the answer once committed */
 };
 
 static void admin_op_free(void *p) {
     struct admin_op *op = p;
     agent_release(op->agent);
+    agent_release(op->previous);
     operator_release(op->op);
     free(op->token.subject);
     json_decref(op->answer);
@@ -88,9 +95,49 @@ static void op_publish(struct admin_op *op) {
     }
 }
 
+/*
+ * SPEC 3.1 and 6.5: what a decision reads of the registry (revocations, an agent's scopes,
+ * tenants and enabled flag) changes in memory no later than its record is queued, as one
+ * step for the decisions (server.decision_lock): a decision queued after the record of a
+ * revocation was made knowing it, and none queued before it was.  A new agent and the
+ * other changes (operators, issued tokens) cannot affect a decision before their answer,
+ * so they are published once committed.
+ */
+static bool op_publishes_early(const struct admin_op *op) {
+    return op->kind == OP_REVOKE_TOKEN || op->kind == OP_PUT_AGENT;
+}
+
+/* Under the decision lock, held for writing. */
+static void op_publish_early(struct admin_op *op) {
+    struct registry *reg = op->srv->registry;
+    if (op->kind == OP_PUT_AGENT) {
+        op->previous = registry_get_agent(reg, op->agent->id);
+        if (!op->previous) return; /* a new agent: published once committed */
+        registry_publish_agent(reg, agent_retain(op->agent)); /* op keeps its own for apply */
+    } else {
+        registry_publish_revoke(reg, op->token.jti, op->token.revoked_at_s);
+    }
+    op->published_early = true;
+}
+
+/* The record could not be written: nothing was changed, in memory either. */
+static void op_unpublish(struct admin_op *op) {
+    struct registry *reg = op->srv->registry;
+    if (op->kind == OP_PUT_AGENT) {
+        registry_publish_agent(reg, op->previous);
+        op->previous = NULL;
+    } else if (!op->was_revoked) {
+        registry_unpublish_revoke(reg, op->token.jti);
+    }
+}
+
 static void op_done(void *arg, int rc, int64_t seq) {
     struct admin_op *op = arg;
-    if (rc == 0) op_publish(op);
+    if (op->published_early) {
+        if (rc != 0) op_unpublish(op);
+    } else if (rc == 0) {
+        op_publish(op);
+    }
     op->req->audit_rc = rc;
     op->req->audit_seq = seq;
     request_resume(op->req);
@@ -115,12 +162,26 @@ static enum MHD_Result commit_async(struct request *r, struct admin_op *op, json
     r->admin_op = op;
     r->admin_op_free = admin_op_free;
     request_suspend(r);
-    if (!record || audit_submit(r->srv->audit, record, op_apply, op, op_done, op) != 0)
-        op_done(op, PEP_EUNAVAILABLE, 0);
+    bool early = record && op_publishes_early(op);
+    if (early) {
+        pthread_rwlock_wrlock(&r->srv->decision_lock);
+        op_publish_early(op);
+    }
+    int rc =
+        record ? audit_submit(r->srv->audit, record, op_apply, op, op_done, op) : PEP_EUNAVAILABLE;
+    if (early) pthread_rwlock_unlock(&r->srv->decision_lock);
+    if (rc != 0) op_done(op, rc, 0);
     return request_wait(r);
 }
 
+static void audit_verify_finish(struct request *r, const struct verify_job *job);
+static void verify_job_free(void *job);
+
 void admin_finish(struct request *r) {
+    if (r->admin_op && r->admin_op_free == verify_job_free) {
+        audit_verify_finish(r, r->admin_op);
+        return;
+    }
     struct admin_op *op = r->admin_op;
     if (r->audit_rc != 0 || !op) {
         r->audit_seq = 0;
@@ -264,6 +325,46 @@ static bool require_role(struct request *r, const char *role, const char *alt) {
 /* Commits op, whose record (agent or operator) was just built, answering it rendered:
  * audited as `action` with `target` under `target_key`.  An op whose record could not be
  * built (out of memory) is answered 500 and freed. */
+/* What a change set (SPEC 6.2: an admin record says what was set, not only whose). */
+static json_t *agent_set_json(const struct agent *a) {
+    json_t *tenants = json_array(), *scopes = json_array();
+    for (size_t i = 0; i < a->tenants_len; i++)
+        json_array_append_new(tenants, json_string(a->tenants[i]));
+    for (size_t i = 0; i < a->scopes_len; i++)
+        json_array_append_new(scopes, json_string(a->scopes[i]));
+    return json_pack("{s:s, s:o, s:o, s:b}", "owner", a->owner, "tenants", tenants, "scopes",
+                     scopes, "enabled", a->enabled);
+}
+
+static json_t *operator_set_json(const struct operator_rec *o) {
+    json_t *roles = json_array();
+    for (size_t i = 0; i < o->roles_len; i++)
+        json_array_append_new(roles, json_string(o->roles[i]));
+    return json_pack("{s:o}", "roles", roles);
+}
+
+/* A token's grant: its scopes, acr and expiry (never the token). */
+static json_t *token_set_json(const char *const *scopes, size_t n, const char *acr,
+                              int64_t expires_at_s) {
+    json_t *list = json_array();
+    for (size_t i = 0; i < n; i++)
+        json_array_append_new(list, json_string(scopes[i]));
+    char at[32];
+    pep_format_rfc3339_us(expires_at_s * 1000000, at);
+    json_t *set = json_pack("{s:o, s:s}", "scopes", list, "expires_at", at);
+    if (acr) json_object_set_new(set, "acr", json_string(acr));
+    return set;
+}
+
+/* An operator token's grant: the operator's roles it carries, and its expiry. */
+static json_t *operator_token_set_json(const struct operator_rec *o, const struct token_rec *t) {
+    json_t *set = operator_set_json(o);
+    char at[32];
+    pep_format_rfc3339_us(t->expires_at_s * 1000000, at);
+    json_object_set_new(set, "expires_at", json_string(at));
+    return set;
+}
+
 static enum MHD_Result commit_put(struct request *r, struct admin_op *op, const char *action,
                                   const char *target_key, const char *target) {
     if (!op || (!op->agent && !op->op)) {
@@ -274,6 +375,8 @@ static enum MHD_Result commit_put(struct request *r, struct admin_op *op, const 
     op->answer = op->agent ? agent_to_json(op->agent) : operator_to_json(op->op);
     json_t *rec = admin_record(r, r->claims->sub, action);
     json_object_set_new(rec, target_key, json_string(target));
+    json_object_set_new(rec, "set",
+                        op->agent ? agent_set_json(op->agent) : operator_set_json(op->op));
     return commit_async(r, op, rec);
 }
 
@@ -423,6 +526,7 @@ static enum MHD_Result issue_agent_token(struct request *r, const char *id) {
             json_t *rec = admin_record(r, r->claims->sub, "tokens.issue");
             json_object_set_new(rec, "agent", json_string(id));
             json_object_set_new(rec, "jti", json_string(jti));
+            json_object_set_new(rec, "set", token_set_json(scopes, ns, tr.acr, now + ttl));
             rc = commit_async(r, op, rec);
         }
     }
@@ -442,6 +546,7 @@ static enum MHD_Result revoke_token(struct request *r, const char *jti) {
         return MHD_YES;
     }
     op->kind = OP_REVOKE_TOKEN;
+    op->was_revoked = t.revoked_at_s != 0;
     snprintf(op->token.jti, sizeof op->token.jti, "%s", jti);
     op->token.revoked_at_s = t.revoked_at_s ? t.revoked_at_s : pep_now_us() / 1000000;
     char at[32];
@@ -450,6 +555,7 @@ static enum MHD_Result revoke_token(struct request *r, const char *jti) {
     op->answer = json_pack("{s:s, s:s}", "jti", jti, "revoked_at", at);
     json_t *rec = admin_record(r, r->claims->sub, "tokens.revoke");
     json_object_set_new(rec, "jti", json_string(jti));
+    json_object_set_new(rec, "set", json_pack("{s:s}", "revoked_at", at));
     return commit_async(r, op, rec);
 }
 
@@ -534,6 +640,7 @@ static enum MHD_Result issue_operator_token_handler(struct request *r, const cha
                 json_t *rec = admin_record(r, r->claims->sub, "operators.token");
                 json_object_set_new(rec, "jti", json_string(op->token.jti));
                 json_object_set_new(rec, "reason", json_string(id));
+                json_object_set_new(rec, "set", operator_token_set_json(o, &op->token));
                 rc = commit_async(r, op, rec);
             }
             free_secret(token);
@@ -544,18 +651,47 @@ static enum MHD_Result issue_operator_token_handler(struct request *r, const cha
     return rc;
 }
 
+/* ---- audit verification: walked on the verifier thread (pep/verifier.c) ------------------- */
+
+/* r->admin_op_free of a verify request; also what tells admin_finish the op is a
+ * verify_job rather than an admin_op. */
+static void verify_job_free(void *job) {
+    free(job);
+}
+
+/* Verifier thread: the walk is over, the listener builds the answer (admin_finish). */
+static void verify_job_done(struct verify_job *job) {
+    request_resume(job->arg);
+}
+
+/* The request is suspended while the verifier walks: a walk of a large store takes
+ * seconds, and on a listener thread it would stall every admin call sharing that thread. */
 static enum MHD_Result audit_verify(struct request *r) {
-    struct audit_verify_result res;
-    struct pep_err err = {0};
-    /* SECURITY: the checkpoints' hash column is unsigned; only their JWTs, checked against
-     * the keys pep signs with, catch a chain re-hashed after an edit (SPEC 6.4). */
-    if (audit_verify_file_checked(r->srv->db_path, token_check_checkpoint, r->srv->keys, &res,
-                                  &err) != 0) {
-        reply_error(r, 503, "audit_unavailable", err.msg, NULL);
+    struct verify_job *job = calloc(1, sizeof *job);
+    if (!job) {
+        reply_error(r, 503, "audit_unavailable", "out of memory", NULL);
         return MHD_YES;
     }
-    reply_json(r, 200, audit_verify_result_json(&res));
-    return MHD_YES;
+    job->done = verify_job_done;
+    job->arg = r;
+    r->admin_op = job;
+    r->admin_op_free = verify_job_free;
+    request_suspend(r);
+    if (verifier_submit(r->srv->audit_verifier, job) != 0) {
+        job->rc = PEP_ECLOSED; /* shutting down: answered at once */
+        request_resume(r);
+    }
+    return request_wait(r);
+}
+
+static void audit_verify_finish(struct request *r, const struct verify_job *job) {
+    if (job->rc == PEP_ECLOSED)
+        reply_error(r, 503, "audit_unavailable",
+                    "pep is shutting down: the verification was cancelled", NULL);
+    else if (job->rc != 0)
+        reply_error(r, 503, "audit_unavailable", job->err.msg, NULL);
+    else
+        reply_json(r, 200, audit_verify_result_json(&job->res));
 }
 
 static enum MHD_Result policy_show(struct request *r) {
@@ -710,11 +846,13 @@ int server_bootstrap_admin(struct server *s, struct pep_err *err) {
     char *token = NULL;
     struct admin_op *op = NULL;
     rc = issue_operator_token(s, s->policy, o, BOOTSTRAP_TOKEN_TTL_S, &token, &op);
+    json_t *set = rc == 0 ? operator_token_set_json(o, &op->token) : NULL;
     operator_release(o);
     if (rc == 0) {
         op->srv = s;
         json_t *rec = admin_record(NULL, "pep", "operators.token");
         json_object_set_new(rec, "jti", json_string(op->token.jti));
+        json_object_set_new(rec, "set", set);
         json_object_set_new(rec, "reason", json_string("bootstrap token written to admin.token"));
         rc = server_audit_sync(s, rec, sync_apply, op, NULL);
         if (rc == 0) {
@@ -737,6 +875,7 @@ static int seed_write(struct server *s, const struct policy *p, struct agent *a,
     json_t *rec = server_record("system", NULL);
     json_object_set_new(rec, "action", json_string("agents.seed"));
     json_object_set_new(rec, "agent", json_string(a->id));
+    json_object_set_new(rec, "set", agent_set_json(a));
     json_object_set_new(rec, "policy_hash", json_string(p->policy_hash));
     json_object_set_new(rec, "reason", json_string(reason));
     int rc = server_audit_sync(s, rec, sync_apply, &op, NULL);

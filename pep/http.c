@@ -26,14 +26,26 @@
 #include <arpa/inet.h>
 #include <ctype.h>
 #include <netdb.h>
+#include <sys/resource.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
 #include <unistd.h>
 
-#define CONNECTION_TIMEOUT_S 30u
-#define LISTENER_THREADS 2u /* per listener: one epoll loop each */
+/* What libmicrohttpd bounds (docs/behaviour.md, "Connections"): */
+#define CONNECTION_TIMEOUT_S 30u /* idle: silence on a connection, between or within requests */
+#define LISTENER_THREADS 2u      /* per listener: one epoll loop each */
+#define CONNECTION_LIMIT 4096u   /* per listener, split evenly across its threads */
+/* Per connection: the request head, and the answer's head on its way out.  libmicrohttpd
+ * mallocs a pool of at most 32 KiB and mmaps a larger one per connection (then zeroes all
+ * of it for every request): measured here, 128 KiB made each new connection cost ~700 µs
+ * of CPU instead of ~55 µs.  So the pool stays at 32 KiB, and an upstream head that would
+ * not fit beside the agent's own request head is a failed attempt (relay_fits). */
+#define CONNECTION_MEMORY (32u * 1024)
+/* What libmicrohttpd and pep's own answer headers (Pep-*, Content-Length, Date …) take of
+ * the pool besides the request head and the relayed upstream head. */
+#define CONNECTION_MEMORY_RESERVE (2u * 1024)
 
 struct policy *server_policy(struct server *s) {
     pthread_mutex_lock(&s->policy_lock);
@@ -42,21 +54,63 @@ struct policy *server_policy(struct server *s) {
     return p;
 }
 
-json_t *json_text(const char *s, size_t len) {
-    json_t *v = json_stringn(s, len);
-    if (v || !s) return v;
+void server_init_decision_lock(struct server *s) {
+    pthread_rwlockattr_t attr;
+    pthread_rwlockattr_init(&attr);
+    pthread_rwlockattr_setkind_np(&attr, PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP);
+    pthread_rwlock_init(&s->decision_lock, &attr);
+    pthread_rwlockattr_destroy(&attr);
+}
+
+/* Begins the checks of a decision (see server.decision_lock): from here until its record
+ * is queued (decision_end), no reload, revocation or agent change is published.  The
+ * request switches to the policy in force now if a reload came since it arrived. */
+static void decision_begin(struct request *r) {
+    pthread_rwlock_rdlock(&r->srv->decision_lock);
+    r->decision_locked = true;
+    if (r->policy != r->srv->policy) { /* stable: reloads hold the lock to swap it */
+        policy_release(r->policy);
+        r->policy = policy_retain(r->srv->policy);
+        r->policy_replaced = true;
+    }
+}
+
+static void decision_end(struct request *r) {
+    if (!r->decision_locked) return;
+    r->decision_locked = false;
+    pthread_rwlock_unlock(&r->srv->decision_lock);
+}
+
+/* The bytes as a JSON string with some written %XX: every byte of 0x80 and above when
+ * escape_high, and '%' itself when escape_percent. */
+static json_t *json_escaped(const char *s, size_t len, bool escape_high, bool escape_percent) {
     char *escaped = malloc(3 * len + 1), *o = escaped;
     if (!escaped) return NULL;
     for (size_t i = 0; i < len; i++) {
         unsigned char b = (unsigned char)s[i];
-        if (b < 0x80)
-            *o++ = (char)b;
-        else
+        if ((b >= 0x80 && escape_high) || (b == '%' && escape_percent))
             o += sprintf(o, "%%%02X", b);
+        else
+            *o++ = (char)b;
     }
-    v = json_stringn(escaped, (size_t)(o - escaped));
+    json_t *v = json_stringn(escaped, (size_t)(o - escaped));
     free(escaped);
     return v;
+}
+
+json_t *json_text(const char *s, size_t len) {
+    json_t *v = json_stringn(s, len);
+    if (v || !s) return v;
+    return json_escaped(s, len, true, false);
+}
+
+json_t *json_exact_text(const char *s, size_t len) {
+    if (!s) return NULL;
+    json_t *v = json_stringn(s, len);
+    if (v && !memchr(s, '%', len)) return v;
+    bool utf8 = v != NULL;
+    json_decref(v);
+    return json_escaped(s, len, !utf8, true);
 }
 
 json_t *server_record(const char *kind, const char *request_id) {
@@ -139,7 +193,7 @@ static enum MHD_Result send_reply(struct request *r) {
     }
     /* Draining: keep-alive clients are told to go; the listening socket is already closed,
      * so their next request goes to another instance instead of into the drain. */
-    if (__atomic_load_n(&r->srv->draining, __ATOMIC_RELAXED))
+    if (r->close_connection || __atomic_load_n(&r->srv->draining, __ATOMIC_RELAXED))
         ok = ok && MHD_add_response_header(resp, "Connection", "close") == MHD_YES;
     for (size_t i = 0; i < rep->headers_len; i++) {
         /* A header value with CR/LF is refused by MHD: drop that header, keep the reply. */
@@ -215,6 +269,7 @@ static void *on_uri(void *cls, const char *uri, struct MHD_Connection *conn) {
     r->start_wall_us = pep_now_us();
     r->target = strdup(uri ? uri : "");
     __atomic_add_fetch(&s->inflight, 1, __ATOMIC_RELAXED);
+    conn_request_started(conn);
     return r;
 }
 
@@ -240,10 +295,10 @@ static void request_free(struct request *r) {
 static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
                          enum MHD_RequestTerminationCode toe) {
     (void)cls;
-    (void)conn;
     (void)toe;
     if (*con_cls) request_free(*con_cls);
     *con_cls = NULL;
+    conn_request_done(conn);
 }
 
 /* ---- audit records ---------------------------------------------------------------------- */
@@ -252,15 +307,29 @@ static void set_str(json_t *rec, const char *key, const char *value) {
     if (value) json_object_set_new(rec, key, json_text(value, strlen(value)));
 }
 
+/* A field whose bytes come from the client and must stay distinct in the record (SPEC 6.2:
+ * two forwarded paths that differ never share a recorded path). */
+static void set_exact(json_t *rec, const char *key, const char *value, size_t len) {
+    if (value) json_object_set_new(rec, key, json_exact_text(value, len));
+}
+
 static json_t *decision_record(const struct request *r) {
     json_t *rec = server_record("decision", r->id);
     if (!rec) return NULL;
     set_str(rec, "method", r->method);
-    set_str(rec, "path", r->path);
+    if (r->path) set_exact(rec, "path", r->path, strlen(r->path));
     if (!r->path && r->target) {
         /* A refused path is recorded as received (minus the query: it may hold secrets). */
-        size_t n = strcspn(r->target, "?");
-        json_object_set_new(rec, "path", json_text(r->target, n));
+        set_exact(rec, "path", r->target, strcspn(r->target, "?"));
+    }
+    if (r->query && *r->query) {
+        /* Not the query itself (it may hold secrets): enough to tell two queries apart and
+         * to check one a reviewer is shown (SPEC 6.2). */
+        uint8_t digest[32];
+        char hex[65];
+        pep_sha256(r->query, strlen(r->query), digest);
+        pep_hex(digest, sizeof digest, hex);
+        json_object_set_new(rec, "query_sha256", json_string(hex));
     }
     const struct decision *d = &r->decision;
     json_object_set_new(rec, "decision", json_string(d->allow ? "allow" : "deny"));
@@ -271,19 +340,30 @@ static json_t *decision_record(const struct request *r) {
         set_str(rec, "agent", r->agent->id);
     else if (r->claims)
         set_str(rec, "agent", r->claims->sub);
-    if (d->tenant) json_object_set_new(rec, "tenant", json_text(d->tenant, d->tenant_len));
+    set_exact(rec, "tenant", d->tenant, d->tenant_len);
     if (r->policy) set_str(rec, "policy_hash", r->policy->policy_hash);
     return rec;
 }
 
 static void on_decision_durable(void *arg, int rc, int64_t seq);
 
-/* Audits r->decision and suspends; the writer's callback continues the request. */
+/* Whether the request is refused because its decision record was not written: fail closed
+ * (on_failure: deny), and always when the store holds back too many records already
+ * (SPEC 6.5: nothing may be decided whose outcome could not be kept). */
+static bool audit_refuses(const struct request *r) {
+    return r->audit_rc != 0 &&
+           (r->policy->on_failure == AUDIT_ON_FAILURE_DENY || r->audit_rc == PEP_EBACKLOG);
+}
+
+/* Audits r->decision and suspends; the writer's callback continues the request.  Ends the
+ * decision's critical section once the record is queued. */
 static enum MHD_Result audit_and_wait(struct request *r) {
     json_t *rec = decision_record(r);
     request_suspend(r);
-    if (!rec || audit_submit(r->srv->audit, rec, NULL, NULL, on_decision_durable, r) != 0)
-        on_decision_durable(r, PEP_EUNAVAILABLE, 0);
+    int rc = rec ? audit_submit(r->srv->audit, rec, NULL, NULL, on_decision_durable, r)
+                 : PEP_EUNAVAILABLE;
+    decision_end(r);
+    if (rc != 0) on_decision_durable(r, rc, 0);
     return request_wait(r);
 }
 
@@ -296,22 +376,43 @@ static void set_refusal(struct request *r, int status, const char *code, const c
     if (r->match.route) r->decision.action = r->match.route->action;
 }
 
+/* True when the request announced a body (which is not read when it is answered from
+ * its head alone). */
+static bool announces_body(struct MHD_Connection *conn) {
+    const char *cl = MHD_lookup_connection_value(conn, MHD_HEADER_KIND, "Content-Length");
+    return (cl && strspn(cl, "0") != strlen(cl)) ||
+           MHD_lookup_connection_value(conn, MHD_HEADER_KIND, "Transfer-Encoding") != NULL;
+}
+
+/* Answers from the head alone and closes the connection: the body is never read (it may
+ * be where pep and the client disagree, or come from a client that proved nothing).  A
+ * client still sending its body reads the answer all the same: the close lingers
+ * (conn.h). */
+static void close_after_answer(struct request *r) {
+    r->close_connection = true;
+    if (announces_body(r->conn)) conn_linger_on_close(r->conn);
+}
+
 /* Refuses from the request line and headers alone, audits it and answers as soon as the
- * record is durable — without reading the body, so the connection is then closed. */
+ * record is durable — without reading the body; the connection is then closed. */
 static enum MHD_Result refuse_now(struct request *r, int status, const char *code,
                                   const char *reason) {
+    if (!r->decision_locked) decision_begin(r);
     set_refusal(r, status, code, reason);
+    close_after_answer(r);
     return audit_and_wait(r);
 }
 
 /* ---- SECURITY: framing checks (request smuggling) ----------------------------------------- */
 
 struct framing {
+    size_t bytes; /* the header lines' size, as received (near enough: ": " and CRLF) */
     int content_length_count;
     int transfer_encoding_count;
     int authorization_count;
     bool transfer_encoding_chunked;
     bool bad_header_name;
+    bool bad_header_value;
 };
 
 /* RFC 9110 5.1: a field name is a token.  libmicrohttpd keeps "Authorization :" as the
@@ -326,11 +427,26 @@ static bool is_token(const char *s) {
     return true;
 }
 
+/* SECURITY: libmicrohttpd keeps a bare CR (and other control bytes) inside a header value
+ * or the request target.  Relayed, an upstream that takes a bare CR for a line break
+ * would read headers — or a whole second request — that the agent wrote and pep never
+ * decided on.  Only tab is allowed (RFC 9110 5.5: field-content is VCHAR, SP, HTAB and
+ * obs-text). */
+static bool has_control_byte(const char *s) {
+    for (; *s; s++) {
+        unsigned char b = (unsigned char)*s;
+        if ((b < 0x20 && b != '\t') || b == 0x7f) return true;
+    }
+    return false;
+}
+
 static enum MHD_Result count_framing(void *cls, enum MHD_ValueKind kind, const char *key,
                                      const char *value) {
     (void)kind;
     struct framing *f = cls;
+    f->bytes += strlen(key) + (value ? strlen(value) : 0) + 4;
     if (!is_token(key)) f->bad_header_name = true;
+    if (value && has_control_byte(value)) f->bad_header_value = true;
     if (strcasecmp(key, "Content-Length") == 0)
         f->content_length_count++;
     else if (strcasecmp(key, "Authorization") == 0)
@@ -342,13 +458,24 @@ static enum MHD_Result count_framing(void *cls, enum MHD_ValueKind kind, const c
     return MHD_YES;
 }
 
-/* Returns NULL when framing and credentials are unambiguous, else the reason to refuse
- * with 400.  Two Authorization headers: we would check one while a server behind us might
- * honour the other. */
-static const char *header_problem(struct MHD_Connection *conn) {
+/* Returns NULL when the request line and headers are well-formed and framing and
+ * credentials unambiguous, else the reason to refuse with 400 (both listeners).  Two
+ * Authorization headers: we would check one while a server behind us might honour the
+ * other. */
+static const char *head_problem(struct request *r) {
+    /* SECURITY: a method is relayed as the request line's first word; "GET\t/x" or a
+     * method with a control byte would be another request line upstream. */
+    if (!is_token(r->method))
+        return "malformed request line: the method must be a token (RFC 9110)";
+    for (const char *t = r->target; *t; t++)
+        if ((unsigned char)*t <= 0x20 || *t == 0x7f)
+            return "malformed request target: a space or control byte must be percent-encoded";
     struct framing f = {0};
-    MHD_get_connection_values(conn, MHD_HEADER_KIND, count_framing, &f);
+    MHD_get_connection_values(r->conn, MHD_HEADER_KIND, count_framing, &f);
+    r->head_bytes = f.bytes + strlen(r->method) + strlen(r->target) + 12;
     if (f.bad_header_name) return "malformed header: a field name must be a token (RFC 9110)";
+    if (f.bad_header_value)
+        return "malformed header: a field value holds a control byte (CR, LF, NUL …)";
     if (f.content_length_count > 1) return "ambiguous framing: more than one Content-Length header";
     if (f.transfer_encoding_count > 1)
         return "ambiguous framing: more than one Transfer-Encoding header";
@@ -402,20 +529,119 @@ static enum MHD_Result refuse_after_body(struct request *r, int status, const ch
     return MHD_YES;
 }
 
+/* "Bearer <token>" → the token, or NULL. */
+static const char *bearer_token(struct MHD_Connection *conn) {
+    const char *h = MHD_lookup_connection_value(conn, MHD_HEADER_KIND, "Authorization");
+    if (!h || strncasecmp(h, "Bearer ", 7) != 0) return NULL;
+    h += 7;
+    while (*h == ' ')
+        h++;
+    return *h ? h : NULL;
+}
+
+/* Refusals decided from the path alone (query, normal form, route), or NULL: the path is
+ * fine and r->match holds the route. */
+static const char *path_refusal(struct request *r, int *status, const char **code, char *reason,
+                                size_t reason_cap) {
+    *status = 400;
+    *code = "bad_request";
+    size_t path_len = strcspn(r->target, "?");
+    if (r->target[path_len] == '?') r->query = r->target + path_len + 1;
+    /* SECURITY: the query is relayed as received; a raw '#' would end it early in libcurl
+     * (the upstream would see another query than the one decided on). */
+    if (r->query && strchr(r->query, '#'))
+        return "the query has a character that must be percent-encoded";
+    const char *why = NULL;
+    if (route_normalize_path(r->target, path_len, &r->path, &why) != 0) {
+        snprintf(reason, reason_cap, "path is not in normal form (%s)", why ? why : "invalid");
+        return reason;
+    }
+    if (!route_match(r->policy, r->method, r->path, &r->match)) {
+        *status = 404;
+        *code = "no_route";
+        return "no route matches this method and path";
+    }
+    return NULL;
+}
+
+/* Looks up what the registry says of the verified token's jti and subject, now: called
+ * when the head arrives and again when deciding, so that a revocation or a disabled agent
+ * in between is seen. */
+static void identify(struct request *r, struct decide_input *in) {
+    in->token_present = r->token_present;
+    in->token_status = r->token_status;
+    if (!r->claims) return;
+    in->claims = r->claims;
+    in->token_revoked = registry_is_revoked(r->srv->registry, r->claims->jti);
+    agent_release(r->agent);
+    r->agent = registry_get_agent(r->srv->registry, r->claims->sub);
+    in->agent = r->agent;
+}
+
+/* The client address as text (for unauthenticated_limit and X-Forwarded-For). */
+static void client_address(struct MHD_Connection *conn, char out[UNAUTH_SOURCE_LEN]) {
+    const union MHD_ConnectionInfo *ci =
+        MHD_get_connection_info(conn, MHD_CONNECTION_INFO_CLIENT_ADDRESS);
+    const struct sockaddr *sa = ci ? ci->client_addr : NULL;
+    socklen_t len = !sa                         ? 0
+                    : sa->sa_family == AF_INET6 ? sizeof(struct sockaddr_in6)
+                                                : sizeof(struct sockaddr_in);
+    if (!sa || getnameinfo(sa, len, out, UNAUTH_SOURCE_LEN, NULL, 0, NI_NUMERICHOST) != 0)
+        snprintf(out, UNAUTH_SOURCE_LEN, "unknown");
+}
+
+/* A request that proved no identity: answered from its head (401, or what the route
+ * steps found), its body never read (SECURITY: a client without a credential cannot
+ * make pep hold its connection or buffer its body).  Past server.unauthenticated_limit,
+ * the refusal is answered 429 at once and counted instead of audited (SPEC 3.2 step 2). */
+static enum MHD_Result refuse_unauthenticated(struct request *r) {
+    const struct policy *p = r->policy;
+    if (p->unauthenticated_limit.limit > 0 && r->decision.status == 401) {
+        char source[UNAUTH_SOURCE_LEN];
+        client_address(r->conn, source);
+        struct unauth_verdict v =
+            unauth_refused(r->srv->unauth, source, p->unauthenticated_limit.limit,
+                           p->unauthenticated_limit.window_ms, pep_mono_us());
+        if (v.first_limited)
+            fprintf(stderr,
+                    "pep: warning: %s was refused without a valid credential %lld times in "
+                    "%lld ms; its refusals are answered 429 and counted until the window ends\n",
+                    source, (long long)p->unauthenticated_limit.limit,
+                    (long long)p->unauthenticated_limit.window_ms);
+        if (v.limited) {
+            decision_end(r); /* nothing is recorded for it one by one */
+            char wait[24], msg[160];
+            snprintf(wait, sizeof wait, "%lld", (long long)v.retry_after_s);
+            snprintf(msg, sizeof msg,
+                     "too many requests without a valid credential from %s; retry in %llds", source,
+                     (long long)v.retry_after_s);
+            reply_error(r, 429, "rate_limited", msg,
+                        json_pack("{s:I}", "retry_after_s", (json_int_t)v.retry_after_s));
+            reply_set_header(&r->reply, "Retry-After", wait);
+            close_after_answer(r);
+            return send_reply(r);
+        }
+    }
+    close_after_answer(r);
+    return audit_and_wait(r);
+}
+
 static enum MHD_Result data_on_headers(struct request *r) {
     r->policy = server_policy(r->srv);
     r->body_limit = r->policy->max_body;
 
-    /* SECURITY: ambiguous framing is answered at once and the connection closed: its body
-     * must not be read, since pep and the client disagree on where it ends.  Built-in
-     * endpoints too: the connection is what is at stake, not the endpoint. */
-    const char *problem = header_problem(r->conn);
+    /* SECURITY: a malformed head or ambiguous framing is answered at once and the
+     * connection closed: its body must not be read, since pep and the client may disagree
+     * on where it ends.  Built-in endpoints too: the connection is what is at stake. */
+    const char *problem = head_problem(r);
     if (problem) return refuse_now(r, 400, "bad_request", problem);
     if (is_builtin(r)) {
         r->builtin = true;
         return MHD_YES;
     }
 
+    decision_begin(r); /* max_body and the routes are the policy's */
+    r->body_limit = r->policy->max_body;
     const char *cl = MHD_lookup_connection_value(r->conn, MHD_HEADER_KIND, "Content-Length");
     if (cl) {
         char *end;
@@ -428,29 +654,47 @@ static enum MHD_Result data_on_headers(struct request *r) {
         }
     }
 
-    size_t path_len = strcspn(r->target, "?");
-    if (r->target[path_len] == '?') r->query = r->target + path_len + 1;
-    /* SECURITY: the query is relayed as received; a raw '#' would end it early in libcurl
-     * (the upstream would see another query than the one decided on) and a control byte
-     * cannot go on a request line. */
-    for (const char *q = r->query; q && *q; q++) {
-        if (*q == '#' || (unsigned char)*q <= 0x20 || *q == 0x7f)
-            return refuse_after_body(r, 400, "bad_request",
-                                     "the query has a character that must be percent-encoded");
+    int status;
+    const char *code;
+    char why[128];
+    const char *refusal = path_refusal(r, &status, &code, why, sizeof why);
+
+    /* Authenticate now, before any body byte is read (cheap: cached, or one verify). */
+    const char *token = bearer_token(r->conn);
+    r->token_present = token != NULL;
+    if (token) {
+        const struct policy *p = r->policy;
+        r->token_status =
+            token_verify(r->srv->verifier, r->srv->keys, token, p->issuer, "pep",
+                         r->start_wall_us / 1000000, p->clock_skew_ms / 1000, &r->claims);
     }
-    const char *why = NULL;
-    if (route_normalize_path(r->target, path_len, &r->path, &why) != 0) {
-        char reason[128];
-        snprintf(reason, sizeof reason, "path is not in normal form (%s)", why ? why : "invalid");
-        return refuse_after_body(r, 400, "bad_request", reason);
+    struct decide_input in = {
+        .policy = r->policy,
+        .match = refusal ? NULL : &r->match,
+        .now_s = r->start_wall_us / 1000000,
+    };
+    identify(r, &in);
+    bool authenticated = in.token_present && in.token_status == TOKEN_OK && in.claims &&
+                         !in.token_revoked && in.agent && in.agent->enabled;
+    if (!authenticated) {
+        if (refusal) {
+            set_refusal(r, status, code, refusal);
+        } else {
+            decide(&in, &r->decision); /* 401 invalid_token, with why */
+        }
+        return refuse_unauthenticated(r);
     }
-    if (!route_match(r->policy, r->method, r->path, &r->match))
-        return refuse_after_body(r, 404, "no_route", "no route matches this method and path");
+    /* An identified agent's request is decided once its (bounded) body is in; a refusal
+     * from its head is answered then too, so that its connection stays usable. */
+    decision_end(r);
+    if (refusal) return refuse_after_body(r, status, code, refusal);
     return MHD_YES;
 }
 
 static void append_body(struct request *r, const char *data, size_t len) {
-    if (r->body_too_large || r->decided_early || r->builtin) return; /* not needed: discarded */
+    /* A refusal from the head is kept with its body: a reload before the decision may add
+     * the route it lacked (rematch). */
+    if (r->body_too_large || r->builtin) return; /* not needed: discarded */
     if (r->body_len + len > r->body_limit) {
         r->body_too_large = true; /* chunked upload over the limit: discard, answer 413 */
         return;
@@ -472,19 +716,9 @@ static void append_body(struct request *r, const char *data, size_t len) {
     r->body[r->body_len] = '\0';
 }
 
-/* "Bearer <token>" → the token, or NULL. */
-static const char *bearer_token(struct MHD_Connection *conn) {
-    const char *h = MHD_lookup_connection_value(conn, MHD_HEADER_KIND, "Authorization");
-    if (!h || strncasecmp(h, "Bearer ", 7) != 0) return NULL;
-    h += 7;
-    while (*h == ' ')
-        h++;
-    return *h ? h : NULL;
-}
-
 struct header_copy {
     struct curl_slist *list;
-    const char *connection_tokens;
+    char *connection_tokens; /* every Connection header's value, joined by commas */
     const struct upstream *up;
     bool failed;
 };
@@ -516,6 +750,32 @@ static enum MHD_Result copy_header(void *cls, enum MHD_ValueKind kind, const cha
     return MHD_YES;
 }
 
+static enum MHD_Result join_connection(void *cls, enum MHD_ValueKind kind, const char *key,
+                                       const char *value) {
+    (void)kind;
+    if (strcasecmp(key, "Connection") == 0 && value) {
+        FILE *f = cls;
+        fputs(value, f);
+        fputc(',', f);
+    }
+    return MHD_YES;
+}
+
+/* SECURITY: every name listed in any Connection header is hop-by-hop (RFC 9110 7.6.1),
+ * not only those of the first: *out is all their values joined by commas (malloc'd). */
+static int connection_tokens(struct MHD_Connection *conn, char **out) {
+    size_t len = 0;
+    FILE *f = open_memstream(out, &len);
+    if (!f) return PEP_ENOMEM;
+    MHD_get_connection_values(conn, MHD_HEADER_KIND, join_connection, f);
+    if (fclose(f) != 0) {
+        free(*out);
+        *out = NULL;
+        return PEP_ENOMEM;
+    }
+    return 0;
+}
+
 static int add_header_line(struct curl_slist **list, const char *name, const char *value) {
     char line[8192];
     if (snprintf(line, sizeof line, "%s: %s", name, value) >= (int)sizeof line) return PEP_EINVAL;
@@ -531,7 +791,11 @@ static void read_model(struct request *r) {
     if (!r->body_len || !ct || !strstr(ct, "json")) return;
     json_t *doc = json_loadb(r->body, r->body_len, 0, NULL);
     const char *model = json_string_value(json_object_get(doc, "model"));
-    if (model) snprintf(r->model, sizeof r->model, "%s", model);
+    if (model) { /* cut on a character boundary, never inside one (SPEC 6.2) */
+        size_t n = pep_utf8_cut(model, strlen(model), sizeof r->model - 1);
+        memcpy(r->model, model, n);
+        r->model[n] = '\0';
+    }
     json_decref(doc);
 }
 
@@ -564,6 +828,16 @@ static char *forward_path_render(const struct route *route, const struct route_m
     return out;
 }
 
+/* SPEC 4.2: a call may be sent again only when its method is idempotent, it carries an
+ * Idempotency-Key, or its route says retry_safe. */
+static bool safe_to_repeat(const struct request *r) {
+    static const char *const idempotent[] = {"GET", "HEAD", "PUT", "DELETE"};
+    for (size_t i = 0; i < PEP_ARRAY_LEN(idempotent); i++)
+        if (strcmp(r->method, idempotent[i]) == 0) return true;
+    return r->match.route->retry_safe ||
+           MHD_lookup_connection_value(r->conn, MHD_HEADER_KIND, "Idempotency-Key") != NULL;
+}
+
 /* Builds the upstream call of an allowed request (SPEC 4.7).  Returns 0 or a negative
  * code (then the request is answered 503). */
 static int prepare_forward(struct request *r) {
@@ -585,15 +859,20 @@ static int prepare_forward(struct request *r) {
     free(rewritten);
     if (!job->url) return PEP_ENOMEM;
 
-    struct header_copy hc = {
-        .connection_tokens = MHD_lookup_connection_value(r->conn, MHD_HEADER_KIND, "Connection"),
-        .up = up,
-    };
+    struct header_copy hc = {.up = up};
+    if (connection_tokens(r->conn, &hc.connection_tokens) != 0) return PEP_ENOMEM;
     MHD_get_connection_values(r->conn, MHD_HEADER_KIND, copy_header, &hc);
+    free(hc.connection_tokens);
     job->headers = hc.list;
     if (hc.failed) return PEP_ENOMEM;
+    /* SPEC 4.7: the agent's own X-Forwarded-* were dropped; this one is pep's word. */
     int rc = 0;
-    if (up->api_key_env) {
+    if (!upstream_sets_header(up, "X-Forwarded-For")) {
+        char client[UNAUTH_SOURCE_LEN];
+        client_address(r->conn, client);
+        rc = add_header_line(&job->headers, "X-Forwarded-For", client);
+    }
+    if (rc == 0 && up->api_key_env) {
         /* SECURITY: the upstream key goes only into this header, to this upstream. */
         const char *key = getenv(up->api_key_env);
         if (key && *key) {
@@ -621,6 +900,7 @@ static int prepare_forward(struct request *r) {
     job->body_len = r->body_len;
     job->timeout_ms = up->timeout_ms;
     job->idle_timeout_ms = up->idle_timeout_ms;
+    job->repeatable = safe_to_repeat(r);
     read_model(r);
     return rc;
 }
@@ -629,17 +909,31 @@ static void submit_outcome(struct request *r);
 
 /* Forwarder thread: the outcome is audited here, before the request resumes, so that a
  * client that has gone away cannot take the record of a call that was made with it. */
+/* Whether the upstream's head, relayed, fits the agent's connection beside its request
+ * head (CONNECTION_MEMORY): libmicrohttpd would otherwise close the connection without an
+ * answer, while the outcome said the call was served. */
+static bool relay_fits(const struct request *r, const struct forward_job *job) {
+    size_t head = 0;
+    for (size_t i = 0; i < job->resp_headers_len; i++)
+        head += strlen(job->resp_headers[i].name) + strlen(job->resp_headers[i].value) + 4;
+    return head + r->head_bytes + CONNECTION_MEMORY_RESERVE <= CONNECTION_MEMORY;
+}
+
 static void on_forward_done(struct forward_job *job, void *arg) {
-    (void)job;
-    submit_outcome(arg);
-    request_resume(arg);
+    struct request *r = arg;
+    if (job->error == FORWARD_OK && !relay_fits(r, job)) {
+        job->error = FORWARD_CONNECT_ERROR; /* SPEC 8: an answer pep cannot relay faithfully */
+        job->status = 0;
+    }
+    submit_outcome(r);
+    request_resume(r);
 }
 
 static void on_decision_durable(void *arg, int rc, int64_t seq) {
     struct request *r = arg;
     r->audit_rc = rc;
     r->audit_seq = seq;
-    bool audited = rc == 0 || r->policy->on_failure == AUDIT_ON_FAILURE_ALLOW;
+    bool audited = !audit_refuses(r);
     if (audited && r->decision.allow && r->forwarding) {
         r->job.done = on_forward_done;
         r->job.done_arg = r;
@@ -653,33 +947,38 @@ static void on_decision_durable(void *arg, int rc, int64_t seq) {
     request_resume(r);
 }
 
+/* The policy changed between the request's head and its decision: the route is matched
+ * again under the policy the decision will carry (a path refusal does not depend on it). */
+static void rematch(struct request *r) {
+    r->policy_replaced = false;
+    bool path_refused = r->decided_early && strcmp(r->decision.code, "no_route") != 0;
+    if (!r->path || path_refused) return;
+    if (route_match(r->policy, r->method, r->path, &r->match)) {
+        r->decided_early = false;
+    } else {
+        r->match.route = NULL;
+        r->decided_early = true;
+        set_refusal(r, 404, "no_route", "no route matches this method and path");
+    }
+}
+
 static enum MHD_Result data_on_complete(struct request *r) {
     if (r->builtin) return answer_builtin(r);
-    if (r->decided_early) return audit_and_wait(r);
     if (r->body_too_large) {
         char reason[96];
         snprintf(reason, sizeof reason, "body exceeds max_body %llu",
                  (unsigned long long)r->body_limit);
         return refuse_now(r, 413, "body_too_large", reason);
     }
+    decision_begin(r);
+    if (r->policy_replaced) rematch(r);
+    if (r->decided_early) return audit_and_wait(r);
     struct decide_input in = {
         .policy = r->policy,
         .match = &r->match,
         .now_s = r->start_wall_us / 1000000,
     };
-    const char *token = bearer_token(r->conn);
-    in.token_present = token != NULL;
-    if (token) {
-        const struct policy *p = r->policy;
-        in.token_status = token_verify(r->srv->verifier, r->srv->keys, token, p->issuer, "pep",
-                                       in.now_s, p->clock_skew_ms / 1000, &r->claims);
-        if (in.token_status == TOKEN_OK) {
-            in.claims = r->claims;
-            in.token_revoked = registry_is_revoked(r->srv->registry, r->claims->jti);
-            r->agent = registry_get_agent(r->srv->registry, r->claims->sub);
-            in.agent = r->agent;
-        }
-    }
+    identify(r, &in);
     decide(&in, &r->decision);
     if (r->decision.allow && r->match.route->forwards) {
         r->forwarding = true;
@@ -719,6 +1018,13 @@ static const char *forwarded_code(const struct request *r, int *status) {
     return "ok";
 }
 
+/* How many times the request went upstream (SPEC 4.2, Pep-Attempts): none when the
+ * forwarder refused it; one for an attempt that failed before sending (connect_error). */
+static int forward_attempts(const struct request *r) {
+    if (r->forward_refused) return 0;
+    return r->job.sends > 1 ? r->job.sends : 1;
+}
+
 /* Audits the outcome of a forwarded request (any thread: everything it reads was set
  * before the job was handed over, or by the finished job). */
 static void submit_outcome(struct request *r) {
@@ -729,12 +1035,22 @@ static void submit_outcome(struct request *r) {
     json_t *rec = server_record("outcome", r->id);
     if (!rec) return;
     json_t *attempts = json_array();
-    if (!r->forward_refused) {
+    int n = forward_attempts(r);
+    for (int k = 0; k < n; k++) {
+        /* Sends before the last one were cut by the upstream closing a reused connection
+         * before answering (libcurl sent the request again). */
+        bool last = k == n - 1;
+        int64_t from = k == 0 || k >= FORWARD_MAX_SENDS ? job->started_mono_us : job->send_at_us[k];
+        int64_t to = last || k + 1 >= FORWARD_MAX_SENDS ? job->started_mono_us + job->elapsed_us
+                                                        : job->send_at_us[k + 1];
         json_t *attempt = json_pack("{s:s, s:I}", "upstream", route->upstream->name, "ms",
-                                    (json_int_t)(job->elapsed_us / 1000));
+                                    (json_int_t)((to - from) / 1000));
         /* null rather than absent: every attempt entry has the same members (SPEC 8). */
-        json_object_set_new(attempt, "model", r->model[0] ? json_string(r->model) : json_null());
-        if (job->error == FORWARD_OK)
+        json_object_set_new(attempt, "model",
+                            r->model[0] ? json_text(r->model, strlen(r->model)) : json_null());
+        if (!last)
+            json_object_set_new(attempt, "error", json_string("connect_error"));
+        else if (job->error == FORWARD_OK)
             json_object_set_new(attempt, "status", json_integer(job->status));
         else if (job->error == FORWARD_CANCELLED) /* drain deadline: pep stopped waiting */
             json_object_set_new(attempt, "error", json_string("timeout"));
@@ -749,8 +1065,7 @@ static void submit_outcome(struct request *r) {
     if (r->model[0]) set_str(rec, "model", r->model);
     set_str(rec, "action", route->action->name);
     if (r->agent) set_str(rec, "agent", r->agent->id);
-    if (r->decision.tenant)
-        json_object_set_new(rec, "tenant", json_text(r->decision.tenant, r->decision.tenant_len));
+    set_exact(rec, "tenant", r->decision.tenant, r->decision.tenant_len);
     /* The serving step's index: none served a request that ends unavailable. */
     if (strcmp(code, "ok") == 0) json_object_set_new(rec, "fallback_step", json_integer(0));
     json_object_set_new(rec, "latency_us", json_integer(pep_mono_us() - r->start_mono_us));
@@ -803,12 +1118,14 @@ static enum MHD_Result respond_forwarded(struct request *r) {
     }
     reply_set_header(&r->reply, "Pep-Upstream", route->upstream->name);
     if (r->model[0]) reply_set_header(&r->reply, "Pep-Model", r->model);
-    reply_set_header(&r->reply, "Pep-Attempts", r->forward_refused ? "0" : "1");
+    char attempts[16];
+    snprintf(attempts, sizeof attempts, "%d", forward_attempts(r));
+    reply_set_header(&r->reply, "Pep-Attempts", attempts);
     return send_reply(r);
 }
 
 static enum MHD_Result data_respond(struct request *r) {
-    if (r->audit_rc != 0 && r->policy->on_failure == AUDIT_ON_FAILURE_DENY) {
+    if (audit_refuses(r)) {
         r->audit_seq = 0;
         reply_error(r, 503, "audit_unavailable",
                     "the audit log cannot be written; request refused (fail closed)", NULL);
@@ -853,9 +1170,10 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
             r->policy = server_policy(r->srv);
             r->body_limit = r->policy->max_body;
             /* SECURITY: as on the data plane (not audited: nothing was decided). */
-            const char *problem = header_problem(conn);
+            const char *problem = head_problem(r);
             if (problem) {
                 reply_error(r, 400, "bad_request", problem, NULL);
+                close_after_answer(r);
                 return send_reply(r);
             }
             return MHD_YES;
@@ -867,6 +1185,7 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
             *upload_data_size = 0;
             return MHD_YES;
         }
+        conn_request_received(conn);
         if (r->admin) {
             if (r->body_too_large) {
                 reply_error(r, 413, "body_too_large", "body exceeds max_body", NULL);
@@ -890,6 +1209,25 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
 
 /* ---- listeners ---------------------------------------------------------------------------------
  */
+
+/* One system record for an ended unauthenticated_limit window (SPEC 3.2 step 2). */
+static void audit_unauth_window(void *arg, const struct unauth_window *w) {
+    struct server *s = arg;
+    json_t *rec = server_record("system", NULL);
+    char reason[160];
+    snprintf(reason, sizeof reason,
+             "%lld requests without a valid credential answered 429 over %lld ms",
+             (long long)w->count, (long long)((w->ended_us - w->started_us) / 1000));
+    if (rec) {
+        json_object_set_new(rec, "action", json_string("unauthenticated_limit"));
+        json_object_set_new(rec, "source", json_string(w->source));
+        json_object_set_new(rec, "count", json_integer(w->count));
+        json_object_set_new(rec, "reason", json_string(reason));
+    }
+    if (!rec || audit_submit(s->audit, rec, NULL, NULL, NULL, NULL) != 0)
+        fprintf(stderr, "pep: audit: unauthenticated_limit record for %s (%lld) not queued\n",
+                w->source, (long long)w->count);
+}
 
 /* Splits "HOST:PORT" / "[V6]:PORT" and resolves it for binding. */
 static int resolve_listen(const char *spec, struct sockaddr_storage *ss, socklen_t *len, char *host,
@@ -935,9 +1273,11 @@ static struct MHD_Daemon *start_listener(struct listener *l, const char *spec,
     struct MHD_Daemon *d = MHD_start_daemon(
         flags, 0, NULL, NULL, on_request, l, MHD_OPTION_SOCK_ADDR, (struct sockaddr *)&ss,
         MHD_OPTION_URI_LOG_CALLBACK, on_uri, l, MHD_OPTION_NOTIFY_COMPLETED, on_completed, l,
+        MHD_OPTION_NOTIFY_CONNECTION, conn_guard_notify, l->srv->conn_guard,
         MHD_OPTION_CONNECTION_TIMEOUT, (unsigned int)CONNECTION_TIMEOUT_S,
-        MHD_OPTION_THREAD_POOL_SIZE, (unsigned int)LISTENER_THREADS, MHD_OPTION_CONNECTION_LIMIT,
-        (unsigned int)4096, MHD_OPTION_LISTEN_BACKLOG_SIZE, (unsigned int)1024, MHD_OPTION_END);
+        MHD_OPTION_CONNECTION_MEMORY_LIMIT, (size_t)CONNECTION_MEMORY, MHD_OPTION_THREAD_POOL_SIZE,
+        (unsigned int)LISTENER_THREADS, MHD_OPTION_CONNECTION_LIMIT, (unsigned int)CONNECTION_LIMIT,
+        MHD_OPTION_LISTEN_BACKLOG_SIZE, (unsigned int)1024, MHD_OPTION_END);
     if (!d) {
         pep_err_set(err, PEP_EIO, "cannot listen on %s", spec);
         return NULL;
@@ -951,10 +1291,37 @@ static struct MHD_Daemon *start_listener(struct listener *l, const char *spec,
     return d;
 }
 
+/* The guard thread's housekeeping: audits the unauthenticated_limit windows that ended. */
+static void on_guard_tick(void *arg, int64_t now_mono_us) {
+    struct server *s = arg;
+    unauth_flush(s->unauth, now_mono_us, false, audit_unauth_window, s);
+}
+
+/* Both listeners together may hold 2 × CONNECTION_LIMIT sockets, and the forwarder and
+ * the audit store need descriptors of their own: a soft limit of 1024 (a common default)
+ * would make accept() fail long before the connection limit. */
+static void raise_descriptor_limit(void) {
+    struct rlimit nofile;
+    if (getrlimit(RLIMIT_NOFILE, &nofile) != 0 || nofile.rlim_cur >= nofile.rlim_max) return;
+    nofile.rlim_cur = nofile.rlim_max;
+    if (setrlimit(RLIMIT_NOFILE, &nofile) != 0)
+        fprintf(stderr, "pep: warning: cannot raise the open-file limit\n");
+    else if (nofile.rlim_cur < 2 * CONNECTION_LIMIT + 1024)
+        fprintf(stderr,
+                "pep: warning: the open-file limit (%llu) is below what both listeners' "
+                "connection limits need (%u)\n",
+                (unsigned long long)nofile.rlim_cur, 2 * CONNECTION_LIMIT + 1024);
+}
+
 int server_start_listeners(struct server *s, struct pep_err *err) {
     const char *data = s->listen_override ? s->listen_override : s->policy->listen;
     const char *admin =
         s->admin_listen_override ? s->admin_listen_override : s->policy->admin_listen;
+    raise_descriptor_limit();
+    s->unauth = unauth_new();
+    if (!s->unauth) return pep_err_set(err, PEP_ENOMEM, "out of memory");
+    int rc = conn_guard_start(&s->conn_guard, s->policy->receive_timeout_ms, on_guard_tick, s, err);
+    if (rc != 0) return rc;
     s->data_listener = (struct listener){.srv = s, .admin = false};
     s->admin_listener = (struct listener){.srv = s, .admin = true};
     s->data_daemon = start_listener(&s->data_listener, data, err);
@@ -979,6 +1346,12 @@ void server_stop_listeners(struct server *s) {
     if (s->data_daemon) MHD_stop_daemon(s->data_daemon);
     if (s->admin_daemon) MHD_stop_daemon(s->admin_daemon);
     s->data_daemon = s->admin_daemon = NULL;
+    conn_guard_stop(s->conn_guard);
+    s->conn_guard = NULL;
+    /* Windows still open are audited now: the stop record must not precede them. */
+    if (s->unauth) unauth_flush(s->unauth, pep_mono_us(), true, audit_unauth_window, s);
+    unauth_free(s->unauth);
+    s->unauth = NULL;
 }
 
 /* ---- synchronous audit (startup, shutdown) -----------------------------------------------------

@@ -8,6 +8,7 @@
  */
 #include "pep/server.h"
 #include "pep/util.h"
+#include "pep/verifier.h"
 
 #include <curl/curl.h>
 #include <errno.h>
@@ -105,11 +106,14 @@ static int server_open(struct server *s, struct pep_err *err) {
         rc = pep_err_set(err, PEP_EDB, "cannot seed the policy's agents");
     if (rc == 0) rc = server_bootstrap_admin(s, err);
     if (rc == 0) rc = forwarder_start(&s->forwarder, err);
+    if (rc == 0) rc = verifier_start(s, &s->audit_verifier, err); /* audit/verify walks */
     return rc;
 }
 
 static void server_close(struct server *s) {
+    verifier_cancel_all(s->audit_verifier); /* resumes its requests: stop_listeners waits */
     server_stop_listeners(s);
+    verifier_stop(s->audit_verifier);
     forwarder_stop(s->forwarder);
     if (s->audit) audit_close(s->audit);
     token_verifier_free(s->verifier);
@@ -148,8 +152,10 @@ static void drain(struct server *s) {
     if (!wait_idle(s, deadline)) {
         fprintf(stderr, "pep: drain timeout: cancelling upstream calls still in flight\n");
         forwarder_cancel_all(s->forwarder);
+        verifier_cancel_all(s->audit_verifier); /* audit verifications still running */
         wait_idle(s, pep_mono_us() + 5000000);
     }
+    verifier_cancel_all(s->audit_verifier); /* one asked for after the drain: no new walk */
     server_stop_listeners(s);
     audit_system(s, "stop", "pep stopped (drained)");
     struct audit_stats st;
@@ -170,6 +176,7 @@ static int cmd_serve(const char *file, const char *data_dir, const char *listen,
                        .admin_listen_override = admin_listen,
                        .data_dir_override = data_dir};
     pthread_mutex_init(&s.policy_lock, NULL);
+    server_init_decision_lock(&s);
     struct policy_errors errs = {0};
     if (policy_load(file, NULL, &s.policy, &errs) != 0) {
         print_errors(&errs);

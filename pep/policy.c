@@ -1089,9 +1089,16 @@ static void policy_compile_cond(struct policy_compiler *c, const ynode *n, struc
 /* ---- sections ----------------------------------------------------------------------- */
 
 static void policy_compile_server(struct policy_compiler *c, const ynode *n) {
-    static const struct policy_key keys[] = {{"listen", false},        {"admin_listen", false},
-                                             {"data_dir", false},      {"max_body", false},
-                                             {"drain_timeout", false}, {NULL, false}};
+    static const struct policy_key keys[] = {{"listen", false},
+                                             {"admin_listen", false},
+                                             {"data_dir", false},
+                                             {"max_body", false},
+                                             {"drain_timeout", false},
+                                             {"receive_timeout", false},
+                                             {"unauthenticated_limit", false},
+                                             {NULL, false}};
+    static const struct policy_key limit_keys[] = {
+        {"limit", true}, {"window", true}, {NULL, false}};
     struct policy *p = c->p;
     if (!policy_map(c, n, keys)) return;
     const ynode *v, *listen = yamltree_get(n, "listen"), *admin = yamltree_get(n, "admin_listen");
@@ -1119,6 +1126,16 @@ static void policy_compile_server(struct policy_compiler *c, const ynode *n) {
     }
     if ((v = yamltree_get(n, "max_body"))) policy_size(c, v, &p->max_body);
     if ((v = yamltree_get(n, "drain_timeout"))) policy_duration(c, v, &p->drain_timeout_ms);
+    if ((v = yamltree_get(n, "receive_timeout")) && policy_duration(c, v, &p->receive_timeout_ms) &&
+        p->receive_timeout_ms < 1000)
+        policy_error_at(c, v, "receive_timeout must be at least 1s");
+    if ((v = yamltree_get(n, "unauthenticated_limit")) && policy_map(c, v, limit_keys)) {
+        const ynode *w;
+        if ((w = yamltree_get(v, "limit")))
+            policy_int(c, w, 1, INT64_MAX, &p->unauthenticated_limit.limit);
+        if ((w = yamltree_get(v, "window")))
+            policy_duration(c, w, &p->unauthenticated_limit.window_ms);
+    }
 }
 
 static void policy_compile_audit(struct policy_compiler *c, const ynode *n) {
@@ -1959,6 +1976,7 @@ static void policy_defaults(struct policy_compiler *c) {
     p->data_dir = policy_strdup(c, "./var");
     p->max_body = 1024 * 1024;
     p->drain_timeout_ms = 10000;
+    p->receive_timeout_ms = 30000;
     p->durability = AUDIT_DURABILITY_FULL;
     p->on_failure = AUDIT_ON_FAILURE_DENY;
     p->checkpoint_every = 1000;

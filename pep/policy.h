@@ -269,11 +269,18 @@ struct policy {
     char policy_hash[65]; /* hex SHA-256 of the file bytes */
 
     /* server */
-    char *listen;             /* default 127.0.0.1:8080 */
-    char *admin_listen;       /* default 127.0.0.1:8081 */
-    char *data_dir;           /* default ./var */
-    uint64_t max_body;        /* default 1 MiB */
-    int64_t drain_timeout_ms; /* default 10s */
+    char *listen;               /* default 127.0.0.1:8080 */
+    char *admin_listen;         /* default 127.0.0.1:8081 */
+    char *data_dir;             /* default ./var */
+    uint64_t max_body;          /* default 1 MiB */
+    int64_t drain_timeout_ms;   /* default 10s */
+    int64_t receive_timeout_ms; /* a request's head and body must arrive within this
+                                   (default 30s; docs/behaviour.md) */
+    /* server.unauthenticated_limit (SPEC 3.2 step 2): limit 0 = off */
+    struct {
+        int64_t limit;
+        int64_t window_ms;
+    } unauthenticated_limit;
     /* Where listen, admin_listen and data_dir are written (line 0 when defaulted): they
      * take effect only at start, so a reload that changes them is refused there. */
     struct policy_loc listen_loc, admin_listen_loc, data_dir_loc;

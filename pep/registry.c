@@ -606,3 +606,10 @@ void registry_publish_revoke(struct registry *r, const char *jti, int64_t revoke
     if (t && t->revoked_at_s == 0) t->revoked_at_s = revoked_at_s;
     pthread_rwlock_unlock(&r->lock);
 }
+
+void registry_unpublish_revoke(struct registry *r, const char *jti) {
+    pthread_rwlock_wrlock(&r->lock);
+    struct token_rec *t = strmap_get(r->tokens, jti);
+    if (t) t->revoked_at_s = 0;
+    pthread_rwlock_unlock(&r->lock);
+}

@@ -120,5 +120,8 @@ void registry_publish_agent(struct registry *r, struct agent *a);
 void registry_publish_operator(struct registry *r, struct operator_rec *o);
 void registry_publish_token(struct registry *r, const struct token_rec *t);
 void registry_publish_revoke(struct registry *r, const char *jti, int64_t revoked_at_s);
+/* Undoes a revocation published before its record was written, when that record could
+ * not be written (admin.c). */
+void registry_unpublish_revoke(struct registry *r, const char *jti);
 
 #endif

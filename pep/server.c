@@ -115,8 +115,14 @@ int server_reload(struct server *s, const struct reload_origin *by, int64_t *aud
         policy_release(p);
         goto out;
     }
+    /* SPEC 6.5: the reload record, the new rules and the agents they seed are one step for
+     * the decisions (server.decision_lock): none is queued between them, so every decision
+     * agrees with the policy whose hash it carries.  Decisions wait meanwhile (a few
+     * fsyncs: the reload's record and each seeded agent's). */
+    pthread_rwlock_wrlock(&s->decision_lock);
     json_t *rec = reload_record(p, by);
     if (!rec || server_audit_sync(s, rec, NULL, NULL, audit_seq) != 0) {
+        pthread_rwlock_unlock(&s->decision_lock);
         rc = PEP_EUNAVAILABLE;
         reload_add_error(errs, s->policy_path, (struct policy_loc){0},
                          "the reload could not be audited; the active policy is kept");
@@ -130,9 +136,11 @@ int server_reload(struct server *s, const struct reload_origin *by, int64_t *aud
     pthread_mutex_unlock(&s->policy_lock);
     if (old->durability != p->durability || old->checkpoint_every != p->checkpoint_every)
         audit_retune(s->audit, p->durability == AUDIT_DURABILITY_FULL, p->checkpoint_every);
+    if (s->conn_guard) conn_guard_set_receive_timeout(s->conn_guard, p->receive_timeout_ms);
     policy_release(old);
     if (server_seed_agents(s, p) != 0)
         fprintf(stderr, "pep: reload: policy agents could not be seeded\n");
+    pthread_rwlock_unlock(&s->decision_lock);
     server_warn_unset_credentials(p);
     fprintf(stderr, "pep: policy reloaded from %s (policy_hash %s)\n", p->file, p->policy_hash);
 out:

@@ -12,12 +12,14 @@
 #define PEP_SERVER_H
 
 #include "audit/audit.h"
+#include "pep/conn.h"
 #include "pep/decide.h"
 #include "pep/forward.h"
 #include "pep/keys.h"
 #include "pep/policy.h"
 #include "pep/registry.h"
 #include "pep/token.h"
+#include "pep/unauth.h"
 
 #include <microhttpd.h>
 #include <pthread.h>
@@ -28,6 +30,8 @@ struct listener {
     bool admin; /* the admin API rather than the data plane */
 };
 
+struct verifier; /* pep/verifier.h */
+
 struct server {
     char *data_dir;
     char *db_path;
@@ -37,7 +41,15 @@ struct server {
     const char *data_dir_override;     /* --data-dir, or NULL */
 
     pthread_mutex_t policy_lock; /* guards `policy` (the pointer swap on reload) */
-    struct policy *policy;       /* current snapshot; requests retain their own */
+    /* SPEC 6.5, the chain's order is the order of what happened.  Read-held by a request
+     * from the checks of its decision (policy, revocation, agent) until its decision record
+     * is queued; write-held by whatever changes what those checks read (a reload, a
+     * revocation, an agent's change) until its own record is queued.  So no decision
+     * queued after such a record was made without it, and every decision agrees with the
+     * policy whose hash it carries.  Writers are preferred: a stream of requests cannot
+     * starve a revocation.  Never taken on the audit writer's thread. */
+    pthread_rwlock_t decision_lock;
+    struct policy *policy; /* current snapshot; requests retain their own */
     int64_t policy_loaded_at_us;
 
     struct keyring *keys;
@@ -45,6 +57,9 @@ struct server {
     struct registry *registry;
     struct audit_store *audit;
     struct forwarder *forwarder;
+    struct verifier *audit_verifier; /* the thread walking the chain for audit/verify */
+    struct conn_guard *conn_guard;   /* receive deadlines, lingering close (conn.h) */
+    struct unauth_limiter *unauth;   /* server.unauthenticated_limit (unauth.h) */
     struct MHD_Daemon *data_daemon;
     struct MHD_Daemon *admin_daemon;
     struct listener data_listener;
@@ -58,6 +73,8 @@ struct server {
 
 /* The current policy snapshot, retained (caller releases).  Any thread. */
 struct policy *server_policy(struct server *s);
+/* Initializes s->decision_lock (writer-preferring). */
+void server_init_decision_lock(struct server *s);
 
 /* ---- per-request context -------------------------------------------------------------- */
 
@@ -98,6 +115,7 @@ struct request {
     enum request_phase phase;
 
     char *target;          /* the raw request target (path and query), as received */
+    size_t head_bytes;     /* the size of the request line and headers, about */
     const char *method;    /* libmicrohttpd's copy, valid for the request */
     char *path;            /* decoded, normalized path (NULL when refused) */
     const char *query;     /* raw query after '?', into target, or NULL */
@@ -109,9 +127,17 @@ struct request {
     size_t body_cap;
     uint64_t body_limit;
     bool body_too_large;
-    bool decided_early; /* refused at headers; answered after the body is read
-                           (so the connection stays alive) */
-    bool builtin;       /* /healthz, /readyz or the JWKS: answered unaudited */
+    bool decided_early;    /* refused at headers; answered after the body is read
+                              (so the connection stays alive) */
+    bool builtin;          /* /healthz, /readyz or the JWKS: answered unaudited */
+    bool close_connection; /* the answer closes the connection (Connection: close) */
+    bool decision_locked;  /* holds srv->decision_lock (read) until its record is queued */
+    bool policy_replaced;  /* a reload replaced `policy` after the route was matched */
+
+    /* the bearer token, verified when the head arrived (token_status valid only when
+     * token_present) */
+    bool token_present;
+    enum token_status token_status;
 
     /* identity (retained, released with the request) */
     struct token_claims *claims;
@@ -124,7 +150,7 @@ struct request {
 
     bool forwarding;
     struct forward_job job;
-    char model[128]; /* the model sent upstream, if known */
+    char model[256]; /* the model sent upstream, if known (cut on a character boundary) */
 
     struct reply reply;
 
@@ -141,6 +167,11 @@ struct request {
  * above are written %XX, so that an answer or a record never loses the field (jansson
  * refuses invalid UTF-8).  NULL only when out of memory. */
 json_t *json_text(const char *s, size_t len);
+/* Like json_text, but reversible, for record fields whose bytes a client chose (paths,
+ * tenants): '%' is written %25 whenever anything is escaped, so two different byte strings
+ * never give the same JSON string.  Valid UTF-8 without '%' is kept as is.  NULL only
+ * when out of memory (or s is NULL). */
+json_t *json_exact_text(const char *s, size_t len);
 
 /* Reply helpers (listener thread, or a callback before resuming). */
 int reply_set_header(struct reply *rep, const char *name, const char *value);

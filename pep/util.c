@@ -410,3 +410,12 @@ bool pep_is_id(const char *s) {
         if (!isalnum((unsigned char)s[i]) && !strchr("._@-", s[i])) return false;
     return true;
 }
+
+size_t pep_utf8_cut(const char *s, size_t len, size_t max) {
+    if (len <= max) return len;
+    size_t n = max;
+    /* Back over continuation bytes (10xxxxxx) to the start of the cut character. */
+    while (n > 0 && ((unsigned char)s[n] & 0xC0) == 0x80)
+        n--;
+    return n;
+}

@@ -1457,6 +1457,200 @@ static void test_verify_errors(void **state) {
     assert_non_null(strstr(err.msg, "schema_extra"));
 }
 
+/* ---------------------------------------------------------------- chunked walks */
+
+/* The walk of one snapshot: inside a transaction the caller holds, in one pass. */
+static void verify_one_snapshot(const char *path, struct audit_verify_result *res) {
+    sqlite3 *db = NULL;
+    assert_int_equal(audit_open_reader(path, &db, NULL), 0);
+    assert_int_equal(sqlite3_exec(db, "BEGIN", NULL, NULL, NULL), SQLITE_OK);
+    assert_int_equal(audit_verify_db(db, res), 0);
+    assert_int_equal(sqlite3_exec(db, "COMMIT", NULL, NULL, NULL), SQLITE_OK);
+    sqlite3_close(db);
+}
+
+static void expect_same_result(const struct audit_verify_result *got,
+                               const struct audit_verify_result *want, const char *what) {
+    if (got->ok != want->ok || got->records != want->records || got->head_seq != want->head_seq ||
+        got->first_bad_seq != want->first_bad_seq || got->checkpoints != want->checkpoints ||
+        strcmp(got->reason, want->reason) != 0 || memcmp(got->head_hash, want->head_hash, 32) != 0)
+        fail_msg("%s: ok=%d records=%lld head=%lld bad=%lld cps=%lld '%s', one snapshot: ok=%d "
+                 "records=%lld head=%lld bad=%lld cps=%lld '%s'",
+                 what, got->ok, (long long)got->records, (long long)got->head_seq,
+                 (long long)got->first_bad_seq, (long long)got->checkpoints, got->reason, want->ok,
+                 (long long)want->records, (long long)want->head_seq,
+                 (long long)want->first_bad_seq, (long long)want->checkpoints, want->reason);
+}
+
+/* Read transactions of any size add up to the one-snapshot walk, whatever the chain holds,
+ * and wherever a chunk boundary falls relative to the break or to a checkpoint. */
+static void test_verify_chunks_match_one_snapshot(void **state) {
+    struct fixture *f = *state;
+    struct signer sg = {.m = PTHREAD_MUTEX_INITIALIZER};
+    struct audit_options opt = {.durability_full = false,
+                                .checkpoint_every = 4,
+                                .checkpoint_sign = test_sign,
+                                .checkpoint_arg = &sg};
+    static const struct {
+        const char *sql; /* NULL: the store as written */
+        int64_t first_bad;
+    } cases[] = {
+        {NULL, 0},
+        {"UPDATE audit SET hash = x'00' WHERE seq = 13", 13},
+        {"DELETE FROM audit WHERE seq = 17", 17},
+        {"DELETE FROM audit WHERE seq = 1", 1},
+        {"DELETE FROM audit WHERE seq > 30", 31}, /* truncated: checkpoint at 32 … 40 */
+        {"DROP TRIGGER checkpoints_no_update;"
+         "UPDATE checkpoints SET hash = zeroblob(32) WHERE seq = 20",
+         20},
+        {"INSERT INTO audit (seq, record, prev_hash, hash) VALUES (0, '{}', x'', x'')", 1},
+        {"INSERT INTO checkpoints VALUES (0, zeroblob(32), 'j', 'now')", 0},
+        {"INSERT INTO checkpoints VALUES (50, zeroblob(32), 'j', 'now')", 41},
+    };
+    static const int64_t chunk_rows[] = {1, 2, 3, 4, 5, 7, 39, 40, 41, 1000};
+    for (size_t i = 0; i < PEP_ARRAY_LEN(cases); i++) {
+        char path[160], what[96];
+        snprintf(path, sizeof(path), "%s/chunks%zu.db", f->dir, i);
+        make_store(path, 40, &opt);
+        if (cases[i].sql) tamper(path, cases[i].sql);
+        struct audit_verify_result want, got;
+        verify_one_snapshot(path, &want);
+        if (want.first_bad_seq != cases[i].first_bad)
+            fail_msg("case %zu: first_bad %lld (%s)", i, (long long)want.first_bad_seq,
+                     want.reason);
+        for (size_t c = 0; c < PEP_ARRAY_LEN(chunk_rows); c++) {
+            struct audit_verify_options o = {.chunk_rows = chunk_rows[c]};
+            snprintf(what, sizeof(what), "case %zu, %lld rows per transaction", i,
+                     (long long)chunk_rows[c]);
+            assert_int_equal(audit_verify_file_opts(path, &o, &got, NULL), 0);
+            expect_same_result(&got, &want, what);
+        }
+        /* A time budget too short for two rows: one row per transaction. */
+        struct audit_verify_options o = {.chunk_us = 1};
+        snprintf(what, sizeof(what), "case %zu, 1 us per transaction", i);
+        assert_int_equal(audit_verify_file_opts(path, &o, &got, NULL), 0);
+        expect_same_result(&got, &want, what);
+        /* The default walk (pepctl --db, the startup check) too. */
+        snprintf(what, sizeof(what), "case %zu, audit_verify_file", i);
+        assert_int_equal(audit_verify_file(path, &got, NULL), 0);
+        expect_same_result(&got, &want, what);
+    }
+}
+
+/* What the pause callback of test_verify_between_chunks sees and does. */
+struct chunk_probe {
+    sqlite3 *reader;           /* the walk's connection */
+    const char *path;          /* the store */
+    struct audit_store *store; /* its writer, appending while the walk runs */
+    int pauses;
+    int stop_at;         /* > 0: the pause of that number cancels the walk */
+    const char *tamper;  /* run at the first pause (triggers dropped first) */
+    bool snapshot_free;  /* every pause: outside a transaction, WAL checkpointable */
+    int checkpoint_busy; /* the last probe checkpoint's busy column */
+};
+
+/* A TRUNCATE checkpoint from another connection, without waiting: it completes (busy 0)
+ * only when no reader holds a snapshot in the WAL.  Returns its busy column. */
+static int probe_checkpoint(const char *path) {
+    sqlite3 *db = NULL;
+    sqlite3_stmt *st = NULL;
+    assert_int_equal(sqlite3_open(path, &db), SQLITE_OK);
+    assert_int_equal(sqlite3_prepare_v2(db, "PRAGMA wal_checkpoint(TRUNCATE)", -1, &st, NULL),
+                     SQLITE_OK);
+    assert_int_equal(sqlite3_step(st), SQLITE_ROW);
+    int busy = sqlite3_column_int(st, 0);
+    sqlite3_finalize(st);
+    sqlite3_close(db);
+    return busy;
+}
+
+static bool probe_pause(void *arg) {
+    struct chunk_probe *p = arg;
+    p->pauses++;
+    if (!sqlite3_get_autocommit(p->reader)) p->snapshot_free = false;
+    if (p->store) write_records(p->store, "during", 3);
+    p->checkpoint_busy = probe_checkpoint(p->path);
+    if (p->checkpoint_busy != 0) p->snapshot_free = false;
+    if (p->tamper && p->pauses == 1) tamper(p->path, p->tamper);
+    return p->stop_at == 0 || p->pauses < p->stop_at;
+}
+
+/* Between two read transactions the walk holds no snapshot: the writer's WAL can be
+ * checkpointed completely and truncated.  Records appended meanwhile (checkpoints past the
+ * head included) are not walked: the answer is the chain as it stood when the walk began. */
+static void test_verify_between_chunks(void **state) {
+    struct fixture *f = *state;
+    struct signer sg = {.m = PTHREAD_MUTEX_INITIALIZER};
+    struct audit_options opt = {.durability_full = false,
+                                .checkpoint_every = 4,
+                                .checkpoint_sign = test_sign,
+                                .checkpoint_arg = &sg};
+    struct audit_store *s = open_store(f->db, &opt);
+    write_records(s, "r", 30);
+    struct chunk_probe probe = {.path = f->db, .store = s, .snapshot_free = true};
+    assert_int_equal(audit_open_reader(f->db, &probe.reader, NULL), 0);
+
+    /* The probe sees a snapshot when one is held. */
+    assert_int_equal(
+        sqlite3_exec(probe.reader, "BEGIN; SELECT count(*) FROM audit;", NULL, NULL, NULL),
+        SQLITE_OK);
+    write_records(s, "held", 1);
+    assert_int_equal(probe_checkpoint(f->db), 1);
+    assert_int_equal(sqlite3_exec(probe.reader, "COMMIT", NULL, NULL, NULL), SQLITE_OK);
+
+    struct audit_verify_options o = {.chunk_rows = 5, .pause = probe_pause, .pause_arg = &probe};
+    struct audit_verify_result res;
+    assert_int_equal(audit_verify_db_opts(probe.reader, &o, &res), 0);
+    assert_true(res.ok);
+    assert_int_equal(res.head_seq, 31);
+    assert_int_equal(res.records, 31);
+    assert_int_equal(res.checkpoints, 7); /* 4, 8 … 28: those written later are past the head */
+    assert_true(probe.pauses >= 6);
+    assert_true(probe.snapshot_free);
+    assert_int_equal(audit_head_seq(s), 31 + 3 * probe.pauses);
+    /* A walk in the caller's transaction has no pauses. */
+    probe.pauses = 0;
+    assert_int_equal(sqlite3_exec(probe.reader, "BEGIN", NULL, NULL, NULL), SQLITE_OK);
+    assert_int_equal(audit_verify_db_opts(probe.reader, &o, &res), 0);
+    assert_int_equal(sqlite3_exec(probe.reader, "COMMIT", NULL, NULL, NULL), SQLITE_OK);
+    assert_true(res.ok);
+    assert_int_equal(res.head_seq, audit_head_seq(s));
+    assert_int_equal(probe.pauses, 0);
+    sqlite3_close(probe.reader);
+    audit_close(s);
+}
+
+/* A pause that says stop cancels the walk; rows deleted behind the head while a walk runs
+ * are reported missing. */
+static void test_verify_cancel_and_vanishing_rows(void **state) {
+    struct fixture *f = *state;
+    make_store(f->db, 20, NULL);
+    struct chunk_probe probe = {.path = f->db, .stop_at = 2, .snapshot_free = true};
+    assert_int_equal(audit_open_reader(f->db, &probe.reader, NULL), 0);
+    struct audit_verify_options o = {.chunk_rows = 5, .pause = probe_pause, .pause_arg = &probe};
+    struct audit_verify_result res;
+    assert_int_equal(audit_verify_db_opts(probe.reader, &o, &res), PEP_ECLOSED);
+    assert_false(res.ok);
+    assert_string_equal(res.reason, "cancelled");
+    assert_int_equal(probe.pauses, 2);
+    struct pep_err err = {0};
+    probe.pauses = 0;
+    assert_int_equal(audit_verify_file_opts(f->db, &o, &res, &err), PEP_ECLOSED);
+    assert_int_equal(err.code, PEP_ECLOSED);
+
+    probe = (struct chunk_probe){.reader = probe.reader,
+                                 .path = f->db,
+                                 .tamper = "DELETE FROM audit WHERE seq > 12",
+                                 .snapshot_free = true};
+    assert_int_equal(audit_verify_db_opts(probe.reader, &o, &res), 0);
+    assert_false(res.ok);
+    assert_int_equal(res.first_bad_seq, 13);
+    assert_int_equal(res.head_seq, 12);
+    assert_string_equal(res.reason, "missing row");
+    assert_true(probe.snapshot_free);
+    sqlite3_close(probe.reader);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_canonical_json),
@@ -1488,6 +1682,12 @@ int main(void) {
         cmocka_unit_test_setup_teardown(test_queue_bound, fixture_setup, fixture_teardown),
         cmocka_unit_test_setup_teardown(test_reader_while_writing, fixture_setup, fixture_teardown),
         cmocka_unit_test_setup_teardown(test_verify_errors, fixture_setup, fixture_teardown),
+        cmocka_unit_test_setup_teardown(test_verify_chunks_match_one_snapshot, fixture_setup,
+                                        fixture_teardown),
+        cmocka_unit_test_setup_teardown(test_verify_between_chunks, fixture_setup,
+                                        fixture_teardown),
+        cmocka_unit_test_setup_teardown(test_verify_cancel_and_vanishing_rows, fixture_setup,
+                                        fixture_teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

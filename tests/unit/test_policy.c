@@ -535,6 +535,8 @@ static void test_defaults(void **state) {
     assert_string_equal(p->data_dir, "./var");
     assert_int_equal(p->max_body, 1048576);
     assert_int_equal(p->drain_timeout_ms, 10000);
+    assert_int_equal(p->receive_timeout_ms, 30000);
+    assert_int_equal(p->unauthenticated_limit.limit, 0); /* off */
     assert_int_equal(p->durability, AUDIT_DURABILITY_FULL);
     assert_int_equal(p->on_failure, AUDIT_ON_FAILURE_DENY);
     assert_int_equal(p->checkpoint_every, 1000);
@@ -620,6 +622,29 @@ static void test_error_bad_duration(void **state) {
     };
     expect_errors("version: 1\nidentity: { token_ttl: 1x, max_token_ttl: 2y }\n", false,
                   ERRS(both));
+}
+
+static void test_server_limits(void **state) {
+    (void)state;
+    struct policy *p = load_ok("version: 1\nserver:\n  receive_timeout: 5s\n"
+                               "  unauthenticated_limit: { limit: 100, window: 1s }\n",
+                               false);
+    assert_int_equal(p->receive_timeout_ms, 5000);
+    assert_int_equal(p->unauthenticated_limit.limit, 100);
+    assert_int_equal(p->unauthenticated_limit.window_ms, 1000);
+    policy_release(p);
+    const char *const errs[] = {
+        NAME ":3:20: receive_timeout must be at least 1s",
+        NAME ":4:35: '0' is out of range: must be at least 1",
+    };
+    expect_errors("version: 1\nserver:\n  receive_timeout: 500ms\n"
+                  "  unauthenticated_limit: { limit: 0, window: 1s }\n",
+                  false, ERRS(errs));
+    expect_error("version: 1\nserver: { unauthenticated_limit: { limit: 5 } }\n",
+                 NAME ":2:34: missing required key 'window'");
+    expect_error(
+        "version: 1\nserver: { unauthenticated_limit: { limit: 5, window: 1s, burst: 2 } }\n",
+        NAME ":2:58: unknown key 'burst'");
 }
 
 static void test_error_bad_size(void **state) {
@@ -1340,6 +1365,7 @@ int main(void) {
         cmocka_unit_test(test_error_unknown_key),
         cmocka_unit_test(test_error_wrong_type),
         cmocka_unit_test(test_error_bad_duration),
+        cmocka_unit_test(test_server_limits),
         cmocka_unit_test(test_error_bad_size),
         cmocka_unit_test(test_error_unknown_reference),
         cmocka_unit_test(test_error_duplicate_route),
