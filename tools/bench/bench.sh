@@ -7,6 +7,9 @@
 #                 is forwarded, outcome audited after
 # Each figure is measured with durability: full (fsync per batch) and the 1-connection
 # latencies also with durability: normal, to separate pep's own cost from the disk's.
+# With BASELINE=DIR (another build's directory, e.g. one of the last landed commit), the
+# allow path of both builds is measured in interleaved runs (ab_allow below): req/s and
+# pep's CPU per request, so that a change on the hot path is judged against run-to-run noise.
 # Then the token table (token_table below): what a request costs pep in CPU by the token
 # it carries, none / garbage / unknown kid / forged signature / valid (cached) / valid
 # (uncached), each against "no token".
@@ -66,7 +69,7 @@ actions:
   bench.token: { scope: bench.token }
 YAML
     : >"$dir/pep.out"
-    BENCH_UPSTREAM_KEY=sk-bench "$build/pep" serve -c "$dir/bench.yaml" --data-dir "$dir/data" \
+    BENCH_UPSTREAM_KEY=sk-bench "${pep_build:-$build}/pep" serve -c "$dir/bench.yaml" --data-dir "$dir/data" \
         --listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 >"$dir/pep.out" 2>"$dir/pep.err" &
     pep=$!
     for _ in $(seq 1 50); do grep -q '^listening admin' "$dir/pep.out" && break; sleep 0.1; done
@@ -212,5 +215,44 @@ token_table() {
         }' "$dir/token_results"
 }
 
+# ---- A/B of the allow path against BASELINE ------------------------------------------------
+# ab_allow: for AB_ROUNDS rounds, the baseline build then this one, each on a fresh pep with
+# durability normal (pep's own cost, not the disk's): a warm-up run, then one measured run
+# of the allow path at $CONNS connections.  Prints every run and the pooled means.
+ab_allow() {
+    : >"$dir/ab_results"
+    echo "-- A/B allow path: baseline $BASELINE vs $build, ${AB_ROUNDS:-4} interleaved rounds," \
+        "wrk -c$CONNS ${DURATION}s, durability normal"
+    for round in $(seq 1 "${AB_ROUNDS:-4}"); do
+        for which in baseline this; do
+            pep_build=$build
+            [ "$which" = baseline ] && pep_build=$BASELINE
+            start_pep normal
+            wrk -t2 -c"$CONNS" -d1s -s "$here/chat.lua" "$data_url/v1/chat/completions" >/dev/null 2>&1
+            before=$(cpu_ticks "$pep")
+            wrk -t2 -c"$CONNS" -d"${DURATION}s" -s "$here/chat.lua" "$data_url/v1/chat/completions" \
+                >"$dir/wrk.out" 2>&1
+            after=$(cpu_ticks "$pep")
+            reqs=$(awk '/ requests in / {print $1}' "$dir/wrk.out")
+            rps=$(awk '/^Requests\/sec/ {print $2}' "$dir/wrk.out")
+            echo "$which|${rps:-0}|$((after - before))|${reqs:-0}" >>"$dir/ab_results"
+            awk -v t=$((after - before)) -v hz="$hz" -v n="${reqs:-0}" -v w="$which" -v r="${rps:-0}" \
+                'BEGIN { printf "  %-8s %9s req/s %7.1f us CPU/req\n", w, r, (n > 0 ? t * 1000000 / hz / n : 0) }'
+        done
+    done
+    pep_build=$build
+    awk -F'|' -v hz="$hz" '
+        { rps[$1] += $2; runs[$1]++; ticks[$1] += $3; reqs[$1] += $4 }
+        END {
+            for (k in rps) us[k] = reqs[k] > 0 ? ticks[k] * 1000000 / hz / reqs[k] : 0
+            printf "allow path, means: baseline %.0f req/s %.1f us CPU/req; this %.0f req/s %.1f us CPU/req\n",
+                rps["baseline"] / runs["baseline"], us["baseline"], rps["this"] / runs["this"], us["this"]
+            if (rps["baseline"] > 0 && us["baseline"] > 0)
+                printf "this / baseline: %.3f x req/s, %.3f x CPU per request\n",
+                    rps["this"] * runs["baseline"] / (rps["baseline"] * runs["this"]), us["this"] / us["baseline"]
+        }' "$dir/ab_results"
+}
+
+[ -n "$BASELINE" ] && ab_allow
 [ "$ONLY" = paths ] || token_table
 exit 0
