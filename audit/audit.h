@@ -104,10 +104,10 @@ const char *audit_path(struct audit_store *s);
  * has happened (an upstream call, an ended window), so when its batch fails it is not
  * failed but held, in queue order, and written as soon as the store accepts writes
  * again; the queue bound does not refuse it.  Items someone waits for (decisions, admin
- * changes) fail with their batch, as before: their caller refuses what they record.  While
- * AUDIT_MAX_HELD or more fire-and-forget records are queued (held ones included), items
- * with a waiter are refused with PEP_EBACKLOG, so that nothing new is decided whose
- * outcome could not be kept.  Held
+ * changes) fail with their batch, and so does every such item queued behind held ones
+ * when a batch fails: their caller refuses what they record at once.  While AUDIT_MAX_HELD
+ * or more fire-and-forget records are not yet written, items with a waiter are refused
+ * with PEP_EBACKLOG, so that nothing new is decided whose outcome could not be kept.  Held
  * records that still cannot be written when the store is shut down are reported on
  * stderr (their count) and lost: the process is exiting.  From the call on the store owns the
  * record alone (it adds `seq` to it on the writer thread): the caller must not keep and read

@@ -15,7 +15,8 @@
  * Failure is closed: if anything in the batch fails at the SQLite level (insert, commit,
  * SQLITE_FULL, SQLITE_IOERR …) the transaction is rolled back, the in-memory head stays
  * where it was, and every item of the batch someone waits for gets done(PEP_EDB, 0) —
- * nothing of it was written.  Fire-and-forget items (what they record has happened) are
+ * nothing of it was written — as does every such item still queued (it would only wait
+ * behind what is held).  Fire-and-forget items (what they record has happened) are
  * held instead: put back at the front of the queue, in order, and retried every
  * AUDIT_RETRY_US until a batch commits (SPEC 6.5).  A full disk that gets space back, or a
  * transient I/O error, heals without a restart.  One log line per failure streak, one on
@@ -169,6 +170,7 @@ struct audit_store {
     size_t q_len;
     size_t q_waiting;  /* queued items with a done callback (someone waits) */
     size_t held;       /* fire-and-forget items put back after a failed batch (at the front) */
+    size_t unwaited;   /* fire-and-forget items not yet written, queued or in the batch */
     int64_t linger_us; /* how long fire-and-forget items may wait for company */
     bool closing;      /* audit_submit refuses; the writer drains and stops */
     /* Settings a reload changed (audit_retune), applied by the writer between batches. */
@@ -518,8 +520,34 @@ static int store_run_batch(struct audit_store *s, struct audit_item *batch, size
     if (lost > 0)
         fprintf(stderr, "audit: %zu held record(s) lost: the store still failed at shutdown\n",
                 lost);
+    size_t unwaited_done = 0;
+    for (struct audit_item *it = report; it; it = it->next)
+        unwaited_done += !it->done;
 
     pthread_mutex_lock(&s->lock);
+    s->unwaited -= unwaited_done;
+    /* The store cannot write now: whoever waits in the queue behind what is held hears so
+     * at once (fail closed) instead of waiting for the store to heal. */
+    struct audit_item *refused = NULL, **refused_tail = &refused;
+    if (rc != 0) {
+        struct audit_item **pp = &s->q_head, *last = NULL;
+        while (*pp) {
+            struct audit_item *it = *pp;
+            if (!it->done) {
+                last = it;
+                pp = &it->next;
+                continue;
+            }
+            *pp = it->next;
+            it->next = NULL;
+            it->rc = PEP_EDB;
+            *refused_tail = it;
+            refused_tail = &it->next;
+            s->q_len--;
+            s->q_waiting--;
+        }
+        s->q_tail = last;
+    }
     s->stats.batches++;
     s->stats.records_written += (int64_t)written;
     s->stats.failures += (int64_t)(n - written - held_n);
@@ -537,6 +565,7 @@ static int store_run_batch(struct audit_store *s, struct audit_item *batch, size
     pthread_mutex_unlock(&s->lock);
 
     if (rc == 0 && s->batch_observe) s->batch_observe(s->batch_observe_arg, written, commit_us);
+    *report_tail = refused;
     /* Queue order is seq order: written items got increasing seqs. */
     while (report) {
         struct audit_item *next = report->next;
@@ -840,11 +869,11 @@ int audit_submit(struct audit_store *s, json_t *record, audit_apply_fn apply, vo
     }
     pthread_mutex_lock(&s->lock);
     /* Fire-and-forget items record what has happened: only closing refuses them. */
-    int refuse = s->closing                                  ? PEP_EUNAVAILABLE
-                 : !done                                     ? 0
-                 : s->q_len - s->q_waiting >= AUDIT_MAX_HELD ? PEP_EBACKLOG
-                 : s->q_len >= s->max_queue                  ? PEP_EUNAVAILABLE
-                                                             : 0;
+    int refuse = s->closing                      ? PEP_EUNAVAILABLE
+                 : !done                         ? 0
+                 : s->unwaited >= AUDIT_MAX_HELD ? PEP_EBACKLOG
+                 : s->q_len >= s->max_queue      ? PEP_EUNAVAILABLE
+                                                 : 0;
     if (refuse) {
         pthread_mutex_unlock(&s->lock);
         store_item_free(it);
@@ -856,7 +885,10 @@ int audit_submit(struct audit_store *s, json_t *record, audit_apply_fn apply, vo
         s->q_head = it;
     s->q_tail = it;
     s->q_len++;
-    if (done) s->q_waiting++;
+    if (done)
+        s->q_waiting++;
+    else
+        s->unwaited++;
     pthread_cond_broadcast(&s->cond);
     pthread_mutex_unlock(&s->lock);
     return 0;
