@@ -75,6 +75,7 @@ test: deps
 	@$(MAKE) --no-print-directory test-suite BUILD=build
 	@$(MAKE) --no-print-directory test-suite BUILD=build-asan \
 	    EXTRA_CFLAGS="-O1 -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=all"
+	@$(MAKE) --no-print-directory fuzz-smoke
 
 # make test-one T=policy   (runs build/tests/test_policy or build/tests/itest_policy)
 test-one: all
@@ -95,3 +96,64 @@ lint:
 
 clean:
 	rm -rf build build-asan
+
+# ---- fuzzing (tests/fuzz/README.md) ---------------------------------------------------------
+# libFuzzer targets, built with clang into build-fuzz/: the library again with coverage
+# instrumentation and ASan+UBSan, and one binary per tests/fuzz/fuzz_*.c.
+#   make fuzz FUZZ_S=60 [FUZZ_T="fuzz_token fuzz_route"]   fuzz each target FUZZ_S seconds
+#   make fuzz-smoke    (part of make test) replay every committed corpus, fuzz FUZZ_SMOKE_S
+#                      seconds more; fails on any crash, leak, hang or violated property
+FUZZ_BUILD    ?= build-fuzz
+FUZZ_CC       ?= clang
+FUZZ_S        ?= 60
+FUZZ_SMOKE_S  ?= 3
+FUZZ_JOBS     ?= $(shell nproc 2>/dev/null || echo 2)
+FUZZ_DEB_PKGS := clang libclang-rt-14-dev
+# CFLAGS' -std/-D/-I/-W flags, -O1 for -O2.  No -Werror: gcc -Werror guards the code in
+# every other build, and a warning only clang 14 gives must not stop the fuzzers.
+FUZZ_CFLAGS   := $(filter-out -O2 -g -Werror,$(CFLAGS)) -O1 -g -fno-omit-frame-pointer \
+                 -fsanitize=address,undefined -fno-sanitize-recover=all
+FUZZ_TARGETS  := $(patsubst tests/fuzz/%.c,%,$(wildcard tests/fuzz/fuzz_*.c))
+FUZZ_T        ?= $(FUZZ_TARGETS)
+FUZZ_LIB_OBJ  := $(LIB_SRC:%.c=$(FUZZ_BUILD)/obj/%.o)
+
+.PHONY: fuzz fuzz-smoke fuzz-build fuzz-bins fuzz-deps fuzz-clean
+fuzz-deps:
+	@sh tools/deps.sh $(DEB_PKGS) $(FUZZ_DEB_PKGS)
+
+# Parallel unless make already runs with a jobserver (make -jN fuzz).
+fuzz-build: fuzz-deps
+	@$(MAKE) --no-print-directory $(if $(findstring jobserver,$(MAKEFLAGS)),,-j$(FUZZ_JOBS)) \
+	    fuzz-bins
+
+fuzz-bins: $(FUZZ_TARGETS:%=$(FUZZ_BUILD)/%)
+	@:
+
+fuzz: fuzz-build
+	@sh tests/fuzz/run.sh fuzz $(FUZZ_BUILD) $(FUZZ_S) $(FUZZ_T)
+
+fuzz-smoke: fuzz-build
+	@sh tests/fuzz/run.sh smoke $(FUZZ_BUILD) $(FUZZ_SMOKE_S) $(FUZZ_TARGETS)
+
+$(FUZZ_BUILD)/obj/%.o: %.c $(HEADERS)
+	@mkdir -p $(dir $@)
+	$(FUZZ_CC) $(FUZZ_CFLAGS) -fsanitize=fuzzer-no-link -c $< -o $@
+
+$(FUZZ_BUILD)/libpep.a: $(FUZZ_LIB_OBJ)
+	@rm -f $@
+	ar rcs $@ $^
+
+# fuzz_admin_body includes pep/admin.c (to reach its static body parsers): no admin.o here.
+$(FUZZ_BUILD)/libpep-noadmin.a: $(filter-out $(FUZZ_BUILD)/obj/pep/admin.o,$(FUZZ_LIB_OBJ))
+	@rm -f $@
+	ar rcs $@ $^
+
+$(FUZZ_BUILD)/fuzz_admin_body: tests/fuzz/fuzz_admin_body.c tests/fuzz/fuzz.h pep/admin.c \
+                               $(FUZZ_BUILD)/libpep-noadmin.a $(HEADERS)
+	$(FUZZ_CC) $(FUZZ_CFLAGS) -fsanitize=fuzzer -o $@ $< $(FUZZ_BUILD)/libpep-noadmin.a $(LDLIBS)
+
+$(FUZZ_BUILD)/fuzz_%: tests/fuzz/fuzz_%.c tests/fuzz/fuzz.h $(FUZZ_BUILD)/libpep.a $(HEADERS)
+	$(FUZZ_CC) $(FUZZ_CFLAGS) -fsanitize=fuzzer -o $@ $< $(FUZZ_BUILD)/libpep.a $(LDLIBS)
+
+fuzz-clean:
+	rm -rf $(FUZZ_BUILD)

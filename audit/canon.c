@@ -35,8 +35,12 @@ static bool canon_value_ok(json_t *v, int depth) {
         size_t key_len;
         json_t *member;
         json_object_keylen_foreach(v, key, key_len, member) {
-            /* A key with U+0000 dumps as "\u0000" but jansson cannot read it back. */
-            if (strlen(key) != key_len || !canon_value_ok(member, depth + 1)) return false;
+            /* A key with U+0000 dumps as "\u0000" but jansson cannot read it back; one that
+             * is not UTF-8 (only json_object_*_nocheck makes one) jansson drops from the
+             * text without failing. */
+            if (strlen(key) != key_len || !pep_utf8_valid(key, key_len) ||
+                !canon_value_ok(member, depth + 1))
+                return false;
         }
         return true;
     }

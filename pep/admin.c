@@ -517,10 +517,13 @@ static enum MHD_Result issue_agent_token(struct request *r, const char *id) {
         char *token = NULL, jti[TOKEN_JTI_SIZE];
         struct pep_err err = {0};
         struct admin_op *op = NULL;
-        if (token_issue(r->srv->keys, &tr, &token, jti, &err) == 0)
-            op = token_op(id, false, jti, now, ttl, token);
+        int irc = token_issue(r->srv->keys, &tr, &token, jti, &err);
+        if (irc == 0) op = token_op(id, false, jti, now, ttl, token);
         free_secret(token);
-        if (!op) {
+        if (irc == PEP_EINVAL) {
+            /* What a token can carry (TOKEN_MAX_SCOPES, TOKEN_MAX_LEN): the request's. */
+            bad_request(r, "the token cannot be issued: %.160s", err.msg);
+        } else if (!op) {
             reply_error(r, 500, "internal", "could not issue the token", NULL);
         } else {
             json_t *rec = admin_record(r, r->claims->sub, "tokens.issue");

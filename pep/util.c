@@ -419,3 +419,25 @@ size_t pep_utf8_cut(const char *s, size_t len, size_t max) {
         n--;
     return n;
 }
+
+bool pep_utf8_valid(const char *s, size_t len) {
+    static const uint32_t min_for_len[] = {0, 0, 0x80, 0x800, 0x10000}; /* no overlong form */
+    const unsigned char *p = (const unsigned char *)s, *end = p + len;
+    while (p < end) {
+        unsigned c = *p;
+        size_t n = c < 0x80             ? 1
+                   : (c & 0xE0) == 0xC0 ? 2
+                   : (c & 0xF0) == 0xE0 ? 3
+                   : (c & 0xF8) == 0xF0 ? 4
+                                        : 0;
+        if (n == 0 || (size_t)(end - p) < n) return false;
+        uint32_t cp = n == 1 ? c : c & (0x7Fu >> n);
+        for (size_t i = 1; i < n; i++) {
+            if ((p[i] & 0xC0) != 0x80) return false;
+            cp = (cp << 6) | (p[i] & 0x3Fu);
+        }
+        if (cp < min_for_len[n] || cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF)) return false;
+        p += n;
+    }
+    return true;
+}

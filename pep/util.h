@@ -34,6 +34,9 @@ int pep_parse_size(const char *s, uint64_t *out_bytes);
 void pep_sha256(const void *data, size_t len, uint8_t out[32]);
 /* SHA-256 of a's bytes followed by b's into out[32]; 0, or PEP_ECRYPTO with out zeroed. */
 int pep_sha256_parts(const void *a, size_t a_len, const void *b, size_t b_len, uint8_t out[32]);
+/* True when s[0..len) is well-formed UTF-8 (RFC 3629: no overlong form, no surrogate, at
+ * most U+10FFFF).  jansson checks this for the strings it makes but does not export it. */
+bool pep_utf8_valid(const char *s, size_t len);
 /* The length of the longest prefix of s[0..len) of at most max bytes that does not end
  * inside a UTF-8 sequence (a value cut to fit is cut between characters). */
 size_t pep_utf8_cut(const char *s, size_t len, size_t max);

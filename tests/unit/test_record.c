@@ -123,11 +123,45 @@ static void test_long_values_cut_between_characters(void **state) {
     free(model);
 }
 
+static void test_utf8_validity(void **state) {
+    (void)state;
+    static const struct {
+        const char *s;
+        size_t len;
+        bool valid;
+    } cases[] = {
+        {"", 0, true},
+        {"abc", 3, true},
+        {"\xC3\xA9", 2, true},
+        {"\xE2\x82\xAC", 3, true},
+        {"\xF0\x9F\x98\x80", 4, true},
+        {"a\0b", 3, true},
+        {"\xC3", 1, false},
+        {"\xC0\xAE", 2, false}, /* overlong '.' */
+        {"\xE0\x80\xAF", 3, false},
+        /* overlong '/' */ {"\xED\xA0\x80", 3, false}, /* surrogate */
+        {"\xF4\x90\x80\x80", 4, false},                /* past U+10FFFF */
+        {"\xF8\x88\x80\x80\x80", 5, false},
+        {"\x80", 1, false},
+        {"\xE2\x82", 2, false},
+        {"\xC3\x28", 2, false},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof *cases; i++)
+        if (pep_utf8_valid(cases[i].s, cases[i].len) != cases[i].valid)
+            fail_msg("case %zu: expected %s", i, cases[i].valid ? "valid" : "invalid");
+    /* a record with a key that is not UTF-8 has no canonical form (never a mangled text) */
+    json_t *rec = json_object();
+    json_object_set_new_nocheck(rec, "\xf4", json_integer(1));
+    assert_null(audit_canonical_json(rec));
+    json_decref(rec);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_distinct_bytes_stay_distinct),
         cmocka_unit_test(test_exact_text_is_reversible),
         cmocka_unit_test(test_long_values_cut_between_characters),
+        cmocka_unit_test(test_utf8_validity),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
