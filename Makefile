@@ -85,7 +85,7 @@ run: deps $(TOOLS)
 	@sh tools/run.sh $(BUILD)
 
 bench: deps $(TOOLS)
-	@sh tools/bench/bench.sh $(BUILD)
+	@BASELINE="$(BASELINE)" sh tools/bench/bench.sh $(BUILD)
 
 format:
 	clang-format -i pep/*.[ch] audit/*.[ch] tools/*.c tests/unit/*.c tests/integration/*.[ch] tests/support/*.[ch]
