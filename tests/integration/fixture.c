@@ -9,7 +9,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-static char *replace_all(const char *text, const char *from, const char *to) {
+char *fx_replace_all(const char *text, const char *from, const char *to) {
     size_t n = 0, fl = strlen(from), tl = strlen(to);
     for (const char *p = strstr(text, from); p; p = strstr(p + fl, from))
         n++;
@@ -48,7 +48,7 @@ int fx_start(struct fx *f, const char *policy_text, char *const env[],
     snprintf(f->policy, sizeof f->policy, "%s/policy.yaml", f->dir);
     snprintf(f->data, sizeof f->data, "%s/data", f->dir);
     snprintf(f->db, sizeof f->db, "%s/pep.db", f->data);
-    char *text = replace_all(policy_text, "@MOCK@", f->mock.url);
+    char *text = fx_replace_all(policy_text, "@MOCK@", f->mock.url);
     int rc = text ? h_write_file(f->policy, text) : -1;
     free(text);
     if (rc == 0) rc = h_start_pep_opts(&f->pep, f->policy, f->data, env, opts);

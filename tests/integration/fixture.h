@@ -45,6 +45,10 @@ long fx_count_records(struct fx *f);
  * 'system'"), or -1. */
 long fx_count_records_where(struct fx *f, const char *where);
 
+/* text with every `from` replaced by `to` (malloc'd; NULL when out of memory): policy
+ * templates with placeholders of a test's own, besides @MOCK@. */
+char *fx_replace_all(const char *text, const char *from, const char *to);
+
 /* "Authorization: Bearer <token>" in buf. */
 const char *fx_bearer(char *buf, size_t cap, const char *token);
 

@@ -60,20 +60,9 @@ static char *TOKEN, *L_TOKEN;
 
 /* POLICY with @RAW@ and @SERVER@ filled in (caller frees). */
 static char *policy_text(const char *server_extra) {
-    size_t cap = strlen(POLICY) + strlen(server_extra) + 128;
-    char *out = malloc(cap), *o = out;
-    for (const char *p = POLICY; *p;) {
-        if (strncmp(p, "@RAW@", 5) == 0) {
-            o += sprintf(o, "%s", RAW_URL);
-            p += 5;
-        } else if (strncmp(p, "@SERVER@", 8) == 0) {
-            o += sprintf(o, "%s", server_extra);
-            p += 8;
-        } else {
-            *o++ = *p++;
-        }
-    }
-    *o = '\0';
+    char *with_raw = fx_replace_all(POLICY, "@RAW@", RAW_URL);
+    char *out = with_raw ? fx_replace_all(with_raw, "@SERVER@", server_extra) : NULL;
+    free(with_raw);
     return out;
 }
 

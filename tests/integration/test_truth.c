@@ -55,26 +55,16 @@ static struct rawup *RAW;
 static char RAW_URL[64];
 static char *BOT_TOKEN;
 
-/* POLICY with @RAW@ and @SCOPE@ filled in (caller frees); @MOCK@ is the fixture's. */
+/* POLICY with @RAW@ and @SCOPE@ filled in, and @MOCK@ once the fixture has started
+ * (caller frees). */
 static char *policy_text(const char *scope) {
-    size_t cap = strlen(POLICY) + 256;
-    char *out = malloc(cap), *o = out;
-    for (const char *p = POLICY; *p;) {
-        if (strncmp(p, "@RAW@", 5) == 0) {
-            o += sprintf(o, "%s", RAW_URL);
-            p += 5;
-        } else if (strncmp(p, "@SCOPE@", 7) == 0) {
-            o += sprintf(o, "%s", scope);
-            p += 7;
-        } else if (strncmp(p, "@MOCK@", 6) == 0 && F.mock.url[0]) {
-            o += sprintf(o, "%s", F.mock.url);
-            p += 6;
-        } else {
-            *o++ = *p++;
-        }
-    }
-    *o = '\0';
-    return out;
+    char *a = fx_replace_all(POLICY, "@RAW@", RAW_URL);
+    char *b = a ? fx_replace_all(a, "@SCOPE@", scope) : NULL;
+    char *c = b && F.mock.url[0] ? fx_replace_all(b, "@MOCK@", F.mock.url) : NULL;
+    free(a);
+    if (!c) return b;
+    free(b);
+    return c;
 }
 
 static int group_setup(void **state) {
@@ -123,23 +113,51 @@ static json_t *outcome_of(const char *request_id) {
 
 /* ---- ordering under revocation ---------------------------------------------------------- */
 
+/* Clients calling GET /v1/check with one token until told to stop. */
+#define HAMMERS_MAX 32
 struct hammer {
-    const char *path;
     const char *token;
     volatile bool *stop;
     int allowed, refused;
 };
 
+struct hammers {
+    pthread_t threads[HAMMERS_MAX];
+    struct hammer h[HAMMERS_MAX];
+    int n;
+    volatile bool stop;
+};
+
 static void *hammer_thread(void *arg) {
     struct hammer *h = arg;
     while (!*h->stop) {
-        long st = call("GET", h->path, h->token, NULL);
+        long st = call("GET", "/v1/check", h->token, NULL);
         if (st == 200)
             h->allowed++;
         else
             h->refused++;
     }
     return NULL;
+}
+
+static void hammers_start(struct hammers *hs, int n, const char *token) {
+    hs->n = n;
+    hs->stop = false;
+    for (int i = 0; i < n; i++) {
+        hs->h[i] = (struct hammer){.token = token, .stop = &hs->stop};
+        pthread_create(&hs->threads[i], NULL, hammer_thread, &hs->h[i]);
+    }
+}
+
+/* Stops them; the calls they saw allowed and refused. */
+static void hammers_stop(struct hammers *hs, int *allowed, int *refused) {
+    hs->stop = true;
+    *allowed = *refused = 0;
+    for (int i = 0; i < hs->n; i++) {
+        pthread_join(hs->threads[i], NULL);
+        *allowed += hs->h[i].allowed;
+        *refused += hs->h[i].refused;
+    }
 }
 
 /* 32 clients with one token while it is revoked, twice, and while its agent is disabled:
@@ -151,14 +169,8 @@ static void test_no_allow_after_revocation_record(void **state) {
         char jti[64];
         char *token = fx_issue(&F, agents[round], NULL, jti);
         assert_non_null(token);
-        enum { N = 32 };
-        pthread_t threads[N];
-        struct hammer hs[N];
-        volatile bool stop = false;
-        for (int i = 0; i < N; i++) {
-            hs[i] = (struct hammer){.path = "/v1/check", .token = token, .stop = &stop};
-            pthread_create(&threads[i], NULL, hammer_thread, &hs[i]);
-        }
+        struct hammers hs;
+        hammers_start(&hs, 32, token);
         usleep(300000);
         char path[128];
         if (round < 2)
@@ -171,13 +183,8 @@ static void test_no_allow_after_revocation_record(void **state) {
         long revoke_seq = atol(h_header(&r, "Pep-Audit-Seq"));
         h_resp_free(&r);
         usleep(300000);
-        stop = true;
-        int allowed = 0, refused = 0;
-        for (int i = 0; i < N; i++) {
-            pthread_join(threads[i], NULL);
-            allowed += hs[i].allowed;
-            refused += hs[i].refused;
-        }
+        int allowed, refused;
+        hammers_stop(&hs, &allowed, &refused);
         fprintf(stderr, "round %zu: %d allowed, %d refused around the %s at seq %ld\n", round,
                 allowed, refused, round < 2 ? "revocation" : "disable", revoke_seq);
         assert_true(allowed > 0 && refused > 0);
@@ -218,14 +225,8 @@ static void test_decisions_agree_with_their_policy(void **state) {
     assert_int_equal(r.status, 200);
     char *token = fx_issue(&F, "rl", NULL, NULL); /* scope tool.read, issued under A */
     assert_non_null(token);
-    enum { N = 16 };
-    pthread_t threads[N];
-    struct hammer hs[N];
-    volatile bool stop = false;
-    for (int i = 0; i < N; i++) {
-        hs[i] = (struct hammer){.path = "/v1/check", .token = token, .stop = &stop};
-        pthread_create(&threads[i], NULL, hammer_thread, &hs[i]);
-    }
+    struct hammers hs;
+    hammers_start(&hs, 16, token);
     for (int k = 0; k < 12; k++) {
         usleep(100000);
         assert_int_equal(h_write_file(F.policy, k % 2 ? a : b), 0);
@@ -233,13 +234,8 @@ static void test_decisions_agree_with_their_policy(void **state) {
         assert_int_equal(r.status, 200);
     }
     usleep(100000);
-    stop = true;
-    int allowed = 0, refused = 0;
-    for (int i = 0; i < N; i++) {
-        pthread_join(threads[i], NULL);
-        allowed += hs[i].allowed;
-        refused += hs[i].refused;
-    }
+    int allowed, refused;
+    hammers_stop(&hs, &allowed, &refused);
     fprintf(stderr, "%d allowed, %d refused across 12 reloads\n", allowed, refused);
     assert_true(allowed > 0 && refused > 0);
     char where[512];

@@ -79,17 +79,31 @@ static void wait_written(struct audit_store *s, int64_t head) {
     assert_int_equal(audit_head_seq(s), head);
 }
 
-static void test_outcomes_held_through_failures(void **state) {
-    (void)state;
-    char dir[] = "/tmp/pep-hold-XXXXXX", path[64];
+/* A store in a fresh directory dir (a mkdtemp template), opened through the fault VFS. */
+static struct audit_store *open_faulty(char *dir, char path[64], bool durability_full) {
     assert_non_null(mkdtemp(dir));
-    snprintf(path, sizeof path, "%s/pep.db", dir);
+    snprintf(path, 64, "%s/pep.db", dir);
     assert_int_equal(audit_fault_install(), 0);
     audit_fault_set(AUDIT_FAULT_NONE);
-    struct audit_options opt = {.durability_full = true, .vfs = AUDIT_FAULT_VFS, .linger_us = -1};
+    struct audit_options opt = {
+        .durability_full = durability_full, .vfs = AUDIT_FAULT_VFS, .linger_us = -1};
     struct audit_store *s = NULL;
     struct pep_err err = {0};
     assert_int_equal(audit_open(path, &opt, &s, &err), 0);
+    return s;
+}
+
+static void remove_dir(const char *dir) {
+    char cmd[128];
+    snprintf(cmd, sizeof cmd, "rm -rf %s", dir);
+    assert_int_equal(system(cmd), 0);
+}
+
+static void test_outcomes_held_through_failures(void **state) {
+    (void)state;
+    char dir[] = "/tmp/pep-hold-XXXXXX", path[64];
+    struct audit_store *s = open_faulty(dir, path, true);
+    struct pep_err err = {0};
     assert_int_equal(submit_wait(s, "d1", NULL), 0);
 
     /* The disk fails while two upstream calls end: their outcomes are held, and a decision
@@ -129,9 +143,7 @@ static void test_outcomes_held_through_failures(void **state) {
     assert_int_equal(audit_verify_file(path, &vr, &err), 0);
     assert_true(vr.ok);
     assert_int_equal(vr.records, 6);
-    char cmd[128];
-    snprintf(cmd, sizeof cmd, "rm -rf %s", dir);
-    assert_int_equal(system(cmd), 0);
+    remove_dir(dir);
 }
 
 /* Past AUDIT_MAX_HELD held records, what has a waiter is refused with PEP_EBACKLOG (a
@@ -139,14 +151,7 @@ static void test_outcomes_held_through_failures(void **state) {
 static void test_backlog_bound(void **state) {
     (void)state;
     char dir[] = "/tmp/pep-hold-XXXXXX", path[64];
-    assert_non_null(mkdtemp(dir));
-    snprintf(path, sizeof path, "%s/pep.db", dir);
-    assert_int_equal(audit_fault_install(), 0);
-    audit_fault_set(AUDIT_FAULT_NONE);
-    struct audit_options opt = {.durability_full = false, .vfs = AUDIT_FAULT_VFS, .linger_us = -1};
-    struct audit_store *s = NULL;
-    struct pep_err err = {0};
-    assert_int_equal(audit_open(path, &opt, &s, &err), 0);
+    struct audit_store *s = open_faulty(dir, path, false);
     audit_fault_set(AUDIT_FAULT_WRITE);
     for (int i = 0; i < AUDIT_MAX_HELD + 10; i++)
         submit_outcome(s, "o");
@@ -162,9 +167,7 @@ static void test_backlog_bound(void **state) {
     wait_written(s, AUDIT_MAX_HELD + 10);
     assert_int_equal(submit_wait(s, "d", NULL), 0);
     audit_close(s);
-    char cmd[128];
-    snprintf(cmd, sizeof cmd, "rm -rf %s", dir);
-    assert_int_equal(system(cmd), 0);
+    remove_dir(dir);
 }
 
 int main(void) {
