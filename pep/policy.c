@@ -2089,7 +2089,12 @@ int policy_load(const char *path, const struct policy_load_options *opts, struct
     size_t len = 0;
     *out = NULL;
     if (errs) *errs = (struct policy_errors){0};
-    int rc = pep_read_file(path, POLICY_MAX_FILE_BYTES, &data, &len);
+    /* A regular file only, opened without blocking: a FIFO named as the policy would hold
+     * `pep check`, `pep serve`, and a SIGHUP reload (and with it shutdown), until a writer
+     * came; a directory or a device is no policy either. */
+    int rc = pep_read_regular_file(path, POLICY_MAX_FILE_BYTES, &data, &len);
+    if (rc == PEP_EDENIED)
+        return policy_errors_single(errs, PEP_EIO, "%s:1:1: cannot read: not a regular file", path);
     if (rc == PEP_EIO) {
         int err = errno;
         return policy_errors_single(errs, PEP_EIO, "%s:1:1: cannot read: %s", path, strerror(err));

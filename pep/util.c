@@ -6,6 +6,7 @@
  */
 #include "pep/util.h"
 
+#include <assert.h>
 #include <ctype.h>
 #include <errno.h>
 #include <fcntl.h>
@@ -335,6 +336,66 @@ int pep_read_file(const char *path, size_t max_bytes, char **out, size_t *out_le
     }
     fclose(f);
     if (rc) {
+        free(buf);
+        return rc;
+    }
+    buf[len] = '\0';
+    *out = buf;
+    if (out_len) *out_len = len;
+    return 0;
+}
+
+int pep_read_regular_file(const char *path, size_t max_bytes, char **out, size_t *out_len) {
+    assert(max_bytes < SIZE_MAX / 2);
+    /* O_NONBLOCK: a FIFO opens at once (not when a writer comes) and is then refused below;
+     * on a regular file it changes nothing.  O_NOCTTY: a terminal named here must not become
+     * the process's controlling terminal. */
+    int fd = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC | O_NOCTTY);
+    if (fd < 0) return PEP_EIO;
+    struct stat st;
+    char *buf = NULL;
+    size_t len = 0, cap = 0;
+    int rc = 0;
+    /* fstat, not stat: the checked object is the one opened, whatever path names by then. */
+    if (fstat(fd, &st) != 0)
+        rc = PEP_EIO;
+    else if (!S_ISREG(st.st_mode))
+        rc = PEP_EDENIED;
+    else if ((uint64_t)st.st_size > max_bytes)
+        rc = PEP_EINVAL;
+    if (rc == 0) {
+        /* st_size only sizes the first buffer: the file may grow while it is read, so reading
+         * goes on to end of file, and stops at max_bytes + 1 bytes (too large). */
+        cap = (size_t)st.st_size + 1;
+        cap = cap < 4096 ? 4096 : cap > max_bytes + 1 ? max_bytes + 1 : cap;
+        if (!(buf = malloc(cap + 1))) rc = PEP_ENOMEM;
+    }
+    while (rc == 0) {
+        if (len == cap) {
+            if (len > max_bytes) {
+                rc = PEP_EINVAL;
+                break;
+            }
+            size_t next = cap > max_bytes / 2 ? max_bytes + 1 : cap * 2;
+            char *grown = realloc(buf, next + 1);
+            if (!grown) {
+                rc = PEP_ENOMEM;
+                break;
+            }
+            buf = grown;
+            cap = next;
+        }
+        ssize_t got = read(fd, buf + len, cap - len);
+        if (got < 0 && errno == EINTR) continue;
+        if (got < 0) rc = PEP_EIO;
+        if (got <= 0) break;
+        len += (size_t)got;
+    }
+    if (rc == 0 && len > max_bytes) rc = PEP_EINVAL;
+    int saved = errno; /* PEP_EIO's reason, which close() must not overwrite */
+    close(fd);
+    errno = saved;
+    if (rc != 0) {
         free(buf);
         return rc;
     }

@@ -60,6 +60,16 @@ void pep_request_id(char out[27]);
  * 0, PEP_EIO (with errno kept) or PEP_EINVAL when the file is larger than max_bytes. */
 int pep_read_file(const char *path, size_t max_bytes, char **out, size_t *out_len);
 
+/* Reads a whole regular file (at most max_bytes, itself under SIZE_MAX / 2) into a malloc'd
+ * NUL-terminated buffer, never waiting on a peer: path is opened with O_NONBLOCK (a FIFO
+ * without a writer would otherwise hold open() until one came) and O_NOCTTY, and anything
+ * fstat does not call a regular file (a FIFO, a directory, a device, a socket) is refused
+ * before a byte is read.  A symlink to a regular file is followed.  Returns 0, PEP_EIO (with
+ * errno kept), PEP_EINVAL when the file is larger than max_bytes, or PEP_EDENIED when it is
+ * not a regular file.  Meant for files an operator names (the policy); pep_read_file still
+ * reads whatever path names. */
+int pep_read_regular_file(const char *path, size_t max_bytes, char **out, size_t *out_len);
+
 /* Writes data to path atomically (temp file + fsync + rename) with the given mode. */
 int pep_write_file_atomic(const char *path, const void *data, size_t len, unsigned mode);
 

@@ -6,7 +6,10 @@
  *
  * Every command is one HTTP call (libcurl easy, bounded: connect 5 s, whole call 30 s, no
  * proxy, http/https only) whose JSON answer is printed either as is (--json, pretty) or as
- * aligned text meant for people.  `tokens issue` and `operators token` print the token
+ * aligned text meant for people — but only once it is known to be pep's: the answer must carry
+ * the Pep-Request-Id header every pep answer has (SPEC 3.5) and have the shape SPEC 5 and 8
+ * give the endpoint (errors: SPEC 3.3), else pepctl says the other end is not pep's admin API
+ * and exits 2, whatever the output format.  `tokens issue` and `operators token` print the token
  * alone so that `TOKEN=$(pepctl tokens issue bot)` works.  `audit verify --db FILE` copies
  * FILE with SQLite's online backup (one consistent snapshot, WAL included, safe while pep
  * runs) into a private temporary directory and walks the copy
@@ -22,7 +25,7 @@
  * value is never mistaken for a flag or a command word.
  *
  * Exit status: 0 done; 1 the audit chain does not verify; 2 usage error, API error,
- * unreachable server or unreadable file.
+ * unreachable server, an answer that is not pep's admin API, or an unreadable file.
  *
  * SECURITY: the operator token is a bearer credential.  It is sent only in the
  * Authorization header of calls to the admin URL, never printed in an error or echoed,
@@ -46,6 +49,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <unistd.h>
 
 #define PEPCTL_DEFAULT_URL "http://127.0.0.1:8081"
@@ -258,11 +262,12 @@ static int pepctl_print_object(const json_t *obj) {
 
 /* ---- the admin API ---------------------------------------------------------------------- */
 
-/* A response body being received. */
+/* A response being received. */
 struct pepctl_buf {
     char *data;
     size_t len;
-    bool too_large; /* the answer passed PEPCTL_MAX_ANSWER and the transfer was stopped */
+    bool too_large;      /* the answer passed PEPCTL_MAX_ANSWER and the transfer was stopped */
+    bool pep_request_id; /* the last response head carried a non-empty Pep-Request-Id */
 };
 
 static size_t pepctl_on_body(char *ptr, size_t size, size_t nmemb, void *arg) {
@@ -278,6 +283,23 @@ static size_t pepctl_on_body(char *ptr, size_t size, size_t nmemb, void *arg) {
     memcpy(b->data + b->len, ptr, n);
     b->len += n;
     b->data[b->len] = '\0';
+    return n;
+}
+
+/* Notes whether the response head carries Pep-Request-Id, which every pep answer has (SPEC
+ * 3.5).  A new status line starts a new head (after a "100 Continue", say): only the final
+ * response's headers count. */
+static size_t pepctl_on_header(char *line, size_t size, size_t nitems, void *arg) {
+    struct pepctl_buf *b = arg;
+    size_t n = size * nitems;
+    static const char name[] = "pep-request-id:";
+    if (n >= 5 && strncmp(line, "HTTP/", 5) == 0) {
+        b->pep_request_id = false;
+    } else if (n > sizeof name - 1 && strncasecmp(line, name, sizeof name - 1) == 0) {
+        for (size_t i = sizeof name - 1; i < n && !b->pep_request_id; i++)
+            b->pep_request_id =
+                line[i] != ' ' && line[i] != '\t' && line[i] != '\r' && line[i] != '\n';
+    }
     return n;
 }
 
@@ -338,36 +360,107 @@ out:
     return rc;
 }
 
-/* Prints why the API refused: "pepctl: <code>: <message> (HTTP <status>)". */
-static void pepctl_report_api_error(long status, const struct pepctl_buf *b) {
-    json_t *doc = b->data ? json_loadb(b->data, b->len, 0, NULL) : NULL;
+/*
+ * Answer shapes.  pepctl prints nothing, table or --json, that it has not recognised as
+ * pep's: another HTTP service on the admin port (a wrong --url, a port reused after pep
+ * stopped) would otherwise have its JSON printed, or read as an empty table, with exit 0.
+ * Each endpoint's check returns NULL when the answer has the shape SPEC 5 and 8 give it,
+ * else what is missing, for the message.  Only what the SPEC fixes and pepctl reads is
+ * checked, so that members pep may add later do not break an older pepctl.
+ */
+typedef const char *(*pepctl_shape_fn)(const json_t *answer);
+
+static bool pepctl_has_string(const json_t *obj, const char *key) {
+    return json_is_string(json_object_get(obj, key));
+}
+
+/* {"<list>": [{"<key>": "…", …}, …]}: the admin API's lists (SPEC 8). */
+static bool pepctl_is_list_of(const json_t *answer, const char *list, const char *key) {
+    json_t *items = json_object_get(answer, list), *item;
+    size_t i;
+    if (!json_is_array(items)) return false;
+    json_array_foreach(items, i, item) {
+        if (!pepctl_has_string(item, key)) return false;
+    }
+    return true;
+}
+
+static const char *pepctl_shape_agents(const json_t *answer) {
+    return pepctl_is_list_of(answer, "agents", "id")
+               ? NULL
+               : "no 'agents' array of objects with a string 'id'";
+}
+
+static const char *pepctl_shape_tokens(const json_t *answer) {
+    return pepctl_is_list_of(answer, "tokens", "jti")
+               ? NULL
+               : "no 'tokens' array of objects with a string 'jti'";
+}
+
+/* An agent or an operator, as created, replaced, shown, disabled or enabled. */
+static const char *pepctl_shape_identity(const json_t *answer) {
+    return pepctl_has_string(answer, "id") ? NULL : "no string 'id'";
+}
+
+/* An issued token: {token, jti, expires_at}. */
+static const char *pepctl_shape_issued(const json_t *answer) {
+    return pepctl_has_string(answer, "token") && pepctl_has_string(answer, "jti") &&
+                   pepctl_has_string(answer, "expires_at")
+               ? NULL
+               : "no string 'token', 'jti' and 'expires_at'";
+}
+
+static const char *pepctl_shape_revoked(const json_t *answer) {
+    return pepctl_has_string(answer, "jti") ? NULL : "no string 'jti'";
+}
+
+/* {"ok":true,"records":N,"head_seq":N,…} or {"ok":false,"first_bad_seq":N,…}. */
+static const char *pepctl_shape_verify(const json_t *answer) {
+    json_t *ok = json_object_get(answer, "ok");
+    if (!json_is_boolean(ok)) return "no boolean 'ok'";
+    if (json_is_true(ok) && !(json_is_integer(json_object_get(answer, "records")) &&
+                              json_is_integer(json_object_get(answer, "head_seq"))))
+        return "'ok' true without integer 'records' and 'head_seq'";
+    if (json_is_false(ok) && !json_is_integer(json_object_get(answer, "first_bad_seq")))
+        return "'ok' false without an integer 'first_bad_seq'";
+    return NULL;
+}
+
+/* Every error pep answers: {"error":{"code":"…",…}} (SPEC 3.3). */
+static const char *pepctl_shape_error(const json_t *answer) {
+    return pepctl_has_string(json_object_get(answer, "error"), "code")
+               ? NULL
+               : "no SPEC 3.3 error object with a string 'code'";
+}
+
+/* Prints why the API refused, from an answer of the SPEC 3.3 shape: "pepctl: <code>:
+ * <message> (HTTP <status>)". */
+static void pepctl_report_api_error(long status, const json_t *doc) {
     json_t *err = json_object_get(doc, "error");
     const char *code = json_string_value(json_object_get(err, "code"));
     const char *msg = json_string_value(json_object_get(err, "message"));
-    if (code)
-        fprintf(stderr, "pepctl: %s: %s (HTTP %ld)\n", code, msg ? msg : "", status);
-    else
-        fprintf(stderr, "pepctl: unexpected answer from the admin API (HTTP %ld)\n", status);
+    fprintf(stderr, "pepctl: %s: %s (HTTP %ld)\n", code ? code : "-", msg ? msg : "", status);
     /* A refused policy reload carries its list of errors; print them one per line. */
     size_t i;
     json_t *item;
     json_array_foreach(json_object_get(err, "errors"), i, item) {
         if (json_is_string(item)) fprintf(stderr, "  %s\n", json_string_value(item));
     }
-    json_decref(doc);
 }
 
 /*
  * One admin API call: method on url + path (path already escaped), with body (borrowed;
- * NULL sends none).  On a 2xx answer holding a JSON object: 0 and *answer (caller
- * json_decref()s), *status if status is not NULL.  Otherwise PEPCTL_FAIL after printing
- * why (API error, unreachable server, malformed answer).
+ * NULL sends none).  On a 2xx answer from pep (Pep-Request-Id) holding a JSON object of the
+ * endpoint's shape (checked by shape): 0 and *answer (caller json_decref()s), *status if
+ * status is not NULL.  Otherwise PEPCTL_FAIL after printing why (API error, unreachable
+ * server, an answer that is not pep's admin API).
  */
 static int pepctl_api(struct pepctl *ctx, const char *method, const char *path, const json_t *body,
-                      json_t **answer, long *status_out) {
+                      pepctl_shape_fn shape, json_t **answer, long *status_out) {
     struct pepctl_buf b = {0};
     struct curl_slist *headers = NULL;
     char *url = NULL, *auth = NULL, *payload = NULL;
+    json_t *doc = NULL; /* the answer's body parsed, until it is handed to *answer */
     char errbuf[CURL_ERROR_SIZE] = "";
     long status = 0;
     int rc = PEPCTL_FAIL;
@@ -414,6 +507,8 @@ static int pepctl_api(struct pepctl *ctx, const char *method, const char *path, 
     if (crc == CURLE_OK && payload) crc = curl_easy_setopt(c, CURLOPT_POSTFIELDS, payload);
     if (crc == CURLE_OK) crc = curl_easy_setopt(c, CURLOPT_WRITEFUNCTION, pepctl_on_body);
     if (crc == CURLE_OK) crc = curl_easy_setopt(c, CURLOPT_WRITEDATA, &b);
+    if (crc == CURLE_OK) crc = curl_easy_setopt(c, CURLOPT_HEADERFUNCTION, pepctl_on_header);
+    if (crc == CURLE_OK) crc = curl_easy_setopt(c, CURLOPT_HEADERDATA, &b);
     if (crc == CURLE_OK) crc = curl_easy_setopt(c, CURLOPT_ERRORBUFFER, errbuf);
     if (crc != CURLE_OK) {
         pepctl_errorf("cannot set up the request: %s", curl_easy_strerror(crc));
@@ -431,21 +526,28 @@ static int pepctl_api(struct pepctl *ctx, const char *method, const char *path, 
         goto out;
     }
     if (curl_easy_getinfo(c, CURLINFO_RESPONSE_CODE, &status) != CURLE_OK) status = 0;
-    if (status < 200 || status > 299) {
-        pepctl_report_api_error(status, &b);
+    doc = b.data ? json_loadb(b.data, b.len, 0, NULL) : NULL;
+    /* The header first: it alone tells pep from another HTTP service, whatever the body. */
+    bool ok_status = status >= 200 && status <= 299;
+    const char *not_pep = !b.pep_request_id      ? "no Pep-Request-Id header"
+                          : !json_is_object(doc) ? "the body is not a JSON object"
+                          : !ok_status           ? pepctl_shape_error(doc)
+                          : shape                ? shape(doc)
+                                                 : NULL;
+    if (not_pep) {
+        pepctl_errorf("%s: the answer is not pep's admin API (HTTP %ld, %s)", url, status, not_pep);
         goto out;
     }
-    json_error_t jerr;
-    *answer = b.data ? json_loadb(b.data, b.len, 0, &jerr) : NULL;
-    if (!json_is_object(*answer)) {
-        json_decref(*answer);
-        *answer = NULL;
-        pepctl_errorf("unexpected answer from the admin API (HTTP %ld): not a JSON object", status);
+    if (!ok_status) {
+        pepctl_report_api_error(status, doc);
         goto out;
     }
+    *answer = doc;
+    doc = NULL;
     if (status_out) *status_out = status;
     rc = PEPCTL_OK;
 out:
+    json_decref(doc);
     if (ctx->curl) curl_easy_setopt(ctx->curl, CURLOPT_ERRORBUFFER, NULL);
     /* SECURITY: wipe our copies of the Authorization header before freeing them. */
     for (struct curl_slist *it = headers; it; it = it->next)
@@ -543,7 +645,9 @@ static int pepctl_agents_add(struct pepctl *ctx, const struct pepctl_args *a) {
         pepctl_errorf("the agent id and owner must be valid UTF-8");
         goto out;
     }
-    if (pepctl_api(ctx, "POST", "/admin/v1/agents", body, &answer, &status) != 0) goto out;
+    if (pepctl_api(ctx, "POST", "/admin/v1/agents", body, pepctl_shape_identity, &answer,
+                   &status) != 0)
+        goto out;
     if (ctx->json)
         rc = pepctl_print_json(answer);
     else {
@@ -562,14 +666,11 @@ static int pepctl_agents_list(struct pepctl *ctx, const struct pepctl_args *a) {
     (void)a;
     json_t *answer = NULL;
     int rc = PEPCTL_FAIL;
-    if (pepctl_api(ctx, "GET", "/admin/v1/agents", NULL, &answer, NULL) != 0) goto out;
-    json_t *agents = json_object_get(answer, "agents");
+    if (pepctl_api(ctx, "GET", "/admin/v1/agents", NULL, pepctl_shape_agents, &answer, NULL) != 0)
+        goto out;
+    json_t *agents = json_object_get(answer, "agents"); /* an array: pepctl_shape_agents */
     if (ctx->json) {
         rc = pepctl_print_json(answer);
-        goto out;
-    }
-    if (!json_is_array(agents)) {
-        pepctl_errorf("unexpected answer from the admin API: no 'agents' list");
         goto out;
     }
     static const char *const cols[] = {"id", "owner", "tenants", "scopes", "enabled"};
@@ -600,7 +701,9 @@ static int pepctl_agent_call(struct pepctl *ctx, const struct pepctl_args *a, co
         pepctl_errorf("out of memory");
         goto out;
     }
-    if (pepctl_api(ctx, verb ? "POST" : "GET", path, body, &answer, NULL) != 0) goto out;
+    if (pepctl_api(ctx, verb ? "POST" : "GET", path, body, pepctl_shape_identity, &answer, NULL) !=
+        0)
+        goto out;
     if (ctx->json)
         rc = pepctl_print_json(answer);
     else if (verb) {
@@ -663,7 +766,7 @@ static int pepctl_issue_token(struct pepctl *ctx, const struct pepctl_args *a,
         pepctl_errorf("--acr: not valid UTF-8");
         goto out;
     }
-    if (pepctl_api(ctx, "POST", path, body, &answer, NULL) != 0) goto out;
+    if (pepctl_api(ctx, "POST", path, body, pepctl_shape_issued, &answer, NULL) != 0) goto out;
     rc = pepctl_print_token(ctx, answer);
 out:
     free(path);
@@ -689,14 +792,10 @@ static int pepctl_tokens_list(struct pepctl *ctx, const struct pepctl_args *a) {
         }
     } else if (!(path = strdup("/admin/v1/tokens")))
         goto oom;
-    if (pepctl_api(ctx, "GET", path, NULL, &answer, NULL) != 0) goto out;
-    json_t *tokens = json_object_get(answer, "tokens");
+    if (pepctl_api(ctx, "GET", path, NULL, pepctl_shape_tokens, &answer, NULL) != 0) goto out;
+    json_t *tokens = json_object_get(answer, "tokens"); /* an array: pepctl_shape_tokens */
     if (ctx->json) {
         rc = pepctl_print_json(answer);
-        goto out;
-    }
-    if (!json_is_array(tokens)) {
-        pepctl_errorf("unexpected answer from the admin API: no 'tokens' list");
         goto out;
     }
     struct pepctl_table t = {.ncols = 6};
@@ -736,7 +835,7 @@ static int pepctl_tokens_revoke(struct pepctl *ctx, const struct pepctl_args *a)
         pepctl_errorf("out of memory");
         goto out;
     }
-    if (pepctl_api(ctx, "DELETE", path, NULL, &answer, NULL) != 0) goto out;
+    if (pepctl_api(ctx, "DELETE", path, NULL, pepctl_shape_revoked, &answer, NULL) != 0) goto out;
     if (ctx->json)
         rc = pepctl_print_json(answer);
     else {
@@ -762,7 +861,9 @@ static int pepctl_operators_add(struct pepctl *ctx, const struct pepctl_args *a)
         pepctl_errorf("the operator id must be valid UTF-8");
         goto out;
     }
-    if (pepctl_api(ctx, "POST", "/admin/v1/operators", body, &answer, &status) != 0) goto out;
+    if (pepctl_api(ctx, "POST", "/admin/v1/operators", body, pepctl_shape_identity, &answer,
+                   &status) != 0)
+        goto out;
     if (ctx->json)
         rc = pepctl_print_json(answer);
     else {
@@ -957,7 +1058,8 @@ static int pepctl_audit_verify(struct pepctl *ctx, const struct pepctl_args *a) 
     }
     json_t *answer = NULL;
     int rc = PEPCTL_FAIL;
-    if (pepctl_api(ctx, "GET", "/admin/v1/audit/verify", NULL, &answer, NULL) == 0)
+    if (pepctl_api(ctx, "GET", "/admin/v1/audit/verify", NULL, pepctl_shape_verify, &answer,
+                   NULL) == 0)
         rc = pepctl_print_verify(ctx, answer);
     json_decref(answer);
     return rc;
@@ -1007,7 +1109,8 @@ static void pepctl_usage(FILE *f) {
           "  --json           print the API's JSON answer as is, pretty\n"
           "  -h, --help       this help\n"
           "\nexit status: 0 done, 1 the audit chain does not verify, 2 usage error, API error,\n"
-          "unreachable admin API, or a --db FILE or --keys DIR that cannot be read\n",
+          "unreachable admin API, an answer that is not pep's admin API, or a --db FILE or\n"
+          "--keys DIR that cannot be read\n",
           f);
 }
 

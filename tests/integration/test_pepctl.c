@@ -9,7 +9,10 @@
  * 401) until `tokens revoke`, then 401 (SPEC 3.1: revocation effective before the call
  * returns); --json output is the API's JSON; operators and their roles; global flags
  * before or after the command and from the environment; usage errors, API errors and an
- * unreachable admin API all exit 2 with the reason on stderr and never the token;
+ * unreachable admin API all exit 2 with the reason on stderr and never the token; so does
+ * an admin URL that is not pep (mockllm: no Pep-Request-Id, SPEC 3.5; a raw server sending
+ * the header with answers of the wrong shape for the endpoint, SPEC 5, 8 and 3.3), with or
+ * without --json;
  * `audit verify` through the API, and `audit verify --db` offline on the live file and on
  * a copy after pep stopped, including a tampered copy (exit 1, first bad seq); the signed
  * checkpoints (SPEC 6.4, a checkpoint every 5 records here) checked by the API with pep's
@@ -43,6 +46,7 @@
 #include "pep/keys.h"
 #include "pep/util.h"
 #include "tests/integration/harness.h"
+#include "tests/integration/rawup.h"
 #include "tests/support/forge.h"
 
 #include <dirent.h>
@@ -599,6 +603,188 @@ static void test_unreachable(void **state) {
     ctl_free(&r);
 }
 
+/* ---- an admin URL that is not pep (SPEC 3.5: every pep answer carries Pep-Request-Id) ---- */
+
+/* Runs pepctl --url url --token TOKEN args... and asserts exit 2, nothing on stdout, and
+ * stderr "pepctl: <url><path>: the answer is not pep's admin API (HTTP <status>, <why>)". */
+static void expect_not_pep(const char *url, const char *path, long status, const char *why,
+                           const char *const args[]) {
+    const char *argv[40] = {"--url", url, "--token", "secret-token-4b1d"};
+    size_t n = 4;
+    for (size_t i = 0; args[i] && n < 39; i++)
+        argv[n++] = args[i];
+    argv[n] = NULL;
+    struct ctl_result r = {0};
+    ctl_exec(&r, NULL, argv);
+    char expect[512];
+    snprintf(expect, sizeof(expect),
+             "pepctl: %s%s: the answer is not pep's admin API (HTTP %ld, %s)\n", url, path, status,
+             why);
+    if (r.code != 2 || strcmp(r.err, expect) != 0 || r.out[0] != '\0')
+        fail_msg("pepctl %s %s: exit %d, stdout '%s', stderr '%s', expected stderr '%s'", args[0],
+                 args[1], r.code, r.out, r.err, expect);
+    ctl_free(&r);
+}
+
+#define NOT_PEP(url, path, status, why, ...)                                                       \
+    expect_not_pep((url), (path), (status), (why), (const char *const[]){__VA_ARGS__, NULL})
+
+/* mockllm answers every admin path with its echo JSON (200) or a scripted 404, and never
+ * with Pep-Request-Id: every command refuses the answer, --json or not, instead of printing
+ * another service's JSON (or an empty table) with exit 0. */
+static void test_not_pep_mockllm(void **state) {
+    (void)state;
+    struct h_proc mock = {0};
+    assert_int_equal(h_start_mockllm(&mock), 0);
+    static const char no_id[] = "no Pep-Request-Id header";
+    NOT_PEP(mock.url, "/admin/v1/agents", 200, no_id, "--json", "agents", "list");
+    NOT_PEP(mock.url, "/admin/v1/agents", 200, no_id, "agents", "list");
+    NOT_PEP(mock.url, "/admin/v1/tokens", 200, no_id, "tokens", "list");
+    NOT_PEP(mock.url, "/admin/v1/tokens?agent=bot-1", 200, no_id, "--json", "tokens", "list",
+            "--agent", "bot-1");
+    NOT_PEP(mock.url, "/admin/v1/audit/verify", 200, no_id, "audit", "verify");
+    NOT_PEP(mock.url, "/admin/v1/audit/verify", 200, no_id, "audit", "verify", "--json");
+    NOT_PEP(mock.url, "/admin/v1/agents/bot-1", 200, no_id, "agents", "show", "bot-1");
+    NOT_PEP(mock.url, "/admin/v1/agents/bot-1/disable", 200, no_id, "agents", "disable", "bot-1");
+    NOT_PEP(mock.url, "/admin/v1/agents", 200, no_id, "agents", "add", "bot-1", "--owner", "o",
+            "--tenants", "acme", "--scopes", "llm.chat", "--json");
+    NOT_PEP(mock.url, "/admin/v1/agents/bot-1/tokens", 200, no_id, "tokens", "issue", "bot-1");
+    NOT_PEP(mock.url, "/admin/v1/tokens/abc", 200, no_id, "tokens", "revoke", "abc");
+    NOT_PEP(mock.url, "/admin/v1/operators", 200, no_id, "operators", "add", "op-1", "--roles",
+            "auditor");
+    NOT_PEP(mock.url, "/admin/v1/operators/op-1/tokens", 200, no_id, "operators", "token", "op-1");
+    /* An error status without the header is not read as pep's error either. */
+    assert_int_equal(h_mock_fault(mock.url, "{\"kind\":\"status\",\"status\":404,\"count\":2}"), 0);
+    NOT_PEP(mock.url, "/admin/v1/agents", 404, no_id, "--json", "agents", "list");
+    NOT_PEP(mock.url, "/admin/v1/audit/verify", 404, no_id, "audit", "verify");
+    h_stop(&mock, SIGTERM);
+}
+
+/* Sets u's answer: status, the extra header lines (each ending in CRLF) and body. */
+static void script_answer(struct rawup *u, int status, const char *headers, const char *body) {
+    char raw[2048];
+    int n = snprintf(raw, sizeof(raw),
+                     "HTTP/1.1 %d Whatever\r\nContent-Type: application/json\r\n"
+                     "Content-Length: %zu\r\n%sConnection: close\r\n\r\n%s",
+                     status, strlen(body), headers, body);
+    assert_true(n > 0 && (size_t)n < sizeof(raw));
+    rawup_script(u, raw, (size_t)n, true);
+}
+
+/* A server that does send Pep-Request-Id is still read only through the shape SPEC 5 and 8
+ * give each endpoint (errors: SPEC 3.3); what pepctl does not read is not required. */
+static void test_not_pep_shapes(void **state) {
+    (void)state;
+    char url[64];
+    struct rawup *u = rawup_start(url, sizeof(url));
+    assert_non_null(u);
+    static const char id[] = "Pep-Request-Id: 01JTESTTESTTESTTESTTESTTEST\r\n";
+    static const struct {
+        int status;
+        const char *body;
+        const char *path;
+        const char *why;
+        const char *args[8];
+    } cases[] = {
+        {200,
+         "{\"agents\":{\"id\":\"a\"}}",
+         "/admin/v1/agents",
+         "no 'agents' array of objects with a string 'id'",
+         {"--json", "agents", "list"}},
+        {200,
+         "{\"agents\":[{\"name\":\"a\"}]}",
+         "/admin/v1/agents",
+         "no 'agents' array of objects with a string 'id'",
+         {"agents", "list"}},
+        {200,
+         "{\"items\":[]}",
+         "/admin/v1/tokens",
+         "no 'tokens' array of objects with a string 'jti'",
+         {"tokens", "list"}},
+        {200,
+         "{\"tokens\":[{\"jti\":7}]}",
+         "/admin/v1/tokens",
+         "no 'tokens' array of objects with a string 'jti'",
+         {"--json", "tokens", "list"}},
+        {200,
+         "{\"ok\":\"true\"}",
+         "/admin/v1/audit/verify",
+         "no boolean 'ok'",
+         {"audit", "verify"}},
+        {200,
+         "{\"ok\":true}",
+         "/admin/v1/audit/verify",
+         "'ok' true without integer 'records' and 'head_seq'",
+         {"audit", "verify", "--json"}},
+        {200,
+         "{\"ok\":false,\"head_seq\":3}",
+         "/admin/v1/audit/verify",
+         "'ok' false without an integer 'first_bad_seq'",
+         {"audit", "verify"}},
+        {200, "{\"name\":\"a\"}", "/admin/v1/agents/a", "no string 'id'", {"agents", "show", "a"}},
+        {200,
+         "{\"token\":\"x.y.z\"}",
+         "/admin/v1/agents/a/tokens",
+         "no string 'token', 'jti' and 'expires_at'",
+         {"tokens", "issue", "a", "--json"}},
+        {200, "{}", "/admin/v1/tokens/j", "no string 'jti'", {"tokens", "revoke", "j"}},
+        {201,
+         "[]",
+         "/admin/v1/operators",
+         "the body is not a JSON object",
+         {"operators", "add", "o", "--roles", "admin"}},
+        {200,
+         "<html>hello</html>",
+         "/admin/v1/agents",
+         "the body is not a JSON object",
+         {"agents", "list"}},
+        {404,
+         "{\"detail\":\"Not Found\"}",
+         "/admin/v1/agents",
+         "no SPEC 3.3 error object with a string 'code'",
+         {"agents", "list"}},
+        {401,
+         "{\"error\":\"invalid_token\"}",
+         "/admin/v1/audit/verify",
+         "no SPEC 3.3 error object with a string 'code'",
+         {"audit", "verify"}},
+    };
+    for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+        script_answer(u, cases[i].status, id, cases[i].body);
+        expect_not_pep(url, cases[i].path, cases[i].status, cases[i].why, cases[i].args);
+    }
+
+    /* The header's name is case-insensitive; an empty value is no request id; only the
+     * final response's head counts (not that of a 100 Continue before it). */
+    script_answer(u, 200, "pep-request-id: \r\n", "{\"agents\":[]}");
+    NOT_PEP(url, "/admin/v1/agents", 200, "no Pep-Request-Id header", "agents", "list");
+    static const char continued[] =
+        "HTTP/1.1 100 Continue\r\nPep-Request-Id: 01JTESTTESTTESTTESTTESTTEST\r\n\r\n"
+        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 13\r\n"
+        "Connection: close\r\n\r\n{\"agents\":[]}";
+    rawup_script(u, continued, strlen(continued), true);
+    NOT_PEP(url, "/admin/v1/agents", 200, "no Pep-Request-Id header", "agents", "list");
+
+    /* The right shapes pass, with members pepctl does not know and without those it does
+     * not need. */
+    struct ctl_result r = {0};
+    script_answer(u, 200, "pep-request-id: x\r\n", "{\"agents\":[{\"id\":\"a-1\",\"x\":1}]}");
+    CTL_RAW(&r, NULL, "--url", url, "--token", "t", "agents", "list");
+    assert_int_equal(r.code, 0);
+    assert_non_null(strstr(r.out, "\na-1 "));
+    ctl_free(&r);
+    script_answer(u, 200, id, "{\"ok\":false,\"first_bad_seq\":4}");
+    CTL_RAW(&r, NULL, "--url", url, "--token", "t", "audit", "verify", "--json");
+    assert_int_equal(r.code, 1);
+    ctl_free(&r);
+    script_answer(u, 403, id, "{\"error\":{\"code\":\"insufficient_scope\",\"message\":\"m\"}}");
+    CTL_RAW(&r, NULL, "--url", url, "--token", "t", "agents", "list");
+    assert_int_equal(r.code, 2);
+    assert_string_equal(r.err, "pepctl: insufficient_scope: m (HTTP 403)\n");
+    ctl_free(&r);
+    rawup_stop(u);
+}
+
 static void test_operators(void **state) {
     (void)state;
     struct ctl_result r = {0};
@@ -935,6 +1121,8 @@ int main(void) {
         cmocka_unit_test(test_environment_defaults),
         cmocka_unit_test(test_api_errors),
         cmocka_unit_test(test_unreachable),
+        cmocka_unit_test(test_not_pep_mockllm),
+        cmocka_unit_test(test_not_pep_shapes),
         cmocka_unit_test(test_operators),
         cmocka_unit_test(test_audit_verify_api),
         cmocka_unit_test(test_audit_verify_api_signature),

@@ -5,7 +5,8 @@
  * allow_unenforced); a rich policy compiles to exactly the values written, references
  * resolved to the right pointers and defaults filled; every kind of error is reported as
  * the exact "FILE:LINE:COL: message", all of them, in file order; hostile YAML (alias
- * bombs, deep nesting, huge files, many nodes) is refused by the caps.  Every test also
+ * bombs, deep nesting, huge files, many nodes) is refused by the caps; a path that is not a
+ * regular file (a FIFO, a directory, a device) is refused without waiting.  Every test also
  * runs under ASan in `make test`, so error paths must not leak either.
  *
  * Runs from the repository root (policies/ paths are relative).
@@ -17,6 +18,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <cmocka.h>
@@ -180,6 +182,54 @@ static void test_load_missing_file(void **state) {
     assert_string_equal(errs.items[0],
                         "policies/does-not-exist.yaml:1:1: cannot read: No such file or directory");
     policy_errors_free(&errs);
+}
+
+/* Loads path and expects exactly "PATH:1:1: cannot read: not a regular file". */
+static void expect_not_regular(const char *path) {
+    struct policy *p = (struct policy *)1;
+    struct policy_errors errs;
+    int rc = policy_load(path, NULL, &p, &errs);
+    assert_int_equal(rc, PEP_EIO);
+    assert_null(p);
+    assert_int_equal(errs.len, 1);
+    char want[512];
+    snprintf(want, sizeof want, "%s:1:1: cannot read: not a regular file", path);
+    assert_string_equal(errs.items[0], want);
+    policy_errors_free(&errs);
+}
+
+/* Only a regular file is read, and nothing waits: a FIFO nobody writes to (which used to
+ * hold `pep check`, `pep serve` and a SIGHUP reload forever), a directory and a device are
+ * refused at once; a symlink to a regular file is followed. */
+static void test_load_not_a_regular_file(void **state) {
+    (void)state;
+    char dir[] = "/tmp/pep-test-policy-XXXXXX", fifo[64], link[64], target[4096];
+    assert_non_null(mkdtemp(dir));
+    snprintf(fifo, sizeof fifo, "%s/fifo.yaml", dir);
+    snprintf(link, sizeof link, "%s/link.yaml", dir);
+    assert_int_equal(mkfifo(fifo, 0600), 0);
+    assert_non_null(realpath("policies/example.yaml", target));
+    assert_int_equal(symlink(target, link), 0);
+
+    /* Were the FIFO opened blocking, open() would never return: SIGALRM (its default action
+     * ends the process) turns that hang into a failure. */
+    alarm(30);
+    expect_not_regular(fifo);
+    alarm(0);
+    expect_not_regular(dir);
+    expect_not_regular("/dev/null");
+
+    struct policy *p = NULL;
+    struct policy_errors errs;
+    assert_int_equal(policy_load(link, NULL, &p, &errs), 0);
+    assert_int_equal(errs.len, 0);
+    assert_string_equal(p->agents[0].id, "demo-bot");
+    policy_errors_free(&errs);
+    policy_release(p);
+
+    unlink(link);
+    unlink(fifo);
+    rmdir(dir);
 }
 
 /* ---- a rich valid policy ------------------------------------------------------------- */
@@ -1358,6 +1408,7 @@ int main(void) {
         cmocka_unit_test(test_scenarios_compile_with_allow_unenforced),
         cmocka_unit_test(test_scenarios_refused_without_allow_unenforced),
         cmocka_unit_test(test_load_missing_file),
+        cmocka_unit_test(test_load_not_a_regular_file),
         cmocka_unit_test(test_rich_policy_fields),
         cmocka_unit_test(test_defaults),
         cmocka_unit_test(test_refcount),
