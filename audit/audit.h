@@ -85,7 +85,29 @@ void audit_close(struct audit_store *s);
  * the queue, writes the final checkpoint and joins the writer, but keeps the store
  * allocated so that threads still holding it get a clean refusal, and audit_get_stats /
  * audit_head_seq still answer.  Idempotent; audit_close calls it. */
-void audit_shutdown(struct audit_store *s);
+int audit_shutdown(struct audit_store *s);
+/* (audit_shutdown returns 0, or PEP_EDB when a held record could not be written before the
+ * writer stopped or the final checkpoint failed: a shutdown that lost something says so.) */
+
+/* What a file at a store's path is, looked at read-only before audit_open would create
+ * anything (SPEC 1: pep never silently starts over). */
+enum audit_store_state {
+    AUDIT_STORE_MISSING, /* no such file */
+    AUDIT_STORE_EMPTY,   /* 0 bytes, or an SQLite database without any table */
+    AUDIT_STORE_PEP,     /* an `audit` table with pep's columns */
+    AUDIT_STORE_FOREIGN, /* not SQLite, or SQLite without pep's audit table */
+};
+
+struct audit_inspection {
+    enum audit_store_state state;
+    int64_t records;            /* AUDIT_STORE_PEP: rows in `audit` */
+    char missing_triggers[256]; /* AUDIT_STORE_PEP: names of pep's triggers absent, comma-
+                                   separated ("" when all are there) */
+};
+
+/* Looks at path without changing it.  Returns 0 and *out, or PEP_EIO/PEP_EDB with err
+ * (the file exists but cannot be read). */
+int audit_inspect(const char *path, struct audit_inspection *out, struct pep_err *err);
 
 /* Seq of the last record written (0 for an empty store).  Any thread. */
 int64_t audit_head_seq(struct audit_store *s);

@@ -47,6 +47,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <sys/stat.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
@@ -159,6 +160,7 @@ struct audit_store {
     bool failing;           /* inside a failure streak (for logging once) */
     int64_t failed_batches; /* batches failed in the current streak */
     int closing_retries;    /* failed batches since closing began */
+    bool shutdown_failed;   /* a record was lost at shutdown or the final checkpoint failed */
 
     pthread_t thread; /* the writer */
     bool thread_started;
@@ -429,6 +431,28 @@ out:
     return rc;
 }
 
+/* After a failed batch: the store may have been changed underneath the writer (another
+ * process appended to it: the one-pep-per-data-dir lock broken or bypassed).  Its head is
+ * read again so that such a change is reported and the next batch links to the real head,
+ * instead of every write failing on "seq must be head+1" forever.  The chain's break, if
+ * any, stays in the store, provable. */
+static void store_reread_head(struct audit_store *s) {
+    int64_t seq = s->head_seq;
+    uint8_t hash[32];
+    memcpy(hash, s->head_hash, 32);
+    struct pep_err err = {0};
+    if (store_read_head(s, &err) != 0) {
+        s->head_seq = seq; /* unreadable now: keep what we had */
+        memcpy(s->head_hash, hash, 32);
+        return;
+    }
+    if (s->head_seq != seq || memcmp(s->head_hash, hash, 32) != 0)
+        fprintf(stderr,
+                "audit: the store was changed underneath pep: its head is seq %lld, pep's was "
+                "%lld; appending from there\n",
+                (long long)s->head_seq, (long long)seq);
+}
+
 /* Writes one batch in one transaction.  Returns 0 (each item's rc/seq says its fate) or
  * PEP_EDB after a rollback (every item failed, the head did not move). */
 static int store_write_batch(struct audit_store *s, struct audit_item *batch, size_t *written,
@@ -473,6 +497,7 @@ fail:
     }
     *written = 0;
     s->failed_batches++;
+    store_reread_head(s);
     if (!s->failing) {
         /* Once per streak: a dead disk must not flood the log. */
         fprintf(stderr, "audit: write failed, batch refused (fail closed): %s\n", msg);
@@ -517,9 +542,11 @@ static int store_run_batch(struct audit_store *s, struct audit_item *batch, size
             report_tail = &it->next;
         }
     }
-    if (lost > 0)
+    if (lost > 0) {
         fprintf(stderr, "audit: %zu held record(s) lost: the store still failed at shutdown\n",
                 lost);
+        s->shutdown_failed = true;
+    }
     size_t unwaited_done = 0;
     for (struct audit_item *it = report; it; it = it->next)
         unwaited_done += !it->done;
@@ -588,6 +615,7 @@ static void store_final_checkpoint(struct audit_store *s) {
         fprintf(stderr, "audit: final checkpoint at seq %lld failed: %s\n", (long long)s->head_seq,
                 sqlite3_errmsg(s->db));
         if (!sqlite3_get_autocommit(s->db)) store_step(s->st_rollback);
+        s->shutdown_failed = true;
         return;
     }
     s->head_checkpointed = made;
@@ -778,8 +806,8 @@ out:
     return 0;
 }
 
-void audit_shutdown(struct audit_store *s) {
-    if (!s) return;
+int audit_shutdown(struct audit_store *s) {
+    if (!s) return 0;
     pthread_mutex_lock(&s->lock);
     s->closing = true;
     pthread_cond_broadcast(&s->cond);
@@ -790,6 +818,82 @@ void audit_shutdown(struct audit_store *s) {
         pthread_cond_wait(&s->cond, &s->lock);
     pthread_mutex_unlock(&s->lock);
     if (join) pthread_join(s->thread, NULL);
+    return s->shutdown_failed ? PEP_EDB : 0;
+}
+
+/* The triggers of audit_schema_sql (checked by name: they are what keeps the tables
+ * append-only against mistakes). */
+static const char *const audit_triggers[] = {
+    "audit_no_update",       "audit_no_delete",       "audit_insert_guard",
+    "checkpoints_no_update", "checkpoints_no_delete", "checkpoints_insert_guard",
+};
+
+int audit_inspect(const char *path, struct audit_inspection *out, struct pep_err *err) {
+    memset(out, 0, sizeof *out);
+    struct stat st;
+    if (stat(path, &st) != 0) {
+        if (errno == ENOENT) return 0; /* AUDIT_STORE_MISSING */
+        return pep_err_set(err, PEP_EIO, "audit: %s: %s", path, strerror(errno));
+    }
+    if (st.st_size == 0) {
+        out->state = AUDIT_STORE_EMPTY;
+        return 0;
+    }
+    sqlite3 *db = NULL;
+    sqlite3_stmt *q = NULL;
+    int rc = 0;
+    if (sqlite3_open_v2(path, &db, SQLITE_OPEN_READONLY, NULL) != SQLITE_OK) {
+        rc = pep_err_set(err, PEP_EDB, "audit: %s: %s", path, db ? sqlite3_errmsg(db) : "?");
+        goto out;
+    }
+    /* Not a database at all: SQLite says so on the first read (SQLITE_NOTADB). */
+    out->state = AUDIT_STORE_FOREIGN;
+    int tables = 0, audit_columns = 0;
+    if (sqlite3_prepare_v2(db, "SELECT count(*) FROM sqlite_master WHERE type = 'table'", -1, &q,
+                           NULL) != SQLITE_OK ||
+        sqlite3_step(q) != SQLITE_ROW)
+        goto out;
+    tables = sqlite3_column_int(q, 0);
+    sqlite3_finalize(q);
+    q = NULL;
+    if (tables == 0) {
+        out->state = AUDIT_STORE_EMPTY;
+        goto out;
+    }
+    if (sqlite3_prepare_v2(db,
+                           "SELECT count(*) FROM pragma_table_info('audit')"
+                           " WHERE name IN ('seq', 'record', 'prev_hash', 'hash')",
+                           -1, &q, NULL) != SQLITE_OK ||
+        sqlite3_step(q) != SQLITE_ROW)
+        goto out;
+    audit_columns = sqlite3_column_int(q, 0);
+    sqlite3_finalize(q);
+    q = NULL;
+    if (audit_columns != 4) goto out;
+    out->state = AUDIT_STORE_PEP;
+    if (sqlite3_prepare_v2(db, "SELECT count(*) FROM audit", -1, &q, NULL) == SQLITE_OK &&
+        sqlite3_step(q) == SQLITE_ROW)
+        out->records = sqlite3_column_int64(q, 0);
+    sqlite3_finalize(q);
+    q = NULL;
+    if (sqlite3_prepare_v2(db, "SELECT 1 FROM sqlite_master WHERE type = 'trigger' AND name = ?1",
+                           -1, &q, NULL) != SQLITE_OK) {
+        rc = pep_err_set(err, PEP_EDB, "audit: %s: %s", path, sqlite3_errmsg(db));
+        goto out;
+    }
+    for (size_t i = 0; i < PEP_ARRAY_LEN(audit_triggers); i++) {
+        sqlite3_bind_text(q, 1, audit_triggers[i], -1, SQLITE_STATIC);
+        if (sqlite3_step(q) != SQLITE_ROW) {
+            size_t n = strlen(out->missing_triggers);
+            snprintf(out->missing_triggers + n, sizeof out->missing_triggers - n, "%s%s",
+                     n ? ", " : "", audit_triggers[i]);
+        }
+        sqlite3_reset(q);
+    }
+out:
+    sqlite3_finalize(q);
+    sqlite3_close(db);
+    return rc;
 }
 
 void audit_close(struct audit_store *s) {

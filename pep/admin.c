@@ -300,8 +300,11 @@ static bool authenticate(struct request *r) {
         msg = token_status_message(st);
         if (st == TOKEN_OK) {
             r->operator_rec = registry_get_operator(r->srv->registry, r->claims->sub);
-            if (registry_is_revoked(r->srv->registry, r->claims->jti))
+            enum registry_token_state ts = registry_token_state(r->srv->registry, r->claims->jti);
+            if (ts == REGISTRY_TOKEN_REVOKED)
                 msg = "token has been revoked";
+            else if (ts == REGISTRY_TOKEN_UNKNOWN) /* SPEC 1 */
+                msg = "token is unknown to this pep's store";
             else if (!r->operator_rec)
                 msg = "unknown operator";
             else
@@ -797,10 +800,13 @@ enum MHD_Result admin_handle(struct request *r) {
             if (!require_role(r, "auditor", NULL)) return MHD_YES;
             const char *agent =
                 MHD_lookup_connection_value(r->conn, MHD_GET_ARGUMENT_KIND, "agent");
+            const char *op =
+                MHD_lookup_connection_value(r->conn, MHD_GET_ARGUMENT_KIND, "operator");
             reply_json(
                 r, 200,
                 json_pack("{s:o}", "tokens",
-                          registry_list_tokens(r->srv->registry, agent && *agent ? agent : NULL)));
+                          registry_list_tokens(r->srv->registry, agent && *agent ? agent : NULL,
+                                               op && *op ? op : NULL)));
             return MHD_YES;
         }
         if (n == 4 && del) return require_role(r, "admin", NULL) ? revoke_token(r, id) : MHD_YES;
@@ -827,6 +833,33 @@ static int sync_apply(sqlite3 *db, void *arg) {
     return op_apply(db, arg);
 }
 
+/* admin.token is being minted again (the file was deleted to get a new one): whoever kept a
+ * copy of the old one must not keep its power.  Every live token of the bootstrap operator
+ * is revoked, each with its record (startup only: blocks on the writer). */
+static int revoke_bootstrap_tokens(struct server *s) {
+    json_t *list = registry_list_tokens(s->registry, NULL, BOOTSTRAP_OPERATOR);
+    size_t i;
+    json_t *t;
+    int rc = list ? 0 : PEP_ENOMEM;
+    int64_t now = pep_now_us() / 1000000;
+    json_array_foreach(list, i, t) {
+        const char *jti = json_string_value(json_object_get(t, "jti"));
+        if (rc != 0 || !jti || !json_is_null(json_object_get(t, "revoked_at"))) continue;
+        struct admin_op op = {.kind = OP_REVOKE_TOKEN, .srv = s};
+        snprintf(op.token.jti, sizeof op.token.jti, "%s", jti);
+        op.token.revoked_at_s = now;
+        json_t *rec = admin_record(NULL, "pep", "tokens.revoke");
+        json_object_set_new(rec, "jti", json_string(jti));
+        json_object_set_new(rec, "reason",
+                            json_string("admin.token re-minted: the previous bootstrap token is "
+                                        "revoked"));
+        rc = server_audit_sync(s, rec, sync_apply, &op, NULL);
+        if (rc == 0) op_publish(&op);
+    }
+    json_decref(list);
+    return rc;
+}
+
 int server_bootstrap_admin(struct server *s, struct pep_err *err) {
     char path[4096];
     snprintf(path, sizeof path, "%s/admin.token", s->data_dir);
@@ -845,6 +878,9 @@ int server_bootstrap_admin(struct server *s, struct pep_err *err) {
         operator_release(op.op);
         if (rc != 0) return pep_err_set(err, rc, "cannot create the bootstrap operator");
         o = registry_get_operator(s->registry, BOOTSTRAP_OPERATOR);
+    } else if ((rc = revoke_bootstrap_tokens(s)) != 0) {
+        operator_release(o);
+        return pep_err_set(err, rc, "cannot revoke the previous bootstrap tokens");
     }
     char *token = NULL;
     struct admin_op *op = NULL;

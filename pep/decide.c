@@ -61,6 +61,12 @@ void decide(const struct decide_input *in, struct decision *out) {
         deny(out, 401, "invalid_token", "%s", token_status_message(in->token_status));
         return;
     }
+    if (in->token_unknown) {
+        /* SPEC 1: signed by pep, but unknown to its store (a store restored from a backup
+         * older than the token): it could never be listed or revoked. */
+        deny(out, 401, "invalid_token", "token is unknown to this pep's store");
+        return;
+    }
     if (in->token_revoked) {
         deny(out, 401, "invalid_token", "token has been revoked");
         return;

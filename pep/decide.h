@@ -28,6 +28,7 @@ struct decide_input {
     enum token_status token_status;    /* result of token_verify when present */
     const struct token_claims *claims; /* when token_status == TOKEN_OK */
     bool token_revoked;                /* claims->jti is revoked */
+    bool token_unknown;                /* the store has no record of claims->jti */
     const struct agent *agent;         /* registry record of claims->sub, or NULL */
     int64_t now_s;
 };

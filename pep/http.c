@@ -572,7 +572,9 @@ static void identify(struct request *r, struct decide_input *in) {
     in->token_status = r->token_status;
     if (!r->claims) return;
     in->claims = r->claims;
-    in->token_revoked = registry_is_revoked(r->srv->registry, r->claims->jti);
+    enum registry_token_state st = registry_token_state(r->srv->registry, r->claims->jti);
+    in->token_revoked = st == REGISTRY_TOKEN_REVOKED;
+    in->token_unknown = st == REGISTRY_TOKEN_UNKNOWN;
     agent_release(r->agent);
     r->agent = registry_get_agent(r->srv->registry, r->claims->sub);
     in->agent = r->agent;
@@ -675,7 +677,7 @@ static enum MHD_Result data_on_headers(struct request *r) {
     };
     identify(r, &in);
     bool authenticated = in.token_present && in.token_status == TOKEN_OK && in.claims &&
-                         !in.token_revoked && in.agent && in.agent->enabled;
+                         !in.token_revoked && !in.token_unknown && in.agent && in.agent->enabled;
     if (!authenticated) {
         if (refusal) {
             set_refusal(r, status, code, refusal);

@@ -6,6 +6,7 @@
  * signals on the main thread (every other thread blocks them): SIGHUP reloads, SIGTERM and
  * SIGINT drain and exit 0.
  */
+#include "pep/datadir.h"
 #include "pep/server.h"
 #include "pep/util.h"
 #include "pep/verifier.h"
@@ -144,7 +145,9 @@ static bool wait_idle(struct server *s, int64_t deadline_mono_us) {
     return true;
 }
 
-static void drain(struct server *s) {
+/* Drains and stops the audit store; false when the store lost something on the way (a
+ * record, the final checkpoint): the exit status says so. */
+static bool drain(struct server *s) {
     __atomic_store_n(&s->draining, 1, __ATOMIC_RELAXED);
     MHD_socket fd = MHD_quiesce_daemon(s->data_daemon);
     if (fd != MHD_INVALID_SOCKET) close(fd);
@@ -160,6 +163,10 @@ static void drain(struct server *s) {
     verifier_cancel_all(s->audit_verifier); /* one asked for after the drain: no new walk */
     server_stop_listeners(s);
     audit_system(s, "stop", "pep stopped (drained)");
+    bool audited = audit_shutdown(s->audit) == 0;
+    if (!audited)
+        fprintf(stderr, "pep: audit: the stop record or the final checkpoint could not be "
+                        "written; exiting with status 1\n");
     struct audit_stats st;
     audit_get_stats(s->audit, &st);
     if (st.batches > 0)
@@ -169,6 +176,7 @@ static void drain(struct server *s) {
                 (long long)st.records_written, (long long)st.batches,
                 (double)st.records_written / (double)st.batches,
                 (long long)(st.commit_us_total / st.batches), (long long)st.failures);
+    return audited;
 }
 
 static int cmd_serve(const char *file, const char *data_dir, const char *listen,
@@ -207,8 +215,20 @@ static int cmd_serve(const char *file, const char *data_dir, const char *listen,
     pthread_sigmask(SIG_BLOCK, &set, NULL);
     curl_global_init(CURL_GLOBAL_DEFAULT);
 
+    /* SPEC 1: one pep per data dir, and nothing read or written in it before that is
+     * settled; every file pep (or SQLite for it) creates is 0600. */
+    umask(077);
     struct pep_err err = {0};
-    int rc = server_open(&s, &err);
+    int lock_fd = -1;
+    char missing_triggers[256] = "";
+    int rc = datadir_lock(s.data_dir, &lock_fd, &err);
+    if (rc == 0) rc = datadir_check(s.data_dir, s.db_path, missing_triggers, &err);
+    if (rc != 0) {
+        fprintf(stderr, "pep: %s\n", err.msg);
+        if (lock_fd >= 0) close(lock_fd);
+        return 1;
+    }
+    rc = server_open(&s, &err);
     if (rc == 0) rc = server_start_listeners(&s, &err);
     if (rc != 0) {
         fprintf(stderr, "pep: %s\n", err.msg[0] ? err.msg : pep_strerror(rc));
@@ -216,6 +236,16 @@ static int cmd_serve(const char *file, const char *data_dir, const char *listen,
         return 1;
     }
     audit_system(&s, "start", "pep started");
+    if (missing_triggers[0]) {
+        /* Someone dropped the triggers that keep the tables append-only: the store was
+         * tampered with.  They are back (the schema creates them), and that is said. */
+        char reason[400];
+        snprintf(reason, sizeof reason,
+                 "the store's append-only triggers were missing (%s): tampered with; recreated",
+                 missing_triggers);
+        fprintf(stderr, "pep: audit: %s\n", reason);
+        audit_system(&s, "audit.tampered", reason);
+    }
     fprintf(stderr, "pep: serving policy %s (policy_hash %s), data in %s\n", file,
             s.policy->policy_hash, s.data_dir);
 
@@ -234,10 +264,11 @@ static int cmd_serve(const char *file, const char *data_dir, const char *listen,
         fprintf(stderr, "pep: %s received, draining\n", sig == SIGINT ? "SIGINT" : "SIGTERM");
         break;
     }
-    drain(&s);
+    bool clean = drain(&s);
     server_close(&s);
     curl_global_cleanup();
-    return 0;
+    close(lock_fd);
+    return clean ? 0 : 1;
 }
 
 int main(int argc, char **argv) {

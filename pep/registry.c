@@ -394,6 +394,16 @@ bool registry_is_revoked(struct registry *r, const char *jti) {
     return revoked;
 }
 
+enum registry_token_state registry_token_state(struct registry *r, const char *jti) {
+    pthread_rwlock_rdlock(&r->lock);
+    const struct token_rec *t = strmap_get(r->tokens, jti);
+    enum registry_token_state st = !t                ? REGISTRY_TOKEN_UNKNOWN
+                                   : t->revoked_at_s ? REGISTRY_TOKEN_REVOKED
+                                                     : REGISTRY_TOKEN_LIVE;
+    pthread_rwlock_unlock(&r->lock);
+    return st;
+}
+
 bool registry_get_token(struct registry *r, const char *jti, struct token_rec *out) {
     pthread_rwlock_rdlock(&r->lock);
     const struct token_rec *t = strmap_get(r->tokens, jti);
@@ -464,10 +474,18 @@ static json_t *render_token(const void *v) {
     return token_rec_to_json(v);
 }
 
-/* Agent tokens, of the agent named by arg when it is not NULL. */
-static bool keep_agent_token(const void *value, const void *arg) {
+struct token_filter {
+    const char *agent, *operator_id; /* NULL: not asked for */
+};
+
+/* Every token when the filter names nobody; else the tokens of the agent or the operator
+ * it names. */
+static bool keep_token(const void *value, const void *arg) {
     const struct token_rec *t = value;
-    return !t->operator_token && (!arg || strcmp(t->subject, arg) == 0);
+    const struct token_filter *f = arg;
+    if (!f->agent && !f->operator_id) return true;
+    const char *who = t->operator_token ? f->operator_id : f->agent;
+    return who && strcmp(t->subject, who) == 0;
 }
 
 json_t *registry_list_agents(struct registry *r) {
@@ -494,8 +512,9 @@ struct agent **registry_policy_agents(struct registry *r, size_t *len) {
     return (struct agent **)c.items;
 }
 
-json_t *registry_list_tokens(struct registry *r, const char *agent_filter) {
-    return list_sorted(r, r->tokens, keep_agent_token, agent_filter, cmp_token_order, render_token);
+json_t *registry_list_tokens(struct registry *r, const char *agent, const char *operator_id) {
+    struct token_filter f = {agent, operator_id};
+    return list_sorted(r, r->tokens, keep_token, &f, cmp_token_order, render_token);
 }
 
 /* ---- write-through ---------------------------------------------------------------------- */

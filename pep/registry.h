@@ -98,13 +98,20 @@ int registry_load(struct registry *r, sqlite3 *db, struct pep_err *err);
 struct agent *registry_get_agent(struct registry *r, const char *id);
 struct operator_rec *registry_get_operator(struct registry *r, const char *id);
 bool registry_is_revoked(struct registry *r, const char *jti);
+/* What the store knows of a token (one lookup, for the request path).  SPEC 1: a token
+ * whose jti the store does not know (issued after the backup a store was restored from)
+ * is not valid. */
+enum registry_token_state { REGISTRY_TOKEN_UNKNOWN, REGISTRY_TOKEN_LIVE, REGISTRY_TOKEN_REVOKED };
+enum registry_token_state registry_token_state(struct registry *r, const char *jti);
 /* Copies the token record; returns false when unknown. */
 bool registry_get_token(struct registry *r, const char *jti, struct token_rec *out);
 
 /* Lists as JSON arrays (new references), sorted by id (agents, operators) or by issue
  * time (tokens, oldest first).  agent_filter may be NULL. */
 json_t *registry_list_agents(struct registry *r);
-json_t *registry_list_tokens(struct registry *r, const char *agent_filter);
+/* Tokens of both kinds (SPEC 5 GET /admin/v1/tokens): all of them when agent and
+ * operator_id are NULL, else those of the agent and those of the operator named. */
+json_t *registry_list_tokens(struct registry *r, const char *agent, const char *operator_id);
 /* The agents managed by the policy file: an array of *len retained agents (release each,
  * then free the array), or NULL with *len 0 when memory ran out. */
 struct agent **registry_policy_agents(struct registry *r, size_t *len);

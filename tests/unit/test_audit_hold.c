@@ -170,10 +170,37 @@ static void test_backlog_bound(void **state) {
     remove_dir(dir);
 }
 
+/* Another process appended to the store (the one-pep lock bypassed): the write that finds
+ * out fails, the writer reads the head again, and the next write links to the real head
+ * instead of every write failing on "seq must be head+1" forever. */
+static void test_head_read_again_after_a_failed_write(void **state) {
+    (void)state;
+    char dir[] = "/tmp/pep-hold-XXXXXX", path[64];
+    struct audit_store *s = open_faulty(dir, path, false);
+    int64_t seq = 0;
+    assert_int_equal(submit_wait(s, "d1", &seq), 0);
+    assert_int_equal(seq, 1);
+    sqlite3 *db = NULL;
+    assert_int_equal(sqlite3_open(path, &db), SQLITE_OK);
+    sqlite3_busy_timeout(db, 5000);
+    assert_int_equal(sqlite3_exec(db,
+                                  "INSERT INTO audit (seq, record, prev_hash, hash) VALUES "
+                                  "(2, '{\"seq\":2}', zeroblob(32), zeroblob(32))",
+                                  NULL, NULL, NULL),
+                     SQLITE_OK);
+    sqlite3_close(db);
+    assert_int_equal(submit_wait(s, "d2", NULL), PEP_EDB);
+    assert_int_equal(submit_wait(s, "d3", &seq), 0);
+    assert_int_equal(seq, 3);
+    audit_close(s);
+    remove_dir(dir);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_outcomes_held_through_failures),
         cmocka_unit_test(test_backlog_bound),
+        cmocka_unit_test(test_head_read_again_after_a_failed_write),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

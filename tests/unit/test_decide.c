@@ -554,7 +554,16 @@ static const struct decide_case cases[] = {
      "allowed by scope refund.issue"},
 };
 
-static void run_case(const struct fixture *fx, const struct decide_case *c) {
+/* SPEC 1: a token the store has no record of (run with token_unknown set); it is refused
+ * before the revocation check. */
+static const struct decide_case unknown_cases[] = {
+    {"unknown to the store", CHAT, true, TOKEN_OK, false, BOTH_SCOPES, false, AG_BOT, false, 401,
+     "invalid_token", "llm.chat", NULL, "token is unknown to this pep's store"},
+    {"unknown to the store before revoked", CHAT, true, TOKEN_OK, false, BOTH_SCOPES, true, AG_BOT,
+     false, 401, "invalid_token", "llm.chat", NULL, "token is unknown to this pep's store"},
+};
+
+static void run_case(const struct fixture *fx, const struct decide_case *c, bool unknown) {
     print_message("case: %s\n", c->name);
     struct route_match m;
     const struct route *r = route_match(fx->policy, c->method, c->path, &m);
@@ -587,6 +596,7 @@ static void run_case(const struct fixture *fx, const struct decide_case *c) {
         .token_status = c->status,
         .claims = c->no_claims ? NULL : &claims,
         .token_revoked = c->revoked,
+        .token_unknown = unknown,
         .agent = fx->agents[c->agent],
         .now_s = NOW_S,
     };
@@ -623,7 +633,9 @@ static void run_case(const struct fixture *fx, const struct decide_case *c) {
 static void test_decide_table(void **state) {
     const struct fixture *fx = *state;
     for (size_t i = 0; i < PEP_ARRAY_LEN(cases); i++)
-        run_case(fx, &cases[i]);
+        run_case(fx, &cases[i], false);
+    for (size_t i = 0; i < PEP_ARRAY_LEN(unknown_cases); i++)
+        run_case(fx, &unknown_cases[i], true);
 }
 
 /* Every code decide() can produce appears in the table with its status. */

@@ -372,7 +372,7 @@ static void test_revocation(void **state) {
     assert_false(registry_is_revoked(r, "J"));
     assert_false(registry_is_revoked(r, ""));
 
-    json_t *list = registry_list_tokens(r, NULL);
+    json_t *list = registry_list_tokens(r, NULL, NULL);
     assert_json(list, "[{\"jti\":\"J1\",\"agent\":\"bot\",\"kind\":\"agent\","
                       "\"issued_at\":\"1970-01-01T00:01:40.000000Z\","
                       "\"expires_at\":\"1970-01-01T00:03:20.000000Z\","
@@ -445,34 +445,47 @@ static void test_list_tokens(void **state) {
          .expires_at_s = 900},
     };
     char buf[256];
-    json_t *l = registry_list_tokens(r, NULL);
+    json_t *l = registry_list_tokens(r, NULL, NULL);
     assert_json(l, "[]");
     json_decref(l);
     for (size_t i = 0; i < PEP_ARRAY_LEN(toks); i++)
         registry_publish_token(r, &toks[i]);
     registry_publish_revoke(r, "T1", 150);
 
-    l = registry_list_tokens(r, NULL);
+    l = registry_list_tokens(r, NULL, NULL);
     list_jtis(l, buf, sizeof buf);
-    assert_string_equal(buf, "T1 T2b T2a T3"); /* issue time, then publication order */
-    assert_json(json_array_get(l, 0), "{\"jti\":\"T1\",\"agent\":\"b\",\"kind\":\"agent\","
+    /* both kinds; issue time, then publication order */
+    assert_string_equal(buf, "O1 T1 T2b T2a O2 T3");
+    assert_json(json_array_get(l, 0), "{\"jti\":\"O1\",\"operator\":\"a\",\"kind\":\"operator\","
+                                      "\"issued_at\":\"1970-01-01T00:00:50.000000Z\","
+                                      "\"expires_at\":\"1970-01-01T00:15:00.000000Z\","
+                                      "\"revoked_at\":null}");
+    assert_json(json_array_get(l, 1), "{\"jti\":\"T1\",\"agent\":\"b\",\"kind\":\"agent\","
                                       "\"issued_at\":\"1970-01-01T00:01:40.000000Z\","
                                       "\"expires_at\":\"1970-01-01T00:15:00.000000Z\","
                                       "\"revoked_at\":\"1970-01-01T00:02:30.000000Z\"}");
     json_decref(l);
 
-    l = registry_list_tokens(r, "a");
+    l = registry_list_tokens(r, "a", NULL);
     list_jtis(l, buf, sizeof buf);
     assert_string_equal(buf, "T2b T3");
     json_decref(l);
-    l = registry_list_tokens(r, "b");
+    l = registry_list_tokens(r, "b", NULL);
     list_jtis(l, buf, sizeof buf);
     assert_string_equal(buf, "T1 T2a");
     json_decref(l);
-    l = registry_list_tokens(r, "alice");
+    l = registry_list_tokens(r, "alice", NULL); /* alice is an operator, not an agent */
     assert_json(l, "[]");
     json_decref(l);
-    l = registry_list_tokens(r, "nobody");
+    l = registry_list_tokens(r, NULL, "alice");
+    list_jtis(l, buf, sizeof buf);
+    assert_string_equal(buf, "O2");
+    json_decref(l);
+    l = registry_list_tokens(r, "a", "alice"); /* both asked for */
+    list_jtis(l, buf, sizeof buf);
+    assert_string_equal(buf, "T2b O2 T3");
+    json_decref(l);
+    l = registry_list_tokens(r, "nobody", NULL);
     assert_json(l, "[]");
     json_decref(l);
     registry_free(r);
@@ -595,12 +608,12 @@ static void test_sql_round_trip(void **state) {
         assert_int_equal(registry_is_revoked(r, toks[i].jti), i == 1);
     }
     /* subjects survive the trip (visible through the lists) */
-    json_t *l = registry_list_tokens(r, "bot");
+    json_t *l = registry_list_tokens(r, "bot", NULL);
     assert_int_equal(json_array_size(l), 2);
     assert_string_equal(json_string_value(json_object_get(json_array_get(l, 1), "agent")), "bot");
     json_decref(l);
-    l = registry_list_tokens(r, NULL);
-    assert_int_equal(json_array_size(l), 2); /* the operator token is not listed */
+    l = registry_list_tokens(r, NULL, NULL);
+    assert_int_equal(json_array_size(l), 3); /* the operator token too (SPEC 5) */
     json_decref(l);
 
     registry_free(r);
@@ -874,7 +887,7 @@ static void test_concurrent_readers_and_publisher(void **state) {
     agent_release(last);
     assert_true(registry_is_revoked(s.r, "N3"));
     assert_false(registry_is_revoked(s.r, "N4"));
-    json_t *l = registry_list_tokens(s.r, "other");
+    json_t *l = registry_list_tokens(s.r, "other", NULL);
     assert_int_equal(json_array_size(l), PUBLISHES);
     json_decref(l);
     registry_free(s.r);
