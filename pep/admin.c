@@ -292,6 +292,12 @@ static bool has_role(const struct request *r, const char *role) {
 static bool authenticate(struct request *r) {
     const char *h = MHD_lookup_connection_value(r->conn, MHD_HEADER_KIND, "Authorization");
     const char *msg = "missing bearer token";
+    /* Checked when the head arrives and again with the body: the later check sees a
+     * revocation in between, and replaces what the first one found. */
+    token_claims_release(r->claims);
+    operator_release(r->operator_rec);
+    r->claims = NULL;
+    r->operator_rec = NULL;
     if (h && strncasecmp(h, "Bearer ", 7) == 0) {
         const struct policy *p = r->policy;
         int64_t now = r->start_wall_us / 1000000;
@@ -750,6 +756,16 @@ static size_t split_path(char *buf, const char *seg[6]) {
 
 static bool is(const char *a, const char *b) {
     return a && strcmp(a, b) == 0;
+}
+
+/* Paths of the admin listener that need no operator token. */
+static bool admin_is_open_path(const char *target) {
+    size_t n = strcspn(target, "?");
+    return n == 8 && strncmp(target, "/healthz", 8) == 0;
+}
+
+bool admin_head_authenticated(struct request *r) {
+    return admin_is_open_path(r->target) || authenticate(r);
 }
 
 enum MHD_Result admin_handle(struct request *r) {

@@ -1178,6 +1178,10 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
                 close_after_answer(r);
                 return send_reply(r);
             }
+            if (!admin_head_authenticated(r)) {
+                close_after_answer(r);
+                return send_reply(r);
+            }
             return MHD_YES;
         }
         return data_on_headers(r);

@@ -195,6 +195,10 @@ enum MHD_Result request_wait(struct request *r);
 
 /* The admin API (admin.c): called on the complete request (body received). */
 enum MHD_Result admin_handle(struct request *r);
+/* Called when the head arrives: true when the request needs no operator token or carries a
+ * valid one; otherwise the 401 is in r->reply (SECURITY: a client without a credential is
+ * answered before its body is read or buffered, as on the data plane). */
+bool admin_head_authenticated(struct request *r);
 /* Called when a suspended admin request resumes, to build its reply. */
 void admin_finish(struct request *r);
 

@@ -356,6 +356,17 @@ static void test_tokenless_request_answered_before_its_body(void **state) {
     assert_non_null(strstr(reply, "Connection: close"));
     assert_true(closed); /* and the connection is closed (after lingering) */
     free(reply);
+    /* the admin listener too: no operator token, no body read */
+    fd = connect_to(F.pep.admin_url);
+    assert_true(fd >= 0);
+    const char *admin_head = "POST /admin/v1/agents HTTP/1.1\r\nHost: x\r\n"
+                             "Content-Type: application/json\r\nContent-Length: 1000000\r\n\r\n";
+    assert_true(send_all(fd, admin_head, strlen(admin_head)));
+    reply = read_until_close(fd, 10000, &closed);
+    close(fd);
+    assert_int_equal(status_of(reply), 401);
+    assert_true(closed);
+    free(reply);
     /* an HTTP client library sending a large body without a token sees the 401 */
     char *body = malloc(1500001);
     memset(body, ' ', 1500000);
