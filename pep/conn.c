@@ -11,6 +11,8 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <netdb.h>
+#include <netinet/in.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -318,4 +320,15 @@ void conn_guard_get_stats(struct conn_guard *g, struct conn_guard_stats *out) {
     pthread_mutex_lock(&g->conns_lock);
     out->open = g->open;
     pthread_mutex_unlock(&g->conns_lock);
+}
+
+void conn_client_address(struct MHD_Connection *conn, char out[CONN_ADDRESS_LEN]) {
+    const union MHD_ConnectionInfo *ci =
+        MHD_get_connection_info(conn, MHD_CONNECTION_INFO_CLIENT_ADDRESS);
+    const struct sockaddr *sa = ci ? ci->client_addr : NULL;
+    socklen_t len = !sa                         ? 0
+                    : sa->sa_family == AF_INET6 ? sizeof(struct sockaddr_in6)
+                                                : sizeof(struct sockaddr_in);
+    if (!sa || getnameinfo(sa, len, out, CONN_ADDRESS_LEN, NULL, 0, NI_NUMERICHOST) != 0)
+        snprintf(out, CONN_ADDRESS_LEN, "unknown");
 }

@@ -67,6 +67,10 @@ void conn_request_done(struct MHD_Connection *conn);
 /* The request is being answered before its body was read: linger when closing. */
 void conn_linger_on_close(struct MHD_Connection *conn);
 
+/* The client's address as text (IPv4 or IPv6, numeric), or "unknown". */
+#define CONN_ADDRESS_LEN 48
+void conn_client_address(struct MHD_Connection *conn, char out[CONN_ADDRESS_LEN]);
+
 /* Counters, for tests and metrics. */
 struct conn_guard_stats {
     uint64_t deadline_closed; /* connections shut down by a clock */
