@@ -228,6 +228,16 @@ static int cmd_serve(const char *file, const char *data_dir, const char *listen,
         if (lock_fd >= 0) close(lock_fd);
         return 1;
     }
+    /* Someone dropped the triggers that keep the tables append-only: the store was tampered
+     * with.  They come back (the schema creates them), and that is said, here and in a
+     * record once the store is open. */
+    char tampered[400] = "";
+    if (missing_triggers[0]) {
+        snprintf(tampered, sizeof tampered,
+                 "the store's append-only triggers were missing (%s): tampered with; recreated",
+                 missing_triggers);
+        fprintf(stderr, "pep: audit: %s\n", tampered);
+    }
     rc = server_open(&s, &err);
     if (rc == 0) rc = server_start_listeners(&s, &err);
     if (rc != 0) {
@@ -236,16 +246,8 @@ static int cmd_serve(const char *file, const char *data_dir, const char *listen,
         return 1;
     }
     audit_system(&s, "start", "pep started");
-    if (missing_triggers[0]) {
-        /* Someone dropped the triggers that keep the tables append-only: the store was
-         * tampered with.  They are back (the schema creates them), and that is said. */
-        char reason[400];
-        snprintf(reason, sizeof reason,
-                 "the store's append-only triggers were missing (%s): tampered with; recreated",
-                 missing_triggers);
-        fprintf(stderr, "pep: audit: %s\n", reason);
-        audit_system(&s, "audit.tampered", reason);
-    }
+    if (missing_triggers[0]) /* said on stderr before the listeners started */
+        audit_system(&s, "audit.tampered", tampered);
     fprintf(stderr, "pep: serving policy %s (policy_hash %s), data in %s\n", file,
             s.policy->policy_hash, s.data_dir);
 
