@@ -1,28 +1,18 @@
 /*
- * http.c — the listeners: libmicrohttpd glue, the request context, the data plane's
- * pipeline (SPEC 3) and the replies.
+ * http.c — the listeners: libmicrohttpd glue, a request's lifetime, the checks of a head
+ * that both listeners share (SECURITY: control bytes, method, request smuggling), the
+ * replies and suspend/resume.  What happens to a request is elsewhere: the data plane's
+ * stages in pipeline.c, the admin API in admin.c; this file calls them at each phase
+ * (head, body, complete, respond) and owns nothing of their logic.
  *
- * A data-plane request goes through these phases, never blocking a listener thread:
- *   headers  the head's form (SECURITY: control bytes, method, request smuggling), path
- *            normalization, route match, declared body size, and the token (verified,
- *            cached).  A request refused here — every request without a valid token — is
- *            audited and answered without reading its body, and its connection closed
- *            (lingering, conn.c).
- *   body     accumulated up to server.max_body (only with a valid token).
- *   decide   under server.decision_lock: registry lookups, decide() (pure), and for an
- *            allowed forward the upstream call built (upstream.c), until the decision
- *            record is queued.
- *   audit    the connection is suspended.  The writer resumes it once the record is
- *            durable — or, for an allowed forward, hands the job to the forwarder, which
- *            audits the outcome and resumes it when the upstream answered.
- *   respond  the listener builds the reply (error JSON, or the relayed upstream answer).
- * Nothing is forwarded unless its decision record committed (or on_failure: allow).
+ * A request is never blocked on a listener thread: one that waits (for its record to be
+ * durable, for an upstream, for an audit walk) is suspended, and whoever finishes the wait
+ * resumes it (request_suspend / request_resume).
  *
- * Threads: handlers run on libmicrohttpd's listener threads; on_decision_durable runs on
- * the audit writer thread, on_forward_done on the forwarder thread.
+ * Threads: handlers run on libmicrohttpd's listener threads; request_resume from any.
  */
+#include "pep/pipeline.h"
 #include "pep/server.h"
-#include "pep/upstream.h"
 #include "pep/util.h"
 
 #include <arpa/inet.h>
@@ -39,15 +29,6 @@
 #define CONNECTION_TIMEOUT_S 30u /* idle: silence on a connection, between or within requests */
 #define LISTENER_THREADS 2u      /* per listener: one epoll loop each */
 #define CONNECTION_LIMIT 4096u   /* per listener, split evenly across its threads */
-/* Per connection: the request head, and the answer's head on its way out.  libmicrohttpd
- * mallocs a pool of at most 32 KiB and mmaps a larger one per connection (then zeroes all
- * of it for every request): measured here, 128 KiB made each new connection cost ~700 µs
- * of CPU instead of ~55 µs.  So the pool stays at 32 KiB, and an upstream head that would
- * not fit beside the agent's own request head is a failed attempt (relay_fits). */
-#define CONNECTION_MEMORY (32u * 1024)
-/* What libmicrohttpd and pep's own answer headers (Pep-*, Content-Length, Date …) take of
- * the pool besides the request head and the relayed upstream head. */
-#define CONNECTION_MEMORY_RESERVE (2u * 1024)
 
 struct policy *server_policy(struct server *s) {
     pthread_mutex_lock(&s->policy_lock);
@@ -62,25 +43,6 @@ void server_init_decision_lock(struct server *s) {
     pthread_rwlockattr_setkind_np(&attr, PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP);
     pthread_rwlock_init(&s->decision_lock, &attr);
     pthread_rwlockattr_destroy(&attr);
-}
-
-/* Begins the checks of a decision (see server.decision_lock): from here until its record
- * is queued (decision_end), no reload, revocation or agent change is published.  The
- * request switches to the policy in force now if a reload came since it arrived. */
-static void decision_begin(struct request *r) {
-    pthread_rwlock_rdlock(&r->srv->decision_lock);
-    r->decision_locked = true;
-    if (r->policy != r->srv->policy) { /* stable: reloads hold the lock to swap it */
-        policy_release(r->policy);
-        r->policy = policy_retain(r->srv->policy);
-        r->policy_replaced = true;
-    }
-}
-
-static void decision_end(struct request *r) {
-    if (!r->decision_locked) return;
-    r->decision_locked = false;
-    pthread_rwlock_unlock(&r->srv->decision_lock);
 }
 
 /* The bytes as a JSON string with some written %XX: every byte of 0x80 and above when
@@ -179,7 +141,7 @@ void reply_error(struct request *r, int status, const char *code, const char *me
 }
 
 /* Queues r->reply (plus Pep-Request-Id and, when audited, Pep-Audit-Seq). */
-static enum MHD_Result send_reply(struct request *r) {
+enum MHD_Result reply_send(struct request *r) {
     struct reply *rep = &r->reply;
     struct MHD_Response *resp =
         MHD_create_response_from_buffer(rep->body_len, rep->body, MHD_RESPMEM_MUST_FREE);
@@ -303,81 +265,6 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
     conn_request_done(conn);
 }
 
-/* ---- audit records ---------------------------------------------------------------------- */
-
-static void set_str(json_t *rec, const char *key, const char *value) {
-    if (value) json_object_set_new(rec, key, json_text(value, strlen(value)));
-}
-
-/* A field whose bytes come from the client and must stay distinct in the record (SPEC 6.2:
- * two forwarded paths that differ never share a recorded path). */
-static void set_exact(json_t *rec, const char *key, const char *value, size_t len) {
-    if (value) json_object_set_new(rec, key, json_exact_text(value, len));
-}
-
-static json_t *decision_record(const struct request *r) {
-    json_t *rec = server_record("decision", r->id);
-    if (!rec) return NULL;
-    set_str(rec, "method", r->method);
-    if (r->path) set_exact(rec, "path", r->path, strlen(r->path));
-    if (!r->path && r->target) {
-        /* A refused path is recorded as received (minus the query: it may hold secrets). */
-        set_exact(rec, "path", r->target, strcspn(r->target, "?"));
-    }
-    if (r->query && *r->query) {
-        /* Not the query itself (it may hold secrets): enough to tell two queries apart and
-         * to check one a reviewer is shown (SPEC 6.2). */
-        uint8_t digest[32];
-        char hex[65];
-        pep_sha256(r->query, strlen(r->query), digest);
-        pep_hex(digest, sizeof digest, hex);
-        json_object_set_new(rec, "query_sha256", json_string(hex));
-    }
-    const struct decision *d = &r->decision;
-    json_object_set_new(rec, "decision", json_string(d->allow ? "allow" : "deny"));
-    set_str(rec, "code", d->code);
-    set_str(rec, "reason", d->reason);
-    if (d->action) set_str(rec, "action", d->action->name);
-    if (r->agent)
-        set_str(rec, "agent", r->agent->id);
-    else if (r->claims)
-        set_str(rec, "agent", r->claims->sub);
-    set_exact(rec, "tenant", d->tenant, d->tenant_len);
-    if (r->policy) set_str(rec, "policy_hash", r->policy->policy_hash);
-    return rec;
-}
-
-static void on_decision_durable(void *arg, int rc, int64_t seq);
-
-/* Whether the request is refused because its decision record was not written: fail closed
- * (on_failure: deny), and always when the store holds back too many records already
- * (SPEC 6.5: nothing may be decided whose outcome could not be kept). */
-static bool audit_refuses(const struct request *r) {
-    return r->audit_rc != 0 &&
-           (r->policy->on_failure == AUDIT_ON_FAILURE_DENY || r->audit_rc == PEP_EBACKLOG);
-}
-
-/* Audits r->decision and suspends; the writer's callback continues the request.  Ends the
- * decision's critical section once the record is queued. */
-static enum MHD_Result audit_and_wait(struct request *r) {
-    json_t *rec = decision_record(r);
-    request_suspend(r);
-    int rc = rec ? audit_submit(r->srv->audit, rec, NULL, NULL, on_decision_durable, r)
-                 : PEP_EUNAVAILABLE;
-    decision_end(r);
-    if (rc != 0) on_decision_durable(r, rc, 0);
-    return request_wait(r);
-}
-
-/* Fills r->decision with a refusal decided before any identity is known. */
-static void set_refusal(struct request *r, int status, const char *code, const char *reason) {
-    r->decision.allow = false;
-    r->decision.status = status;
-    r->decision.code = code;
-    snprintf(r->decision.reason, sizeof r->decision.reason, "%s", reason);
-    if (r->match.route) r->decision.action = r->match.route->action;
-}
-
 /* True when the request announced a body (which is not read when it is answered from
  * its head alone). */
 static bool announces_body(struct MHD_Connection *conn) {
@@ -390,19 +277,9 @@ static bool announces_body(struct MHD_Connection *conn) {
  * be where pep and the client disagree, or come from a client that proved nothing).  A
  * client still sending its body reads the answer all the same: the close lingers
  * (conn.h). */
-static void close_after_answer(struct request *r) {
+void request_close_after_answer(struct request *r) {
     r->close_connection = true;
     if (announces_body(r->conn)) conn_linger_on_close(r->conn);
-}
-
-/* Refuses from the request line and headers alone, audits it and answers as soon as the
- * record is durable — without reading the body; the connection is then closed. */
-static enum MHD_Result refuse_now(struct request *r, int status, const char *code,
-                                  const char *reason) {
-    if (!r->decision_locked) decision_begin(r);
-    set_refusal(r, status, code, reason);
-    close_after_answer(r);
-    return audit_and_wait(r);
 }
 
 /* ---- SECURITY: framing checks (request smuggling) ----------------------------------------- */
@@ -464,7 +341,7 @@ static enum MHD_Result count_framing(void *cls, enum MHD_ValueKind kind, const c
  * credentials unambiguous, else the reason to refuse with 400 (both listeners).  Two
  * Authorization headers: we would check one while a server behind us might honour the
  * other. */
-static const char *head_problem(struct request *r) {
+const char *request_head_problem(struct request *r) {
     /* SECURITY: a method is relayed as the request line's first word; "GET\t/x" or a
      * method with a control byte would be another request line upstream. */
     if (!is_token(r->method))
@@ -488,199 +365,6 @@ static const char *head_problem(struct request *r) {
     if (f.authorization_count > 1)
         return "ambiguous credentials: more than one Authorization header";
     return NULL;
-}
-
-/* ---- the data plane ------------------------------------------------------------------------ */
-
-/* /healthz, /readyz and the JWKS: not policy routes, not audited. */
-static bool is_builtin(const struct request *r) {
-    if (strcmp(r->method, "GET") != 0 && strcmp(r->method, "HEAD") != 0) return false;
-    size_t n = strcspn(r->target, "?");
-    return (n == 8 && strncmp(r->target, "/healthz", 8) == 0) ||
-           (n == 7 && strncmp(r->target, "/readyz", 7) == 0) ||
-           (n == 22 && strncmp(r->target, "/.well-known/jwks.json", 22) == 0);
-}
-
-static enum MHD_Result answer_builtin(struct request *r) {
-    if (strncmp(r->target, "/healthz", 8) == 0) {
-        reply_json(r, 200, json_pack("{s:s}", "status", "ok"));
-    } else if (strncmp(r->target, "/readyz", 7) == 0) {
-        /* Not ready while draining, or while the audit store cannot write (every audited
-         * request would be refused): a load balancer should send traffic elsewhere. */
-        struct audit_stats st;
-        audit_get_stats(r->srv->audit, &st);
-        const char *status = "ready";
-        if (__atomic_load_n(&r->srv->draining, __ATOMIC_RELAXED))
-            status = "draining";
-        else if (st.failing)
-            status = "audit_unavailable";
-        reply_json(r, strcmp(status, "ready") == 0 ? 200 : 503,
-                   json_pack("{s:s}", "status", status));
-    } else {
-        reply_json(r, 200, keys_jwks(r->srv->keys));
-    }
-    return send_reply(r);
-}
-
-/* Records a refusal decided from the request line and headers alone.  Its answer waits
- * for the end of the (small, bounded) body so that the connection can be kept alive. */
-static enum MHD_Result refuse_after_body(struct request *r, int status, const char *code,
-                                         const char *reason) {
-    r->decided_early = true;
-    set_refusal(r, status, code, reason);
-    return MHD_YES;
-}
-
-/* "Bearer <token>" → the token, or NULL. */
-static const char *bearer_token(struct MHD_Connection *conn) {
-    const char *h = MHD_lookup_connection_value(conn, MHD_HEADER_KIND, "Authorization");
-    if (!h || strncasecmp(h, "Bearer ", 7) != 0) return NULL;
-    h += 7;
-    while (*h == ' ')
-        h++;
-    return *h ? h : NULL;
-}
-
-/* Refusals decided from the path alone (query, normal form, route), or NULL: the path is
- * fine and r->match holds the route. */
-static const char *path_refusal(struct request *r, int *status, const char **code, char *reason,
-                                size_t reason_cap) {
-    *status = 400;
-    *code = "bad_request";
-    size_t path_len = strcspn(r->target, "?");
-    if (r->target[path_len] == '?') r->query = r->target + path_len + 1;
-    /* SECURITY: the query is relayed as received; a raw '#' would end it early in libcurl
-     * (the upstream would see another query than the one decided on). */
-    if (r->query && strchr(r->query, '#'))
-        return "the query has a character that must be percent-encoded";
-    const char *why = NULL;
-    if (route_normalize_path(r->target, path_len, &r->path, &why) != 0) {
-        snprintf(reason, reason_cap, "path is not in normal form (%s)", why ? why : "invalid");
-        return reason;
-    }
-    if (!route_match(r->policy, r->method, r->path, &r->match)) {
-        *status = 404;
-        *code = "no_route";
-        return "no route matches this method and path";
-    }
-    return NULL;
-}
-
-/* Looks up what the registry says of the verified token's jti and subject, now: called
- * when the head arrives and again when deciding, so that a revocation or a disabled agent
- * in between is seen. */
-static void identify(struct request *r, struct decide_input *in) {
-    in->token_present = r->token_present;
-    in->token_status = r->token_status;
-    if (!r->claims) return;
-    in->claims = r->claims;
-    enum registry_token_state st = registry_token_state(r->srv->registry, r->claims->jti);
-    in->token_revoked = st == REGISTRY_TOKEN_REVOKED;
-    in->token_unknown = st == REGISTRY_TOKEN_UNKNOWN;
-    agent_release(r->agent);
-    r->agent = registry_get_agent(r->srv->registry, r->claims->sub);
-    in->agent = r->agent;
-}
-
-/* A request that proved no identity: answered from its head (401, or what the route
- * steps found), its body never read (SECURITY: a client without a credential cannot
- * make pep hold its connection or buffer its body).  Past server.unauthenticated_limit,
- * the refusal is answered 429 at once and counted instead of audited (SPEC 3.2 step 2). */
-static enum MHD_Result refuse_unauthenticated(struct request *r) {
-    const struct policy *p = r->policy;
-    if (p->unauthenticated_limit.limit > 0 && r->decision.status == 401) {
-        char source[CONN_ADDRESS_LEN];
-        conn_client_address(r->conn, source);
-        struct unauth_verdict v =
-            unauth_refused(r->srv->unauth, source, p->unauthenticated_limit.limit,
-                           p->unauthenticated_limit.window_ms, pep_mono_us());
-        if (v.first_limited)
-            fprintf(stderr,
-                    "pep: warning: %s was refused without a valid credential %lld times in "
-                    "%lld ms; its refusals are answered 429 and counted until the window ends\n",
-                    source, (long long)p->unauthenticated_limit.limit,
-                    (long long)p->unauthenticated_limit.window_ms);
-        if (v.limited) {
-            decision_end(r); /* nothing is recorded for it one by one */
-            char wait[24], msg[160];
-            snprintf(wait, sizeof wait, "%lld", (long long)v.retry_after_s);
-            snprintf(msg, sizeof msg,
-                     "too many requests without a valid credential from %s; retry in %llds", source,
-                     (long long)v.retry_after_s);
-            reply_error(r, 429, "rate_limited", msg,
-                        json_pack("{s:I}", "retry_after_s", (json_int_t)v.retry_after_s));
-            reply_set_header(&r->reply, "Retry-After", wait);
-            close_after_answer(r);
-            return send_reply(r);
-        }
-    }
-    close_after_answer(r);
-    return audit_and_wait(r);
-}
-
-static enum MHD_Result data_on_headers(struct request *r) {
-    r->policy = server_policy(r->srv);
-    r->body_limit = r->policy->max_body;
-
-    /* SECURITY: a malformed head or ambiguous framing is answered at once and the
-     * connection closed: its body must not be read, since pep and the client may disagree
-     * on where it ends.  Built-in endpoints too: the connection is what is at stake. */
-    const char *problem = head_problem(r);
-    if (problem) return refuse_now(r, 400, "bad_request", problem);
-    if (is_builtin(r)) {
-        r->builtin = true;
-        return MHD_YES;
-    }
-
-    decision_begin(r); /* max_body and the routes are the policy's */
-    r->body_limit = r->policy->max_body;
-    const char *cl = MHD_lookup_connection_value(r->conn, MHD_HEADER_KIND, "Content-Length");
-    if (cl) {
-        char *end;
-        unsigned long long n = strtoull(cl, &end, 10);
-        if (*end == '\0' && n > r->body_limit) {
-            char reason[96];
-            snprintf(reason, sizeof reason, "body of %llu bytes exceeds max_body %llu", n,
-                     (unsigned long long)r->body_limit);
-            return refuse_now(r, 413, "body_too_large", reason);
-        }
-    }
-
-    int status;
-    const char *code;
-    char why[128];
-    const char *refusal = path_refusal(r, &status, &code, why, sizeof why);
-
-    /* Authenticate now, before any body byte is read (cheap: cached, or one verify). */
-    const char *token = bearer_token(r->conn);
-    r->token_present = token != NULL;
-    if (token) {
-        const struct policy *p = r->policy;
-        r->token_status =
-            token_verify(r->srv->verifier, r->srv->keys, token, p->issuer, "pep",
-                         r->start_wall_us / 1000000, p->clock_skew_ms / 1000, &r->claims);
-    }
-    struct decide_input in = {
-        .policy = r->policy,
-        .match = refusal ? NULL : &r->match,
-        .now_s = r->start_wall_us / 1000000,
-    };
-    identify(r, &in);
-    bool authenticated = in.token_present && in.token_status == TOKEN_OK && in.claims &&
-                         !in.token_revoked && !in.token_unknown && in.agent && in.agent->enabled;
-    if (!authenticated) {
-        if (refusal) {
-            set_refusal(r, status, code, refusal);
-        } else {
-            decide(&in, &r->decision); /* 401 invalid_token, with why */
-        }
-        return refuse_unauthenticated(r);
-    }
-    /* An identified agent's request is decided once its (bounded) body is in; a refusal
-     * from its head is answered then too, so that its connection stays usable. */
-    decision_end(r);
-    if (refusal) return refuse_after_body(r, status, code, refusal);
-    return MHD_YES;
 }
 
 static void append_body(struct request *r, const char *data, size_t len) {
@@ -708,253 +392,15 @@ static void append_body(struct request *r, const char *data, size_t len) {
     r->body[r->body_len] = '\0';
 }
 
-static void submit_outcome(struct request *r);
-
-/* Forwarder thread: the outcome is audited here, before the request resumes, so that a
- * client that has gone away cannot take the record of a call that was made with it. */
-/* Whether the upstream's head, relayed, fits the agent's connection beside its request
- * head (CONNECTION_MEMORY): libmicrohttpd would otherwise close the connection without an
- * answer, while the outcome said the call was served. */
-static bool relay_fits(const struct request *r, const struct forward_job *job) {
-    size_t head = 0;
-    for (size_t i = 0; i < job->resp_headers_len; i++)
-        head += strlen(job->resp_headers[i].name) + strlen(job->resp_headers[i].value) + 4;
-    return head + r->head_bytes + CONNECTION_MEMORY_RESERVE <= CONNECTION_MEMORY;
-}
-
-static void on_forward_done(struct forward_job *job, void *arg) {
-    struct request *r = arg;
-    if (job->error == FORWARD_OK && !relay_fits(r, job)) {
-        job->error = FORWARD_CONNECT_ERROR; /* SPEC 8: an answer pep cannot relay faithfully */
-        job->status = 0;
-    }
-    submit_outcome(r);
-    request_resume(r);
-}
-
-static void on_decision_durable(void *arg, int rc, int64_t seq) {
-    struct request *r = arg;
-    r->audit_rc = rc;
-    r->audit_seq = seq;
-    bool audited = !audit_refuses(r);
-    if (audited && r->decision.allow && r->forwarding) {
-        r->job.done = on_forward_done;
-        r->job.done_arg = r;
-        if (forwarder_submit(r->srv->forwarder, &r->job) == 0)
-            return; /* the forwarder resumes it */
-        /* Shutting down: no attempt is made, and the request is answered as failed. */
-        r->forward_refused = true;
-        r->job.error = FORWARD_CANCELLED;
-        submit_outcome(r);
-    }
-    request_resume(r);
-}
-
-/* The policy changed between the request's head and its decision: the route is matched
- * again under the policy the decision will carry (a path refusal does not depend on it). */
-static void rematch(struct request *r) {
-    r->policy_replaced = false;
-    bool path_refused = r->decided_early && strcmp(r->decision.code, "no_route") != 0;
-    if (!r->path || path_refused) return;
-    if (route_match(r->policy, r->method, r->path, &r->match)) {
-        r->decided_early = false;
-    } else {
-        r->match.route = NULL;
-        r->decided_early = true;
-        set_refusal(r, 404, "no_route", "no route matches this method and path");
-    }
-}
-
-static enum MHD_Result data_on_complete(struct request *r) {
-    if (r->builtin) return answer_builtin(r);
-    if (r->body_too_large) {
-        char reason[96];
-        snprintf(reason, sizeof reason, "body exceeds max_body %llu",
-                 (unsigned long long)r->body_limit);
-        return refuse_now(r, 413, "body_too_large", reason);
-    }
-    decision_begin(r);
-    if (r->policy_replaced) rematch(r);
-    if (r->decided_early) return audit_and_wait(r);
-    struct decide_input in = {
-        .policy = r->policy,
-        .match = &r->match,
-        .now_s = r->start_wall_us / 1000000,
-    };
-    identify(r, &in);
-    decide(&in, &r->decision);
-    if (r->decision.allow && r->match.route->forwards) {
-        r->forwarding = true;
-        if (upstream_prepare(r) != 0) {
-            r->decision.allow = false;
-            r->decision.status = 503;
-            r->decision.code = "upstream_unavailable";
-            snprintf(r->decision.reason, sizeof r->decision.reason,
-                     "cannot prepare the upstream request");
-            r->forwarding = false;
-        }
-    }
-    return audit_and_wait(r);
-}
-
-/* Statuses that end a one-step chain as "upstream unavailable" (SPEC 3.3, 4.1): the
- * route's retry.on, which the policy compiler fills with the defaults when absent. */
-static bool retryable_status(const struct route *route, long status) {
-    for (size_t i = 0; i < route->retry.on_status_len; i++)
-        if (route->retry.on_status[i] == status) return true;
-    return false;
-}
-
-/* How a forwarded request ends (SPEC 3.3, 4.3): the code it is answered with, and the
- * HTTP status in *status.  The reply and the outcome record both come from here. */
-static const char *forwarded_code(const struct request *r, int *status) {
-    const struct forward_job *job = &r->job;
-    if (job->error != FORWARD_OK || retryable_status(r->match.route, job->status)) {
-        *status = 503;
-        return "upstream_unavailable";
-    }
-    if (job->status == 401 || job->status == 403) {
-        *status = 502;
-        return "upstream_auth_failed";
-    }
-    *status = (int)job->status;
-    return "ok";
-}
-
-/* How many times the request went upstream (SPEC 4.2, Pep-Attempts): none when the
- * forwarder refused it; one for an attempt that failed before sending (connect_error). */
-static int forward_attempts(const struct request *r) {
-    if (r->forward_refused) return 0;
-    return r->job.sends > 1 ? r->job.sends : 1;
-}
-
-/* Audits the outcome of a forwarded request (any thread: everything it reads was set
- * before the job was handed over, or by the finished job). */
-static void submit_outcome(struct request *r) {
-    const struct route *route = r->match.route;
-    const struct forward_job *job = &r->job;
-    int status;
-    const char *code = forwarded_code(r, &status);
-    json_t *rec = server_record("outcome", r->id);
-    if (!rec) return;
-    json_t *attempts = json_array();
-    int n = forward_attempts(r);
-    for (int k = 0; k < n; k++) {
-        /* Sends before the last one were cut by the upstream closing a reused connection
-         * before answering (libcurl sent the request again). */
-        bool last = k == n - 1;
-        int64_t from = k == 0 || k >= FORWARD_MAX_SENDS ? job->started_mono_us : job->send_at_us[k];
-        int64_t to = last || k + 1 >= FORWARD_MAX_SENDS ? job->started_mono_us + job->elapsed_us
-                                                        : job->send_at_us[k + 1];
-        json_t *attempt = json_pack("{s:s, s:I}", "upstream", route->upstream->name, "ms",
-                                    (json_int_t)((to - from) / 1000));
-        /* null rather than absent: every attempt entry has the same members (SPEC 8). */
-        json_object_set_new(attempt, "model",
-                            r->model[0] ? json_text(r->model, strlen(r->model)) : json_null());
-        if (!last)
-            json_object_set_new(attempt, "error", json_string("connect_error"));
-        else if (job->error == FORWARD_OK)
-            json_object_set_new(attempt, "status", json_integer(job->status));
-        else if (job->error == FORWARD_CANCELLED) /* drain deadline: pep stopped waiting */
-            json_object_set_new(attempt, "error", json_string("timeout"));
-        else
-            json_object_set_new(attempt, "error", json_string(forward_error_name(job->error)));
-        json_array_append_new(attempts, attempt);
-    }
-    json_object_set_new(rec, "attempts", attempts);
-    set_str(rec, "code", code);
-    json_object_set_new(rec, "status", json_integer(status));
-    set_str(rec, "upstream", route->upstream->name);
-    if (r->model[0]) set_str(rec, "model", r->model);
-    set_str(rec, "action", route->action->name);
-    if (r->agent) set_str(rec, "agent", r->agent->id);
-    set_exact(rec, "tenant", r->decision.tenant, r->decision.tenant_len);
-    /* The serving step's index: none served a request that ends unavailable. */
-    if (strcmp(code, "ok") == 0) json_object_set_new(rec, "fallback_step", json_integer(0));
-    json_object_set_new(rec, "latency_us", json_integer(pep_mono_us() - r->start_mono_us));
-    if (audit_submit(r->srv->audit, rec, NULL, NULL, NULL, NULL) != 0)
-        fprintf(stderr, "pep: audit: outcome record of %s could not be queued\n", r->id);
-}
-
-/* The upstream's Retry-After when it is a delay in seconds (an HTTP date is not passed
- * on: the agent would read it against its own clock), or NULL. */
-static const char *upstream_retry_after(const struct forward_job *job) {
-    for (size_t i = 0; job->error == FORWARD_OK && i < job->resp_headers_len; i++) {
-        const char *v = job->resp_headers[i].value;
-        if (strcasecmp(job->resp_headers[i].name, "Retry-After") == 0 && *v && strlen(v) <= 9 &&
-            strspn(v, "0123456789") == strlen(v))
-            return v;
-    }
-    return NULL;
-}
-
-/* The answer to a forwarded request: the upstream's, or a pep error (SPEC 3.3, 4.3). */
-static enum MHD_Result respond_forwarded(struct request *r) {
-    const struct route *route = r->match.route;
-    struct forward_job *job = &r->job;
-    int status;
-    const char *code = forwarded_code(r, &status);
-    if (strcmp(code, "upstream_unavailable") == 0) {
-        json_t *extra = job->error == FORWARD_OK
-                            ? json_pack("{s:I}", "upstream_status", (json_int_t)job->status)
-                            : NULL;
-        char msg[160];
-        snprintf(msg, sizeof msg, "upstream %s unavailable (%s)", route->upstream->name,
-                 job->error == FORWARD_OK ? "retryable status" : forward_error_name(job->error));
-        reply_error(r, status, code, msg, extra);
-        /* SPEC 3.5: Retry-After on 503 when known — the upstream's own, in seconds. */
-        const char *wait = upstream_retry_after(job);
-        if (wait) reply_set_header(&r->reply, "Retry-After", wait);
-    } else if (strcmp(code, "upstream_auth_failed") == 0) {
-        char msg[160];
-        snprintf(msg, sizeof msg, "upstream %s refused pep's credentials (%ld)",
-                 route->upstream->name, job->status);
-        reply_error(r, status, code, msg, NULL);
-    } else {
-        reply_clear(&r->reply);
-        r->reply.status = (int)job->status;
-        r->reply.body = job->body_out;
-        r->reply.body_len = job->body_out_len;
-        job->body_out = NULL;
-        for (size_t i = 0; i < job->resp_headers_len; i++)
-            reply_set_header(&r->reply, job->resp_headers[i].name, job->resp_headers[i].value);
-    }
-    reply_set_header(&r->reply, "Pep-Upstream", route->upstream->name);
-    if (r->model[0]) reply_set_header(&r->reply, "Pep-Model", r->model);
-    char attempts[16];
-    snprintf(attempts, sizeof attempts, "%d", forward_attempts(r));
-    reply_set_header(&r->reply, "Pep-Attempts", attempts);
-    return send_reply(r);
-}
-
-static enum MHD_Result data_respond(struct request *r) {
-    if (audit_refuses(r)) {
-        r->audit_seq = 0;
-        reply_error(r, 503, "audit_unavailable",
-                    "the audit log cannot be written; request refused (fail closed)", NULL);
-        reply_set_header(&r->reply, "Retry-After", "1");
-        return send_reply(r);
-    }
-    if (!r->decision.allow) {
-        reply_error(r, r->decision.status, r->decision.code, r->decision.reason, NULL);
-        return send_reply(r);
-    }
-    if (r->forwarding) return respond_forwarded(r);
-    reply_json(r, 200,
-               json_pack("{s:s, s:s, s:s}", "decision", "allow", "action", r->decision.action->name,
-                         "request_id", r->id));
-    return send_reply(r);
-}
-
 /* ---- the handler ---------------------------------------------------------------------------- */
 
 /* Answers a request whose wait (audit, upstream) is over. */
 static enum MHD_Result respond(struct request *r) {
     if (r->admin) {
         admin_finish(r);
-        return send_reply(r);
+        return reply_send(r);
     }
-    return data_respond(r);
+    return pipeline_respond(r);
 }
 
 static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const char *url,
@@ -973,19 +419,19 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
             r->policy = server_policy(r->srv);
             r->body_limit = r->policy->max_body;
             /* SECURITY: as on the data plane (not audited: nothing was decided). */
-            const char *problem = head_problem(r);
+            const char *problem = request_head_problem(r);
             if (problem) {
                 reply_error(r, 400, "bad_request", problem, NULL);
-                close_after_answer(r);
-                return send_reply(r);
+                request_close_after_answer(r);
+                return reply_send(r);
             }
             if (!admin_head_authenticated(r)) {
-                close_after_answer(r);
-                return send_reply(r);
+                request_close_after_answer(r);
+                return reply_send(r);
             }
             return MHD_YES;
         }
-        return data_on_headers(r);
+        return pipeline_on_head(r);
     case PHASE_BODY:
         if (*upload_data_size) {
             append_body(r, upload_data, *upload_data_size);
@@ -996,13 +442,13 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
         if (r->admin) {
             if (r->body_too_large) {
                 reply_error(r, 413, "body_too_large", "body exceeds max_body", NULL);
-                return send_reply(r);
+                return reply_send(r);
             }
             enum MHD_Result rc = admin_handle(r);
             /* Answered at once, or suspended until the audit writer resumes it. */
-            return r->phase == PHASE_BODY ? send_reply(r) : rc;
+            return r->phase == PHASE_BODY ? reply_send(r) : rc;
         }
-        return data_on_complete(r);
+        return pipeline_on_complete(r);
     case PHASE_WAITING:
         *upload_data_size = 0;
         return MHD_YES;
