@@ -336,31 +336,24 @@ static bool require_role(struct request *r, const char *role, const char *alt) {
  * built (out of memory) is answered 500 and freed. */
 /* What a change set (SPEC 6.2: an admin record says what was set, not only whose). */
 static json_t *agent_set_json(const struct agent *a) {
-    json_t *tenants = json_array(), *scopes = json_array();
-    for (size_t i = 0; i < a->tenants_len; i++)
-        json_array_append_new(tenants, json_string(a->tenants[i]));
-    for (size_t i = 0; i < a->scopes_len; i++)
-        json_array_append_new(scopes, json_string(a->scopes[i]));
-    return json_pack("{s:s, s:o, s:o, s:b}", "owner", a->owner, "tenants", tenants, "scopes",
-                     scopes, "enabled", a->enabled);
+    return json_pack("{s:s, s:o, s:o, s:b}", "owner", a->owner, "tenants",
+                     registry_strings_json((const char *const *)a->tenants, a->tenants_len),
+                     "scopes", registry_strings_json((const char *const *)a->scopes, a->scopes_len),
+                     "enabled", a->enabled);
 }
 
 static json_t *operator_set_json(const struct operator_rec *o) {
-    json_t *roles = json_array();
-    for (size_t i = 0; i < o->roles_len; i++)
-        json_array_append_new(roles, json_string(o->roles[i]));
-    return json_pack("{s:o}", "roles", roles);
+    return json_pack("{s:o}", "roles",
+                     registry_strings_json((const char *const *)o->roles, o->roles_len));
 }
 
 /* A token's grant: its scopes, acr and expiry (never the token). */
 static json_t *token_set_json(const char *const *scopes, size_t n, const char *acr,
                               int64_t expires_at_s) {
-    json_t *list = json_array();
-    for (size_t i = 0; i < n; i++)
-        json_array_append_new(list, json_string(scopes[i]));
     char at[32];
     pep_format_rfc3339_us(expires_at_s * 1000000, at);
-    json_t *set = json_pack("{s:o, s:s}", "scopes", list, "expires_at", at);
+    json_t *set =
+        json_pack("{s:o, s:s}", "scopes", registry_strings_json(scopes, n), "expires_at", at);
     if (acr) json_object_set_new(set, "acr", json_string(acr));
     return set;
 }

@@ -257,7 +257,6 @@ static enum MHD_Result refuse_unauthenticated(struct request *r) {
 
 enum MHD_Result pipeline_on_head(struct request *r) {
     r->policy = server_policy(r->srv);
-    r->body_limit = r->policy->max_body;
 
     /* SECURITY: a malformed head or ambiguous framing is answered at once and the
      * connection closed: its body must not be read, since pep and the client may disagree

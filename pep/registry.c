@@ -48,7 +48,7 @@ static bool strv_equal(char **a, size_t an, char **b, size_t bn) {
     return true;
 }
 
-static json_t *strv_to_json(char **v, size_t n) {
+json_t *registry_strings_json(const char *const *v, size_t n) {
     json_t *arr = json_array();
     for (size_t i = 0; arr && i < n; i++)
         json_array_append_new(arr, json_string(v[i]));
@@ -80,7 +80,7 @@ static int strv_from_json_text(const char *text, char ***out, size_t *out_len) {
 }
 
 static char *strv_to_json_text(char **v, size_t n) {
-    json_t *arr = strv_to_json(v, n);
+    json_t *arr = registry_strings_json((const char *const *)v, n);
     char *s = arr ? json_dumps(arr, JSON_COMPACT) : NULL;
     json_decref(arr);
     return s;
@@ -143,11 +143,12 @@ bool agent_has_tenant(const struct agent *a, const char *tenant, size_t len) {
 }
 
 json_t *agent_to_json(const struct agent *a) {
-    return json_pack("{s:s, s:s, s:o, s:o, s:b, s:s, s:o, s:o}", "id", a->id, "owner", a->owner,
-                     "tenants", strv_to_json(a->tenants, a->tenants_len), "scopes",
-                     strv_to_json(a->scopes, a->scopes_len), "enabled", a->enabled, "managed_by",
-                     a->from_policy ? "policy" : "admin", "created_at", time_json(a->created_at_us),
-                     "updated_at", time_json(a->updated_at_us));
+    return json_pack(
+        "{s:s, s:s, s:o, s:o, s:b, s:s, s:o, s:o}", "id", a->id, "owner", a->owner, "tenants",
+        registry_strings_json((const char *const *)a->tenants, a->tenants_len), "scopes",
+        registry_strings_json((const char *const *)a->scopes, a->scopes_len), "enabled", a->enabled,
+        "managed_by", a->from_policy ? "policy" : "admin", "created_at",
+        time_json(a->created_at_us), "updated_at", time_json(a->updated_at_us));
 }
 
 bool agent_same(const struct agent *a, const struct agent *b) {
@@ -194,7 +195,8 @@ bool operator_has_role(const struct operator_rec *o, const char *role) {
 }
 
 json_t *operator_to_json(const struct operator_rec *o) {
-    return json_pack("{s:s, s:o, s:o}", "id", o->id, "roles", strv_to_json(o->roles, o->roles_len),
+    return json_pack("{s:s, s:o, s:o}", "id", o->id, "roles",
+                     registry_strings_json((const char *const *)o->roles, o->roles_len),
                      "created_at", time_json(o->created_at_us));
 }
 
@@ -387,11 +389,7 @@ struct operator_rec *registry_get_operator(struct registry *r, const char *id) {
 }
 
 bool registry_is_revoked(struct registry *r, const char *jti) {
-    pthread_rwlock_rdlock(&r->lock);
-    const struct token_rec *t = strmap_get(r->tokens, jti);
-    bool revoked = t && t->revoked_at_s != 0;
-    pthread_rwlock_unlock(&r->lock);
-    return revoked;
+    return registry_token_state(r, jti) == REGISTRY_TOKEN_REVOKED;
 }
 
 enum registry_token_state registry_token_state(struct registry *r, const char *jti) {

@@ -83,6 +83,8 @@ bool operator_has_role(const struct operator_rec *o, const char *role);
 json_t *operator_to_json(const struct operator_rec *o);
 
 json_t *token_rec_to_json(const struct token_rec *t);
+/* A JSON array of n strings (new reference): tenants, scopes, roles in views and records. */
+json_t *registry_strings_json(const char *const *v, size_t n);
 
 struct registry;
 
