@@ -14,7 +14,9 @@
  *
  * Threads: handlers on the admin listener thread; apply/done on the audit writer thread.
  */
-#include "pep/server.h"
+#include "pep/admin.h"
+#include "pep/change.h"
+#include "pep/record.h"
 #include "pep/util.h"
 #include "pep/verifier.h"
 
@@ -24,151 +26,62 @@
 #include <strings.h>
 #include <unistd.h>
 
-#define BOOTSTRAP_OPERATOR "admin"
-#define BOOTSTRAP_TOKEN_TTL_S (365 * 86400)
-
 /* ---- state changes written through the audit writer ----------------------------------- */
 
-enum admin_op_kind { OP_PUT_AGENT, OP_PUT_OPERATOR, OP_PUT_TOKEN, OP_REVOKE_TOKEN };
-
+/* A registry change in flight for one admin request, and the answer it gets once written. */
 struct admin_op {
-    enum admin_op_kind kind;
-    struct server *srv;
-    struct request *req;     /* NULL for synchronous (startup) use */
-    struct agent *agent;     /* OP_PUT_AGENT (reference moves to the registry) */
-    struct operator_rec *op; /* OP_PUT_OPERATOR */
-    struct token_rec token;  /* OP_PUT_TOKEN, OP_REVOKE_TOKEN (jti, revoked_at_s) */
-    /* Published before its record was queued (see commit_async); undone if the record
-     * could not be written: */
-    bool published_early;
-    struct agent *previous; /* OP_PUT_AGENT: the agent it replaced (retained) */
-    bool was_revoked;       /* OP_REVOKE_TOKEN: the token was revoked already */
-    int status;             /* HTTP status of the answer once committed */
-    json_t *answer;         /* the answer once committed */
+    struct change ch;
+    struct request *req;
+    int status;     /* HTTP status of the answer once committed */
+    json_t *answer; /* the answer once committed */
 };
+
+static struct admin_op *admin_op_new(struct request *r, enum change_kind kind) {
+    struct admin_op *op = calloc(1, sizeof *op);
+    if (op) {
+        op->ch.kind = kind;
+        op->ch.registry = r->srv->registry;
+        op->req = r;
+    }
+    return op;
+}
 
 static void admin_op_free(void *p) {
     struct admin_op *op = p;
-    agent_release(op->agent);
-    agent_release(op->previous);
-    operator_release(op->op);
-    free(op->token.subject);
+    change_clear(&op->ch);
     json_decref(op->answer);
     free(op);
 }
 
-static int op_apply(sqlite3 *db, void *arg) {
-    struct admin_op *op = arg;
-    switch (op->kind) {
-    case OP_PUT_AGENT:
-        return registry_sql_put_agent(db, op->agent);
-    case OP_PUT_OPERATOR:
-        return registry_sql_put_operator(db, op->op);
-    case OP_PUT_TOKEN:
-        return registry_sql_put_token(db, &op->token);
-    case OP_REVOKE_TOKEN:
-        return registry_sql_revoke_token(db, op->token.jti, op->token.revoked_at_s);
-    }
-    return PEP_EINVAL;
-}
-
-/* Makes a committed change visible in memory. */
-static void op_publish(struct admin_op *op) {
-    struct registry *reg = op->srv->registry;
-    switch (op->kind) {
-    case OP_PUT_AGENT:
-        registry_publish_agent(reg, op->agent);
-        op->agent = NULL;
-        break;
-    case OP_PUT_OPERATOR:
-        registry_publish_operator(reg, op->op);
-        op->op = NULL;
-        break;
-    case OP_PUT_TOKEN:
-        registry_publish_token(reg, &op->token);
-        break;
-    case OP_REVOKE_TOKEN:
-        registry_publish_revoke(reg, op->token.jti, op->token.revoked_at_s);
-        /* Cached verifications of this token stay valid claims-wise; the revocation set
-         * is checked on every request, so nothing to evict. */
-        break;
-    }
-}
-
-/*
- * SPEC 3.1 and 6.5: what a decision reads of the registry (revocations, an agent's scopes,
- * tenants and enabled flag) changes in memory no later than its record is queued, as one
- * step for the decisions (server.decision_lock): a decision queued after the record of a
- * revocation was made knowing it, and none queued before it was.  A new agent and the
- * other changes (operators, issued tokens) cannot affect a decision before their answer,
- * so they are published once committed.
- */
-static bool op_publishes_early(const struct admin_op *op) {
-    return op->kind == OP_REVOKE_TOKEN || op->kind == OP_PUT_AGENT;
-}
-
-/* Under the decision lock, held for writing. */
-static void op_publish_early(struct admin_op *op) {
-    struct registry *reg = op->srv->registry;
-    if (op->kind == OP_PUT_AGENT) {
-        op->previous = registry_get_agent(reg, op->agent->id);
-        if (!op->previous) return; /* a new agent: published once committed */
-        registry_publish_agent(reg, agent_retain(op->agent)); /* op keeps its own for apply */
-    } else {
-        registry_publish_revoke(reg, op->token.jti, op->token.revoked_at_s);
-    }
-    op->published_early = true;
-}
-
-/* The record could not be written: nothing was changed, in memory either. */
-static void op_unpublish(struct admin_op *op) {
-    struct registry *reg = op->srv->registry;
-    if (op->kind == OP_PUT_AGENT) {
-        registry_publish_agent(reg, op->previous);
-        op->previous = NULL;
-    } else if (!op->was_revoked) {
-        registry_unpublish_revoke(reg, op->token.jti);
-    }
-}
-
 static void op_done(void *arg, int rc, int64_t seq) {
     struct admin_op *op = arg;
-    if (op->published_early) {
-        if (rc != 0) op_unpublish(op);
+    if (op->ch.published_early) {
+        if (rc != 0) change_unpublish(&op->ch);
     } else if (rc == 0) {
-        op_publish(op);
+        change_publish(&op->ch);
     }
     op->req->audit_rc = rc;
     op->req->audit_seq = seq;
     request_resume(op->req);
 }
 
-static json_t *admin_record(const struct request *r, const char *operator_id, const char *action) {
-    json_t *rec = server_record("admin", r ? r->id : NULL);
-    if (rec) {
-        json_object_set_new(rec, "operator", json_string(operator_id));
-        json_object_set_new(rec, "action", json_string(action));
-        json_object_set_new(rec, "decision", json_string("allow"));
-        json_object_set_new(rec, "code", json_string("ok"));
-    }
-    return rec;
+static json_t *admin_record(const struct request *r, const char *action) {
+    return change_record(r->id, r->claims->sub, action);
 }
 
 /* Queues op with its audit record and suspends the request; the answer is sent by
  * admin_finish once the transaction committed. */
 static enum MHD_Result commit_async(struct request *r, struct admin_op *op, json_t *record) {
-    op->req = r;
-    op->srv = r->srv;
     r->admin_op = op;
     r->admin_op_free = admin_op_free;
     request_suspend(r);
-    bool early = record && op_publishes_early(op);
+    bool early = record && change_publishes_early(&op->ch);
     if (early) {
         pthread_rwlock_wrlock(&r->srv->decision_lock);
-        op_publish_early(op);
+        change_publish_early(&op->ch);
     }
-    int rc =
-        record ? audit_submit(r->srv->audit, record, op_apply, op, op_done, op) : PEP_EUNAVAILABLE;
+    int rc = record ? audit_submit(r->srv->audit, record, change_apply, &op->ch, op_done, op)
+                    : PEP_EUNAVAILABLE;
     if (early) pthread_rwlock_unlock(&r->srv->decision_lock);
     if (rc != 0) op_done(op, rc, 0);
     return request_wait(r);
@@ -177,7 +90,7 @@ static enum MHD_Result commit_async(struct request *r, struct admin_op *op, json
 static void audit_verify_finish(struct request *r, const struct verify_job *job);
 static void verify_job_free(void *job);
 
-void admin_finish(struct request *r) {
+static void admin_finish(struct request *r) {
     if (r->admin_op && r->admin_op_free == verify_job_free) {
         audit_verify_finish(r, r->admin_op);
         return;
@@ -193,14 +106,6 @@ void admin_finish(struct request *r) {
 }
 
 /* ---- request helpers ------------------------------------------------------------------------ */
-
-/* Frees a token string after overwriting it: it must not linger in freed memory. */
-static void free_secret(char *secret) {
-    if (secret) {
-        explicit_bzero(secret, strlen(secret));
-        free(secret);
-    }
-}
 
 static enum MHD_Result bad_request(struct request *r, const char *fmt, const char *arg) {
     char msg[256];
@@ -321,8 +226,8 @@ static bool authenticate(struct request *r) {
     return false;
 }
 
-static bool require_role(struct request *r, const char *role, const char *alt) {
-    if (has_role(r, role) || (alt && has_role(r, alt))) return true;
+static bool require_role(struct request *r, const char *role) {
+    if (has_role(r, role)) return true;
     char msg[200];
     snprintf(msg, sizeof msg, "operator %s lacks role %s", r->claims->sub, role);
     reply_error(r, 403, "insufficient_scope", msg, NULL);
@@ -334,51 +239,19 @@ static bool require_role(struct request *r, const char *role, const char *alt) {
 /* Commits op, whose record (agent or operator) was just built, answering it rendered:
  * audited as `action` with `target` under `target_key`.  An op whose record could not be
  * built (out of memory) is answered 500 and freed. */
-/* What a change set (SPEC 6.2: an admin record says what was set, not only whose). */
-static json_t *agent_set_json(const struct agent *a) {
-    return json_pack("{s:s, s:o, s:o, s:b}", "owner", a->owner, "tenants",
-                     registry_strings_json((const char *const *)a->tenants, a->tenants_len),
-                     "scopes", registry_strings_json((const char *const *)a->scopes, a->scopes_len),
-                     "enabled", a->enabled);
-}
-
-static json_t *operator_set_json(const struct operator_rec *o) {
-    return json_pack("{s:o}", "roles",
-                     registry_strings_json((const char *const *)o->roles, o->roles_len));
-}
-
-/* A token's grant: its scopes, acr and expiry (never the token). */
-static json_t *token_set_json(const char *const *scopes, size_t n, const char *acr,
-                              int64_t expires_at_s) {
-    char at[32];
-    pep_format_rfc3339_us(expires_at_s * 1000000, at);
-    json_t *set =
-        json_pack("{s:o, s:s}", "scopes", registry_strings_json(scopes, n), "expires_at", at);
-    if (acr) json_object_set_new(set, "acr", json_string(acr));
-    return set;
-}
-
-/* An operator token's grant: the operator's roles it carries, and its expiry. */
-static json_t *operator_token_set_json(const struct operator_rec *o, const struct token_rec *t) {
-    json_t *set = operator_set_json(o);
-    char at[32];
-    pep_format_rfc3339_us(t->expires_at_s * 1000000, at);
-    json_object_set_new(set, "expires_at", json_string(at));
-    return set;
-}
-
 static enum MHD_Result commit_put(struct request *r, struct admin_op *op, const char *action,
                                   const char *target_key, const char *target) {
-    if (!op || (!op->agent && !op->op)) {
+    if (!op || (!op->ch.agent && !op->ch.op_rec)) {
         if (op) admin_op_free(op);
         reply_error(r, 500, "internal", "out of memory", NULL);
         return MHD_YES;
     }
-    op->answer = op->agent ? agent_to_json(op->agent) : operator_to_json(op->op);
-    json_t *rec = admin_record(r, r->claims->sub, action);
+    op->answer = op->ch.agent ? agent_to_json(op->ch.agent) : operator_to_json(op->ch.op_rec);
+    json_t *rec = admin_record(r, action);
     json_object_set_new(rec, target_key, json_string(target));
     json_object_set_new(rec, "set",
-                        op->agent ? agent_set_json(op->agent) : operator_set_json(op->op));
+                        op->ch.agent ? change_agent_set_json(op->ch.agent)
+                                     : change_operator_set_json(op->ch.op_rec));
     return commit_async(r, op, rec);
 }
 
@@ -415,14 +288,13 @@ static enum MHD_Result put_agent(struct request *r) {
     else {
         int64_t now = pep_now_us();
         struct agent *old = registry_get_agent(r->srv->registry, id);
-        struct admin_op *op = calloc(1, sizeof *op);
+        struct admin_op *op = admin_op_new(r, CHANGE_PUT_AGENT);
         if (op) {
-            op->kind = OP_PUT_AGENT;
             /* Without "enabled", a replaced agent keeps its state: updating the scopes of an
              * agent disabled as compromised must not quietly re-enable it. */
             bool enabled = enabled_v ? json_is_true(enabled_v) : old ? old->enabled : true;
-            op->agent = agent_new(id, json_string_value(owner_v), tenants, nt, scopes, ns, enabled,
-                                  old ? old->created_at_us : now, now);
+            op->ch.agent = agent_new(id, json_string_value(owner_v), tenants, nt, scopes, ns,
+                                     enabled, old ? old->created_at_us : now, now);
             op->status = old ? 200 : 201;
         }
         agent_release(old);
@@ -438,32 +310,26 @@ static enum MHD_Result put_agent(struct request *r) {
 static enum MHD_Result set_agent_enabled(struct request *r, const char *id, bool enabled) {
     struct agent *old = registry_get_agent(r->srv->registry, id);
     if (!old) return not_found(r, "agent", id);
-    struct admin_op *op = calloc(1, sizeof *op);
+    struct admin_op *op = admin_op_new(r, CHANGE_PUT_AGENT);
     if (op) {
-        op->kind = OP_PUT_AGENT;
-        op->agent = agent_with_enabled(old, enabled, pep_now_us());
+        op->ch.agent = agent_with_enabled(old, enabled, pep_now_us());
         op->status = 200;
     }
     agent_release(old);
     return commit_put(r, op, enabled ? "agents.enable" : "agents.disable", "agent", id);
 }
 
-/* Builds the op that records a freshly issued token (not yet committed). */
-static struct admin_op *token_op(const char *subject, bool operator_token, const char *jti,
-                                 int64_t now_s, int64_t ttl_s, const char *token) {
-    struct admin_op *op = calloc(1, sizeof *op);
+/* The op that records a freshly issued token (not yet committed), answering it. */
+static struct admin_op *token_op(struct request *r, const char *subject, bool operator_token,
+                                 const char *jti, int64_t now_s, int64_t ttl_s, const char *token) {
+    struct admin_op *op = admin_op_new(r, CHANGE_PUT_TOKEN);
     if (!op) return NULL;
-    op->kind = OP_PUT_TOKEN;
-    snprintf(op->token.jti, sizeof op->token.jti, "%s", jti);
-    op->token.subject = strdup(subject);
-    op->token.operator_token = operator_token;
-    op->token.issued_at_s = now_s;
-    op->token.expires_at_s = now_s + ttl_s;
-    op->status = 201;
     char expires[32];
     pep_format_rfc3339_us((now_s + ttl_s) * 1000000, expires);
+    op->status = 201;
     op->answer = json_pack("{s:s, s:s, s:s}", "token", token, "jti", jti, "expires_at", expires);
-    if (!op->token.subject || !op->answer) {
+    if (change_token(&op->ch, r->srv->registry, subject, operator_token, jti, now_s, ttl_s) != 0 ||
+        !op->answer) {
         admin_op_free(op);
         return NULL;
     }
@@ -520,18 +386,18 @@ static enum MHD_Result issue_agent_token(struct request *r, const char *id) {
         struct pep_err err = {0};
         struct admin_op *op = NULL;
         int irc = token_issue(r->srv->keys, &tr, &token, jti, &err);
-        if (irc == 0) op = token_op(id, false, jti, now, ttl, token);
-        free_secret(token);
+        if (irc == 0) op = token_op(r, id, false, jti, now, ttl, token);
+        change_free_secret(token);
         if (irc == PEP_EINVAL) {
             /* What a token can carry (TOKEN_MAX_SCOPES, TOKEN_MAX_LEN): the request's. */
             bad_request(r, "the token cannot be issued: %.160s", err.msg);
         } else if (!op) {
             reply_error(r, 500, "internal", "could not issue the token", NULL);
         } else {
-            json_t *rec = admin_record(r, r->claims->sub, "tokens.issue");
+            json_t *rec = admin_record(r, "tokens.issue");
             json_object_set_new(rec, "agent", json_string(id));
             json_object_set_new(rec, "jti", json_string(jti));
-            json_object_set_new(rec, "set", token_set_json(scopes, ns, tr.acr, now + ttl));
+            json_object_set_new(rec, "set", change_token_set_json(scopes, ns, tr.acr, now + ttl));
             rc = commit_async(r, op, rec);
         }
     }
@@ -545,20 +411,19 @@ static enum MHD_Result issue_agent_token(struct request *r, const char *id) {
 static enum MHD_Result revoke_token(struct request *r, const char *jti) {
     struct token_rec t;
     if (!registry_get_token(r->srv->registry, jti, &t)) return not_found(r, "token", jti);
-    struct admin_op *op = calloc(1, sizeof *op);
+    struct admin_op *op = admin_op_new(r, CHANGE_REVOKE_TOKEN);
     if (!op) {
         reply_error(r, 500, "internal", "out of memory", NULL);
         return MHD_YES;
     }
-    op->kind = OP_REVOKE_TOKEN;
-    op->was_revoked = t.revoked_at_s != 0;
-    snprintf(op->token.jti, sizeof op->token.jti, "%s", jti);
-    op->token.revoked_at_s = t.revoked_at_s ? t.revoked_at_s : pep_now_us() / 1000000;
+    op->ch.was_revoked = t.revoked_at_s != 0;
+    snprintf(op->ch.token.jti, sizeof op->ch.token.jti, "%s", jti);
+    op->ch.token.revoked_at_s = t.revoked_at_s ? t.revoked_at_s : pep_now_us() / 1000000;
     char at[32];
-    pep_format_rfc3339_us(op->token.revoked_at_s * 1000000, at);
+    pep_format_rfc3339_us(op->ch.token.revoked_at_s * 1000000, at);
     op->status = 200;
     op->answer = json_pack("{s:s, s:s}", "jti", jti, "revoked_at", at);
-    json_t *rec = admin_record(r, r->claims->sub, "tokens.revoke");
+    json_t *rec = admin_record(r, "tokens.revoke");
     json_object_set_new(rec, "jti", json_string(jti));
     json_object_set_new(rec, "set", json_pack("{s:s}", "revoked_at", at));
     return commit_async(r, op, rec);
@@ -589,10 +454,9 @@ static enum MHD_Result put_operator(struct request *r) {
         bad_request(r, "unknown role '%s' (admin, approver, auditor)", unknown);
     else {
         struct operator_rec *old = registry_get_operator(r->srv->registry, id);
-        struct admin_op *op = calloc(1, sizeof *op);
+        struct admin_op *op = admin_op_new(r, CHANGE_PUT_OPERATOR);
         if (op) {
-            op->kind = OP_PUT_OPERATOR;
-            op->op = operator_new(id, roles, nr, old ? old->created_at_us : pep_now_us());
+            op->ch.op_rec = operator_new(id, roles, nr, old ? old->created_at_us : pep_now_us());
             op->status = old ? 200 : 201;
         }
         operator_release(old);
@@ -602,25 +466,6 @@ static enum MHD_Result put_operator(struct request *r) {
     free(scratch);
     json_decref(body);
     return rc;
-}
-
-/* Issues an operator token carrying all of the operator's roles. */
-static int issue_operator_token(struct server *s, const struct policy *p,
-                                const struct operator_rec *o, int64_t ttl_s, char **token,
-                                struct admin_op **op_out) {
-    int64_t now = pep_now_us() / 1000000;
-    struct token_request tr = {.issuer = p->issuer,
-                               .aud = "pep-admin",
-                               .sub = o->id,
-                               .roles = (const char *const *)o->roles,
-                               .roles_len = o->roles_len,
-                               .now_s = now,
-                               .ttl_s = ttl_s};
-    char jti[TOKEN_JTI_SIZE];
-    int rc = token_issue(s->keys, &tr, token, jti, NULL);
-    if (rc != 0) return rc;
-    *op_out = token_op(o->id, true, jti, now, ttl_s, *token);
-    return *op_out ? 0 : PEP_ENOMEM;
 }
 
 static enum MHD_Result issue_operator_token_handler(struct request *r, const char *id) {
@@ -636,19 +481,25 @@ static enum MHD_Result issue_operator_token_handler(struct request *r, const cha
             bad_request(r, "'ttl' exceeds identity.max_token_ttl", NULL);
         else {
             char *token = NULL;
-            struct admin_op *op = NULL;
-            if (issue_operator_token(r->srv, r->policy, o,
-                                     ttl ? ttl : r->policy->token_ttl_ms / 1000, &token,
-                                     &op) != 0) {
+            struct admin_op *op = admin_op_new(r, CHANGE_PUT_TOKEN);
+            int64_t ttl_s = ttl ? ttl : r->policy->token_ttl_ms / 1000;
+            if (!op || change_issue_operator_token(r->srv->keys, r->srv->registry, r->policy, o,
+                                                   ttl_s, &token, &op->ch) != 0) {
+                if (op) admin_op_free(op);
                 reply_error(r, 500, "internal", "could not issue the token", NULL);
             } else {
-                json_t *rec = admin_record(r, r->claims->sub, "operators.token");
-                json_object_set_new(rec, "jti", json_string(op->token.jti));
+                char expires[32];
+                pep_format_rfc3339_us(op->ch.token.expires_at_s * 1000000, expires);
+                op->status = 201;
+                op->answer = json_pack("{s:s, s:s, s:s}", "token", token, "jti", op->ch.token.jti,
+                                       "expires_at", expires);
+                json_t *rec = admin_record(r, "operators.token");
+                json_object_set_new(rec, "jti", json_string(op->ch.token.jti));
                 json_object_set_new(rec, "reason", json_string(id));
-                json_object_set_new(rec, "set", operator_token_set_json(o, &op->token));
+                json_object_set_new(rec, "set", change_operator_token_set_json(o, &op->ch.token));
                 rc = commit_async(r, op, rec);
             }
-            free_secret(token);
+            change_free_secret(token);
         }
         json_decref(body);
     }
@@ -738,17 +589,117 @@ static enum MHD_Result policy_reload(struct request *r) {
 
 /* ---- routing ------------------------------------------------------------------------------- */
 
-/* Splits "/admin/v1/a/b/c" into at most 6 segments (pointers into buf). */
-static size_t split_path(char *buf, const char *seg[6]) {
-    size_t n = 0;
-    for (char *save = NULL, *tok = strtok_r(buf, "/", &save); tok && n < 6;
-         tok = strtok_r(NULL, "/", &save))
-        seg[n++] = tok;
-    return n;
+static enum MHD_Result list_agents(struct request *r, const char *const *arg) {
+    (void)arg;
+    reply_json(r, 200, json_pack("{s:o}", "agents", registry_list_agents(r->srv->registry)));
+    return MHD_YES;
 }
 
-static bool is(const char *a, const char *b) {
-    return a && strcmp(a, b) == 0;
+static enum MHD_Result show_agent(struct request *r, const char *const *arg) {
+    struct agent *a = registry_get_agent(r->srv->registry, arg[0]);
+    if (!a) return not_found(r, "agent", arg[0]);
+    reply_json(r, 200, agent_to_json(a));
+    agent_release(a);
+    return MHD_YES;
+}
+
+static enum MHD_Result list_tokens(struct request *r, const char *const *arg) {
+    (void)arg;
+    const char *agent = MHD_lookup_connection_value(r->conn, MHD_GET_ARGUMENT_KIND, "agent");
+    const char *op = MHD_lookup_connection_value(r->conn, MHD_GET_ARGUMENT_KIND, "operator");
+    reply_json(r, 200,
+               json_pack("{s:o}", "tokens",
+                         registry_list_tokens(r->srv->registry, agent && *agent ? agent : NULL,
+                                              op && *op ? op : NULL)));
+    return MHD_YES;
+}
+
+static enum MHD_Result post_agent(struct request *r, const char *const *arg) {
+    (void)arg;
+    return put_agent(r);
+}
+static enum MHD_Result disable_agent(struct request *r, const char *const *arg) {
+    return set_agent_enabled(r, arg[0], false);
+}
+static enum MHD_Result enable_agent(struct request *r, const char *const *arg) {
+    return set_agent_enabled(r, arg[0], true);
+}
+static enum MHD_Result post_agent_token(struct request *r, const char *const *arg) {
+    return issue_agent_token(r, arg[0]);
+}
+static enum MHD_Result delete_token(struct request *r, const char *const *arg) {
+    return revoke_token(r, arg[0]);
+}
+static enum MHD_Result post_operator(struct request *r, const char *const *arg) {
+    (void)arg;
+    return put_operator(r);
+}
+static enum MHD_Result post_operator_token(struct request *r, const char *const *arg) {
+    return issue_operator_token_handler(r, arg[0]);
+}
+static enum MHD_Result get_audit_verify(struct request *r, const char *const *arg) {
+    (void)arg;
+    return audit_verify(r);
+}
+static enum MHD_Result get_policy(struct request *r, const char *const *arg) {
+    (void)arg;
+    return policy_show(r);
+}
+static enum MHD_Result post_policy_reload(struct request *r, const char *const *arg) {
+    (void)arg;
+    return policy_reload(r);
+}
+
+#define ADMIN_MAX_ARGS 2
+
+/* One admin endpoint (SPEC 5): `{x}` in the path matches one segment, handed to the
+ * handler in order; `role` is the role it needs (`admin` holds every role). */
+struct admin_route {
+    const char *method;
+    const char *path;
+    const char *role;
+    enum MHD_Result (*handler)(struct request *r, const char *const *arg);
+};
+
+static const struct admin_route admin_routes[] = {
+    {"POST", "/admin/v1/agents", "admin", post_agent},
+    {"GET", "/admin/v1/agents", "auditor", list_agents},
+    {"GET", "/admin/v1/agents/{id}", "auditor", show_agent},
+    {"POST", "/admin/v1/agents/{id}/disable", "admin", disable_agent},
+    {"POST", "/admin/v1/agents/{id}/enable", "admin", enable_agent},
+    {"POST", "/admin/v1/agents/{id}/tokens", "admin", post_agent_token},
+    {"GET", "/admin/v1/tokens", "auditor", list_tokens},
+    {"DELETE", "/admin/v1/tokens/{jti}", "admin", delete_token},
+    {"POST", "/admin/v1/operators", "admin", post_operator},
+    {"POST", "/admin/v1/operators/{id}/tokens", "admin", post_operator_token},
+    {"GET", "/admin/v1/audit/verify", "auditor", get_audit_verify},
+    {"GET", "/admin/v1/policy", "admin", get_policy},
+    {"POST", "/admin/v1/policy/reload", "admin", post_policy_reload},
+};
+
+/* Whether the normalized path matches the template; its `{x}` segments go to arg (pointers
+ * into path, cut at '/' in place of the caller's copy). */
+static bool admin_path_match(const char *tmpl, char *path, const char *arg[ADMIN_MAX_ARGS]) {
+    size_t n = 0;
+    while (*tmpl && *path) {
+        if (*tmpl++ != '/' || *path++ != '/') return false;
+        size_t tl = strcspn(tmpl, "/"), pl = strcspn(path, "/");
+        if (tmpl[0] == '{') {
+            if (pl == 0 || n == ADMIN_MAX_ARGS) return false;
+            arg[n++] = path;
+        } else if (tl != pl || strncmp(tmpl, path, tl) != 0) {
+            return false;
+        }
+        tmpl += tl;
+        path += pl;
+    }
+    if (*tmpl || *path) return false;
+    /* Cut the arguments at their '/': only now, once the whole template matched. */
+    for (size_t i = 0; i < n; i++) {
+        char *end = strchr(arg[i], '/');
+        if (end) *end = '\0';
+    }
+    return true;
 }
 
 /* Paths of the admin listener that need no operator token. */
@@ -757,11 +708,26 @@ static bool admin_is_open_path(const char *target) {
     return n == 8 && strncmp(target, "/healthz", 8) == 0;
 }
 
-bool admin_head_authenticated(struct request *r) {
-    return admin_is_open_path(r->target) || authenticate(r);
+static enum MHD_Result admin_on_head(struct request *r) {
+    r->policy = server_policy(r->srv);
+    r->body_limit = r->policy->max_body;
+    /* SECURITY: as on the data plane (not audited: nothing was decided). */
+    const char *problem = request_head_problem(r);
+    if (problem) {
+        reply_error(r, 400, "bad_request", problem, NULL);
+        request_close_after_answer(r);
+        return reply_send(r);
+    }
+    /* SECURITY: a client without a credential is answered before its body is read or
+     * buffered, as on the data plane. */
+    if (!admin_is_open_path(r->target) && !authenticate(r)) {
+        request_close_after_answer(r);
+        return reply_send(r);
+    }
+    return MHD_YES;
 }
 
-enum MHD_Result admin_handle(struct request *r) {
+static enum MHD_Result admin_route(struct request *r) {
     size_t path_len = strcspn(r->target, "?");
     const char *why = NULL;
     if (route_normalize_path(r->target, path_len, &r->path, &why) != 0)
@@ -770,218 +736,38 @@ enum MHD_Result admin_handle(struct request *r) {
         reply_json(r, 200, json_pack("{s:s}", "status", "ok"));
         return MHD_YES;
     }
-    char buf[512];
-    snprintf(buf, sizeof buf, "%s", r->path);
-    const char *seg[6] = {0};
-    size_t n = split_path(buf, seg);
-    const char *m = r->method;
-    bool get = is(m, "GET"), post = is(m, "POST"), del = is(m, "DELETE");
-    if (n < 3 || !is(seg[0], "admin") || !is(seg[1], "v1")) {
-        reply_error(r, 404, "no_route", "no admin endpoint at this path", NULL);
-        return MHD_YES;
-    }
     if (!authenticate(r)) return MHD_YES;
-    const char *res = seg[2], *id = seg[3], *sub = seg[4];
-
-    if (is(res, "agents")) {
-        if (n == 3 && post) return require_role(r, "admin", NULL) ? put_agent(r) : MHD_YES;
-        if (n == 3 && get) {
-            if (require_role(r, "auditor", NULL))
-                reply_json(r, 200,
-                           json_pack("{s:o}", "agents", registry_list_agents(r->srv->registry)));
-            return MHD_YES;
-        }
-        if (n == 4 && get) {
-            if (!require_role(r, "auditor", NULL)) return MHD_YES;
-            struct agent *a = registry_get_agent(r->srv->registry, id);
-            if (!a) return not_found(r, "agent", id);
-            reply_json(r, 200, agent_to_json(a));
-            agent_release(a);
-            return MHD_YES;
-        }
-        if (n == 5 && post && (is(sub, "disable") || is(sub, "enable")))
-            return require_role(r, "admin", NULL) ? set_agent_enabled(r, id, is(sub, "enable"))
-                                                  : MHD_YES;
-        if (n == 5 && post && is(sub, "tokens"))
-            return require_role(r, "admin", NULL) ? issue_agent_token(r, id) : MHD_YES;
-    } else if (is(res, "tokens")) {
-        if (n == 3 && get) {
-            if (!require_role(r, "auditor", NULL)) return MHD_YES;
-            const char *agent =
-                MHD_lookup_connection_value(r->conn, MHD_GET_ARGUMENT_KIND, "agent");
-            const char *op =
-                MHD_lookup_connection_value(r->conn, MHD_GET_ARGUMENT_KIND, "operator");
-            reply_json(
-                r, 200,
-                json_pack("{s:o}", "tokens",
-                          registry_list_tokens(r->srv->registry, agent && *agent ? agent : NULL,
-                                               op && *op ? op : NULL)));
-            return MHD_YES;
-        }
-        if (n == 4 && del) return require_role(r, "admin", NULL) ? revoke_token(r, id) : MHD_YES;
-    } else if (is(res, "operators")) {
-        if (n == 3 && post) return require_role(r, "admin", NULL) ? put_operator(r) : MHD_YES;
-        if (n == 5 && post && is(sub, "tokens"))
-            return require_role(r, "admin", NULL) ? issue_operator_token_handler(r, id) : MHD_YES;
-    } else if (is(res, "audit")) {
-        if (n == 4 && get && is(id, "verify"))
-            return require_role(r, "auditor", NULL) ? audit_verify(r) : MHD_YES;
-    } else if (is(res, "policy")) {
-        if (n == 3 && get) return require_role(r, "admin", NULL) ? policy_show(r) : MHD_YES;
-        if (n == 4 && post && is(id, "reload"))
-            return require_role(r, "admin", NULL) ? policy_reload(r) : MHD_YES;
+    for (size_t i = 0; i < PEP_ARRAY_LEN(admin_routes); i++) {
+        const struct admin_route *rt = &admin_routes[i];
+        char path[512];
+        const char *arg[ADMIN_MAX_ARGS] = {0};
+        snprintf(path, sizeof path, "%s", r->path);
+        if (!admin_path_match(rt->path, path, arg)) continue;
+        if (strcmp(rt->method, r->method) != 0) continue;
+        if (!require_role(r, rt->role)) return MHD_YES;
+        return rt->handler(r, arg);
     }
     reply_error(r, 404, "no_route", "no admin endpoint for this method and path", NULL);
     return MHD_YES;
 }
 
-/* ---- bootstrap --------------------------------------------------------------------------------
- */
-
-static int sync_apply(sqlite3 *db, void *arg) {
-    return op_apply(db, arg);
-}
-
-/* admin.token is being minted again (the file was deleted to get a new one): whoever kept a
- * copy of the old one must not keep its power.  Every live token of the bootstrap operator
- * is revoked, each with its record (startup only: blocks on the writer). */
-static int revoke_bootstrap_tokens(struct server *s) {
-    json_t *list = registry_list_tokens(s->registry, NULL, BOOTSTRAP_OPERATOR);
-    size_t i;
-    json_t *t;
-    int rc = list ? 0 : PEP_ENOMEM;
-    int64_t now = pep_now_us() / 1000000;
-    json_array_foreach(list, i, t) {
-        const char *jti = json_string_value(json_object_get(t, "jti"));
-        if (rc != 0 || !jti || !json_is_null(json_object_get(t, "revoked_at"))) continue;
-        struct admin_op op = {.kind = OP_REVOKE_TOKEN, .srv = s};
-        snprintf(op.token.jti, sizeof op.token.jti, "%s", jti);
-        op.token.revoked_at_s = now;
-        json_t *rec = admin_record(NULL, "pep", "tokens.revoke");
-        json_object_set_new(rec, "jti", json_string(jti));
-        json_object_set_new(rec, "reason",
-                            json_string("admin.token re-minted: the previous bootstrap token is "
-                                        "revoked"));
-        rc = server_audit_sync(s, rec, sync_apply, &op, NULL);
-        if (rc == 0) op_publish(&op);
+static enum MHD_Result admin_on_complete(struct request *r) {
+    if (r->body_too_large) {
+        reply_error(r, 413, "body_too_large", "body exceeds max_body", NULL);
+        return reply_send(r);
     }
-    json_decref(list);
-    return rc;
+    enum MHD_Result rc = admin_route(r);
+    /* Answered at once, or suspended until the audit writer resumes it. */
+    return r->phase == PHASE_BODY ? reply_send(r) : rc;
 }
 
-int server_bootstrap_admin(struct server *s, struct pep_err *err) {
-    char path[4096];
-    snprintf(path, sizeof path, "%s/admin.token", s->data_dir);
-    if (access(path, F_OK) == 0) return 0;
-    int rc = 0;
-    const char *roles[] = {"admin"};
-    struct operator_rec *o = registry_get_operator(s->registry, BOOTSTRAP_OPERATOR);
-    if (!o) {
-        struct admin_op op = {.kind = OP_PUT_OPERATOR, .srv = s};
-        op.op = operator_new(BOOTSTRAP_OPERATOR, roles, 1, pep_now_us());
-        json_t *rec = admin_record(NULL, "pep", "operators.put");
-        json_object_set_new(rec, "reason",
-                            json_string("bootstrap operator created at first start"));
-        rc = op.op ? server_audit_sync(s, rec, sync_apply, &op, NULL) : PEP_ENOMEM;
-        if (rc == 0) op_publish(&op);
-        operator_release(op.op);
-        if (rc != 0) return pep_err_set(err, rc, "cannot create the bootstrap operator");
-        o = registry_get_operator(s->registry, BOOTSTRAP_OPERATOR);
-    } else if ((rc = revoke_bootstrap_tokens(s)) != 0) {
-        operator_release(o);
-        return pep_err_set(err, rc, "cannot revoke the previous bootstrap tokens");
-    }
-    char *token = NULL;
-    struct admin_op *op = NULL;
-    rc = issue_operator_token(s, s->policy, o, BOOTSTRAP_TOKEN_TTL_S, &token, &op);
-    json_t *set = rc == 0 ? operator_token_set_json(o, &op->token) : NULL;
-    operator_release(o);
-    if (rc == 0) {
-        op->srv = s;
-        json_t *rec = admin_record(NULL, "pep", "operators.token");
-        json_object_set_new(rec, "jti", json_string(op->token.jti));
-        json_object_set_new(rec, "set", set);
-        json_object_set_new(rec, "reason", json_string("bootstrap token written to admin.token"));
-        rc = server_audit_sync(s, rec, sync_apply, op, NULL);
-        if (rc == 0) {
-            op_publish(op);
-            size_t len = strlen(token);
-            token[len] = '\n';
-            rc = pep_write_file_atomic(path, token, len + 1, 0600);
-            token[len] = '\0';
-        }
-    }
-    free_secret(token);
-    if (op) admin_op_free(op);
-    return rc ? pep_err_set(err, rc, "cannot write %s", path) : 0;
+static enum MHD_Result admin_on_resume(struct request *r) {
+    admin_finish(r);
+    return reply_send(r);
 }
 
-/* Writes one agent state from the policy file with its system record (agents.seed). */
-static int seed_write(struct server *s, const struct policy *p, struct agent *a,
-                      const char *reason) {
-    struct admin_op op = {.kind = OP_PUT_AGENT, .srv = s, .agent = agent_retain(a)};
-    json_t *rec = server_record("system", NULL);
-    json_object_set_new(rec, "action", json_string("agents.seed"));
-    json_object_set_new(rec, "agent", json_string(a->id));
-    json_object_set_new(rec, "set", agent_set_json(a));
-    json_object_set_new(rec, "policy_hash", json_string(p->policy_hash));
-    json_object_set_new(rec, "reason", json_string(reason));
-    int rc = server_audit_sync(s, rec, sync_apply, &op, NULL);
-    if (rc == 0) op_publish(&op);
-    agent_release(op.agent);
-    return rc;
-}
-
-/* Disables the policy-managed agents that p no longer lists: removing an agent from the
- * file must stop its tokens, as deleting a line from a config file is expected to. */
-static int seed_disable_removed(struct server *s, const struct policy *p, int64_t now) {
-    size_t n = 0;
-    struct agent **managed = registry_policy_agents(s->registry, &n);
-    if (!managed) return PEP_ENOMEM; /* a removed agent left enabled would keep its tokens */
-    int rc = 0;
-    for (size_t i = 0; i < n; i++) {
-        if (rc == 0 && managed[i]->enabled && !policy_find_agent(p, managed[i]->id)) {
-            struct agent *off = agent_with_enabled(managed[i], false, now);
-            if (!off) {
-                rc = PEP_ENOMEM;
-            } else {
-                off->from_policy = true;
-                rc = seed_write(s, p, off, "agent removed from the policy file: disabled");
-                agent_release(off);
-            }
-        }
-        agent_release(managed[i]);
-    }
-    free(managed);
-    return rc;
-}
-
-int server_seed_agents(struct server *s, const struct policy *p) {
-    int rc = 0;
-    int64_t now = pep_now_us();
-    for (size_t i = 0; rc == 0 && i < p->agents_len; i++) {
-        const struct policy_agent *pa = &p->agents[i];
-        struct agent *old = registry_get_agent(s->registry, pa->id);
-        struct agent *seeded =
-            agent_new(pa->id, pa->owner, (const char *const *)pa->tenants, pa->tenants_len,
-                      (const char *const *)pa->scopes, pa->scopes_len, pa->enabled,
-                      old ? old->created_at_us : now, now);
-        if (!seeded) {
-            rc = PEP_ENOMEM;
-        } else if (old && !old->from_policy) {
-            /* Changed through the admin API: the registry is authoritative for it. */
-            if (!agent_same(old, seeded))
-                fprintf(stderr,
-                        "pep: agent %s is managed through the admin API; its entry in the "
-                        "policy file is not applied\n",
-                        pa->id);
-        } else if (!old || !agent_same(old, seeded)) {
-            seeded->from_policy = true;
-            rc = seed_write(s, p, seeded, "agent seeded from the policy file");
-        }
-        agent_release(seeded);
-        agent_release(old);
-    }
-    if (rc == 0) rc = seed_disable_removed(s, p, now);
-    return rc;
-}
+const struct listener_handlers admin_handlers = {
+    .on_head = admin_on_head,
+    .on_complete = admin_on_complete,
+    .on_resume = admin_on_resume,
+};

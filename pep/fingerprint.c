@@ -15,7 +15,9 @@ static void add_part(EVP_MD_CTX *ctx, const void *data, size_t len) {
     if (len) EVP_DigestUpdate(ctx, data, len);
 }
 
-static void add_string(EVP_MD_CTX *ctx, const char *s) { add_part(ctx, s, s ? strlen(s) : 0); }
+static void add_string(EVP_MD_CTX *ctx, const char *s) {
+    add_part(ctx, s, s ? strlen(s) : 0);
+}
 
 int request_fingerprint(const struct fingerprint_input *in, char hex[FINGERPRINT_HEX_LEN + 1]) {
     uint8_t digest[32];

@@ -11,8 +11,8 @@
  *
  * Threads: handlers run on libmicrohttpd's listener threads; request_resume from any.
  */
-#include "pep/pipeline.h"
-#include "pep/server.h"
+#include "pep/http.h"
+#include "pep/record.h"
 #include "pep/util.h"
 
 #include <arpa/inet.h>
@@ -29,64 +29,6 @@
 #define CONNECTION_TIMEOUT_S 30u /* idle: silence on a connection, between or within requests */
 #define LISTENER_THREADS 2u      /* per listener: one epoll loop each */
 #define CONNECTION_LIMIT 4096u   /* per listener, split evenly across its threads */
-
-struct policy *server_policy(struct server *s) {
-    pthread_mutex_lock(&s->policy_lock);
-    struct policy *p = policy_retain(s->policy);
-    pthread_mutex_unlock(&s->policy_lock);
-    return p;
-}
-
-void server_init_decision_lock(struct server *s) {
-    pthread_rwlockattr_t attr;
-    pthread_rwlockattr_init(&attr);
-    pthread_rwlockattr_setkind_np(&attr, PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP);
-    pthread_rwlock_init(&s->decision_lock, &attr);
-    pthread_rwlockattr_destroy(&attr);
-}
-
-/* The bytes as a JSON string with some written %XX: every byte of 0x80 and above when
- * escape_high, and '%' itself when escape_percent. */
-static json_t *json_escaped(const char *s, size_t len, bool escape_high, bool escape_percent) {
-    char *escaped = malloc(3 * len + 1), *o = escaped;
-    if (!escaped) return NULL;
-    for (size_t i = 0; i < len; i++) {
-        unsigned char b = (unsigned char)s[i];
-        if ((b >= 0x80 && escape_high) || (b == '%' && escape_percent))
-            o += sprintf(o, "%%%02X", b);
-        else
-            *o++ = (char)b;
-    }
-    json_t *v = json_stringn(escaped, (size_t)(o - escaped));
-    free(escaped);
-    return v;
-}
-
-json_t *json_text(const char *s, size_t len) {
-    json_t *v = json_stringn(s, len);
-    if (v || !s) return v;
-    return json_escaped(s, len, true, false);
-}
-
-json_t *json_exact_text(const char *s, size_t len) {
-    if (!s) return NULL;
-    json_t *v = json_stringn(s, len);
-    if (v && !memchr(s, '%', len)) return v;
-    bool utf8 = v != NULL;
-    json_decref(v);
-    return json_escaped(s, len, !utf8, true);
-}
-
-json_t *server_record(const char *kind, const char *request_id) {
-    char ts[32];
-    pep_format_rfc3339_us(pep_now_us(), ts);
-    char own_id[27];
-    if (!request_id) {
-        pep_request_id(own_id);
-        request_id = own_id;
-    }
-    return json_pack("{s:s, s:s, s:s}", "ts", ts, "kind", kind, "request_id", request_id);
-}
 
 /* ---- replies ------------------------------------------------------------------------- */
 
@@ -227,7 +169,7 @@ static void *on_uri(void *cls, const char *uri, struct MHD_Connection *conn) {
     if (!r) return NULL;
     r->srv = s;
     r->conn = conn;
-    r->admin = l->admin;
+    r->listener = l;
     pep_request_id(r->id);
     r->start_mono_us = pep_mono_us();
     r->start_wall_us = pep_now_us();
@@ -396,11 +338,7 @@ static void append_body(struct request *r, const char *data, size_t len) {
 
 /* Answers a request whose wait (audit, upstream) is over. */
 static enum MHD_Result respond(struct request *r) {
-    if (r->admin) {
-        admin_finish(r);
-        return reply_send(r);
-    }
-    return pipeline_respond(r);
+    return r->listener->handlers->on_resume(r);
 }
 
 static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const char *url,
@@ -415,23 +353,7 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
     case PHASE_HEADERS:
         r->method = method;
         r->phase = PHASE_BODY;
-        if (r->admin) {
-            r->policy = server_policy(r->srv);
-            r->body_limit = r->policy->max_body;
-            /* SECURITY: as on the data plane (not audited: nothing was decided). */
-            const char *problem = request_head_problem(r);
-            if (problem) {
-                reply_error(r, 400, "bad_request", problem, NULL);
-                request_close_after_answer(r);
-                return reply_send(r);
-            }
-            if (!admin_head_authenticated(r)) {
-                request_close_after_answer(r);
-                return reply_send(r);
-            }
-            return MHD_YES;
-        }
-        return pipeline_on_head(r);
+        return r->listener->handlers->on_head(r);
     case PHASE_BODY:
         if (*upload_data_size) {
             append_body(r, upload_data, *upload_data_size);
@@ -439,16 +361,7 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
             return MHD_YES;
         }
         conn_request_received(conn);
-        if (r->admin) {
-            if (r->body_too_large) {
-                reply_error(r, 413, "body_too_large", "body exceeds max_body", NULL);
-                return reply_send(r);
-            }
-            enum MHD_Result rc = admin_handle(r);
-            /* Answered at once, or suspended until the audit writer resumes it. */
-            return r->phase == PHASE_BODY ? reply_send(r) : rc;
-        }
-        return pipeline_on_complete(r);
+        return r->listener->handlers->on_complete(r);
     case PHASE_WAITING:
         *upload_data_size = 0;
         return MHD_YES;
@@ -566,7 +479,8 @@ static void raise_descriptor_limit(void) {
                 (unsigned long long)nofile.rlim_cur, 2 * CONNECTION_LIMIT + 1024);
 }
 
-int server_start_listeners(struct server *s, struct pep_err *err) {
+int server_start_listeners(struct server *s, const struct listener_handlers *data_handlers,
+                           const struct listener_handlers *admin_handlers, struct pep_err *err) {
     const char *data = s->listen_override ? s->listen_override : s->policy->listen;
     const char *admin =
         s->admin_listen_override ? s->admin_listen_override : s->policy->admin_listen;
@@ -575,8 +489,8 @@ int server_start_listeners(struct server *s, struct pep_err *err) {
     if (!s->unauth) return pep_err_set(err, PEP_ENOMEM, "out of memory");
     int rc = conn_guard_start(&s->conn_guard, s->policy->receive_timeout_ms, on_guard_tick, s, err);
     if (rc != 0) return rc;
-    s->data_listener = (struct listener){.srv = s, .admin = false};
-    s->admin_listener = (struct listener){.srv = s, .admin = true};
+    s->data_listener = (struct listener){.srv = s, .admin = false, .handlers = data_handlers};
+    s->admin_listener = (struct listener){.srv = s, .admin = true, .handlers = admin_handlers};
     s->data_daemon = start_listener(&s->data_listener, data, err);
     if (!s->data_daemon) return err ? err->code : PEP_EIO;
     s->admin_daemon = start_listener(&s->admin_listener, admin, err);
@@ -605,30 +519,4 @@ void server_stop_listeners(struct server *s) {
     if (s->unauth) unauth_flush(s->unauth, pep_mono_us(), true, audit_unauth_window, s);
     unauth_free(s->unauth);
     s->unauth = NULL;
-}
-
-/* ---- synchronous audit (startup, shutdown) -----------------------------------------------------
- */
-
-static void on_sync_done(void *arg, int rc, int64_t seq) {
-    struct sync_wait *w = arg;
-    pthread_mutex_lock(&w->lock);
-    w->done = true;
-    w->rc = rc;
-    w->seq = seq;
-    pthread_cond_signal(&w->cond);
-    pthread_mutex_unlock(&w->lock);
-}
-
-int server_audit_sync(struct server *s, json_t *record, audit_apply_fn apply, void *apply_arg,
-                      int64_t *seq) {
-    struct sync_wait w = {.lock = PTHREAD_MUTEX_INITIALIZER, .cond = PTHREAD_COND_INITIALIZER};
-    int rc = audit_submit(s->audit, record, apply, apply_arg, on_sync_done, &w);
-    if (rc != 0) return rc;
-    pthread_mutex_lock(&w.lock);
-    while (!w.done)
-        pthread_cond_wait(&w.cond, &w.lock);
-    pthread_mutex_unlock(&w.lock);
-    if (seq) *seq = w.seq;
-    return w.rc;
 }

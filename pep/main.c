@@ -6,7 +6,11 @@
  * signals on the main thread (every other thread blocks them): SIGHUP reloads, SIGTERM and
  * SIGINT drain and exit 0.
  */
+#include "pep/admin.h"
 #include "pep/datadir.h"
+#include "pep/pipeline.h"
+#include "pep/record.h"
+#include "pep/seed.h"
 #include "pep/server.h"
 #include "pep/util.h"
 #include "pep/verifier.h"
@@ -239,7 +243,7 @@ static int cmd_serve(const char *file, const char *data_dir, const char *listen,
         fprintf(stderr, "pep: audit: %s\n", tampered);
     }
     rc = server_open(&s, &err);
-    if (rc == 0) rc = server_start_listeners(&s, &err);
+    if (rc == 0) rc = server_start_listeners(&s, &pipeline_handlers, &admin_handlers, &err);
     if (rc != 0) {
         fprintf(stderr, "pep: %s\n", err.msg[0] ? err.msg : pep_strerror(rc));
         server_close(&s);

@@ -15,6 +15,7 @@
  * Threads: as marked per function; the listener threads unless said otherwise.
  */
 #include "pep/pipeline.h"
+#include "pep/record.h"
 #include "pep/upstream.h"
 #include "pep/util.h"
 
@@ -255,7 +256,7 @@ static enum MHD_Result refuse_unauthenticated(struct request *r) {
     return audit_and_wait(r);
 }
 
-enum MHD_Result pipeline_on_head(struct request *r) {
+static enum MHD_Result pipeline_on_head(struct request *r) {
     r->policy = server_policy(r->srv);
 
     /* SECURITY: a malformed head or ambiguous framing is answered at once and the
@@ -376,7 +377,7 @@ static void rematch(struct request *r) {
     }
 }
 
-enum MHD_Result pipeline_on_complete(struct request *r) {
+static enum MHD_Result pipeline_on_complete(struct request *r) {
     if (r->builtin) return answer_builtin(r);
     if (r->body_too_large) {
         char reason[96];
@@ -538,7 +539,7 @@ static enum MHD_Result respond_forwarded(struct request *r) {
     return reply_send(r);
 }
 
-enum MHD_Result pipeline_respond(struct request *r) {
+static enum MHD_Result pipeline_respond(struct request *r) {
     if (audit_refuses(r)) {
         r->audit_seq = 0;
         reply_error(r, 503, "audit_unavailable",
@@ -556,3 +557,9 @@ enum MHD_Result pipeline_respond(struct request *r) {
                          "request_id", r->id));
     return reply_send(r);
 }
+
+const struct listener_handlers pipeline_handlers = {
+    .on_head = pipeline_on_head,
+    .on_complete = pipeline_on_complete,
+    .on_resume = pipeline_respond,
+};

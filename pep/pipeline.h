@@ -1,20 +1,16 @@
 /*
- * pipeline.h — the data plane's stages (see pipeline.c), called by the listener glue
- * (http.c) at each phase of a request.
+ * pipeline.h — the data plane's stages (see pipeline.c), handed to the data listener
+ * (http.c) by main.c.
  *
  * Threads: the listener thread handling the request.
  */
 #ifndef PEP_PIPELINE_H
 #define PEP_PIPELINE_H
 
-#include "pep/server.h"
+#include "pep/http.h"
 
-/* The head is in (first handler call): MHD_YES to read the body, or what answering from
- * the head returned. */
-enum MHD_Result pipeline_on_head(struct request *r);
-/* The whole body is in: decide, audit, forward. */
-enum MHD_Result pipeline_on_complete(struct request *r);
-/* The request resumed after its wait (audit, upstream): queue its answer. */
-enum MHD_Result pipeline_respond(struct request *r);
+/* The stages, for the data listener: on_head, on_complete (decide, audit, forward) and
+ * on_resume (the answer, once the audit writer or the forwarder is done). */
+extern const struct listener_handlers pipeline_handlers;
 
 #endif

@@ -6,6 +6,8 @@
  * guarded by server.policy_lock so that requests always retain a whole policy.
  */
 #include "pep/server.h"
+#include "pep/record.h"
+#include "pep/seed.h"
 #include "pep/util.h"
 
 #include <stdarg.h>
@@ -16,6 +18,21 @@
 static pthread_mutex_t reload_lock = PTHREAD_MUTEX_INITIALIZER;
 
 /* The policy.reload record of p, by an operator (kind admin) or by SIGHUP (kind system). */
+struct policy *server_policy(struct server *s) {
+    pthread_mutex_lock(&s->policy_lock);
+    struct policy *p = policy_retain(s->policy);
+    pthread_mutex_unlock(&s->policy_lock);
+    return p;
+}
+
+void server_init_decision_lock(struct server *s) {
+    pthread_rwlockattr_t attr;
+    pthread_rwlockattr_init(&attr);
+    pthread_rwlockattr_setkind_np(&attr, PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP);
+    pthread_rwlock_init(&s->decision_lock, &attr);
+    pthread_rwlockattr_destroy(&attr);
+}
+
 static json_t *reload_record(const struct policy *p, const struct reload_origin *by) {
     bool by_operator = by && by->operator_id;
     json_t *rec = server_record(by_operator ? "admin" : "system", by ? by->request_id : NULL);

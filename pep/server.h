@@ -1,6 +1,7 @@
 /*
- * server.h — the running service: its shared state and the per-request context that the
- * data plane (http.c) and the admin API (admin.c) share.
+ * server.h — the running service: its shared state, the policy it runs and its reload,
+ * and the per-request context that the listeners (http.c), the data plane (pipeline.c)
+ * and the admin API (admin.c) share.
  *
  * Threads: the listener threads (libmicrohttpd's epoll pool) run the handlers; the audit
  * writer and the forwarder call back into a request only through the functions marked
@@ -25,9 +26,11 @@
 #include <pthread.h>
 
 /* What a listener's callbacks receive as their closure. */
+struct listener_handlers; /* pep/http.h */
 struct listener {
     struct server *srv;
     bool admin; /* the admin API rather than the data plane */
+    const struct listener_handlers *handlers;
 };
 
 struct verifier; /* pep/verifier.h */
@@ -108,8 +111,8 @@ struct sync_wait {
 struct request {
     struct server *srv;
     struct MHD_Connection *conn;
-    bool admin;  /* arrived on the admin listener */
-    char id[27]; /* ULID, also sent as Pep-Request-Id */
+    const struct listener *listener; /* the listener it arrived on, with its handlers */
+    char id[27];                     /* ULID, also sent as Pep-Request-Id */
     int64_t start_mono_us;
     int64_t start_wall_us;
     enum request_phase phase;
@@ -162,78 +165,6 @@ struct request {
     bool forward_refused;  /* the forwarder refused the job (shutdown): no attempt made */
 };
 
-/* A JSON string of len bytes that may not be UTF-8 (a path, an id or a tenant as a client
- * sent it, or a message quoting one).  When they are not valid UTF-8, bytes of 0x80 and
- * above are written %XX, so that an answer or a record never loses the field (jansson
- * refuses invalid UTF-8).  NULL only when out of memory. */
-json_t *json_text(const char *s, size_t len);
-/* Like json_text, but reversible, for record fields whose bytes a client chose (paths,
- * tenants): '%' is written %25 whenever anything is escaped, so two different byte strings
- * never give the same JSON string.  Valid UTF-8 without '%' is kept as is.  NULL only
- * when out of memory (or s is NULL). */
-json_t *json_exact_text(const char *s, size_t len);
-
-/* Per connection: the request head, and the answer's head on its way out.  libmicrohttpd
- * mallocs a pool of at most 32 KiB and mmaps a larger one per connection (then zeroes all
- * of it for every request): measured here, 128 KiB made each new connection cost ~700 µs
- * of CPU instead of ~55 µs.  So the pool stays at 32 KiB, and an upstream head that would
- * not fit beside the agent's own request head is a failed attempt (relay_fits). */
-#define CONNECTION_MEMORY (32u * 1024)
-/* What libmicrohttpd and pep's own answer headers (Pep-*, Content-Length, Date …) take of
- * the pool besides the request head and the relayed upstream head. */
-#define CONNECTION_MEMORY_RESERVE (2u * 1024)
-
-/* Reply helpers (listener thread, or a callback before resuming). */
-int reply_set_header(struct reply *rep, const char *name, const char *value);
-/* Frees what rep holds and zeroes it. */
-void reply_clear(struct reply *rep);
-void reply_json(struct request *r, int status, json_t *body); /* steals body */
-/* SPEC 3.3 error body with request_id; `extra` (may be NULL) members are merged in
- * (stolen).  401 invalid_token adds WWW-Authenticate. */
-void reply_error(struct request *r, int status, const char *code, const char *message,
-                 json_t *extra);
-
-/* Queues r->reply as the answer (with Pep-Request-Id and, when audited, Pep-Audit-Seq). */
-enum MHD_Result reply_send(struct request *r);
-/* The answer will close the connection, lingering when a body was announced and not read
- * (conn.h): for answers given from the head alone. */
-void request_close_after_answer(struct request *r);
-/* NULL when the request line and headers are well-formed and its framing and credentials
- * unambiguous, else why to refuse it with 400 (both listeners; sets r->head_bytes). */
-const char *request_head_problem(struct request *r);
-
-/* Suspends the request's connection (phase WAITING).  Must run on the listener thread,
- * before handing the request to another thread; the handler then returns
- * request_wait(r).  While listeners stop, the request is not suspended but waits on its
- * own thread in request_wait. */
-void request_suspend(struct request *r);
-/* Resumes it (phase RESPOND).  Any thread. */
-void request_resume(struct request *r);
-/* What the handler returns after request_suspend (see there). */
-enum MHD_Result request_wait(struct request *r);
-
-/* The admin API (admin.c): called on the complete request (body received). */
-enum MHD_Result admin_handle(struct request *r);
-/* Called when the head arrives: true when the request needs no operator token or carries a
- * valid one; otherwise the 401 is in r->reply (SECURITY: a client without a credential is
- * answered before its body is read or buffered, as on the data plane). */
-bool admin_head_authenticated(struct request *r);
-/* Called when a suspended admin request resumes, to build its reply. */
-void admin_finish(struct request *r);
-
-/* Service lifecycle (http.c). */
-int server_start_listeners(struct server *s, struct pep_err *err);
-void server_stop_listeners(struct server *s);
-
-/* Writes an audit item and waits for it (startup and shutdown only: blocks). */
-int server_audit_sync(struct server *s, json_t *record, audit_apply_fn apply, void *apply_arg,
-                      int64_t *seq);
-
-/* A fresh audit record {ts, kind, request_id} (new reference); a record not caused by a
- * request (start, stop, SIGHUP…) gets a request id of its own, so that every record can
- * be named by one (SPEC 6.2). */
-json_t *server_record(const char *kind, const char *request_id);
-
 /* Who asked for a reload: an operator through the admin API, or NULL fields for SIGHUP. */
 struct reload_origin {
     const char *operator_id; /* the record is kind `admin` with this operator, else `system` */
@@ -254,16 +185,5 @@ int server_reload(struct server *s, const struct reload_origin *by, int64_t *aud
  * (start and reload): the variables are read per request, so pep runs, but the upstream
  * would see calls without the credential the policy names. */
 void server_warn_unset_credentials(const struct policy *p);
-
-/* First start: creates the bootstrap operator `admin` and writes DATA/admin.token (0600)
- * when that file does not exist.  Blocks on the audit writer (startup only). */
-int server_bootstrap_admin(struct server *s, struct pep_err *err);
-
-/* Brings the policy-managed agents in line with p (each change audited as kind `system`,
- * action `agents.seed`): creates the agents p lists that the registry lacks, updates
- * policy-managed ones that differ, disables policy-managed ones p no longer lists.
- * Agents changed through the admin API are left as they are (logged when p differs).
- * Blocks on the audit writer. */
-int server_seed_agents(struct server *s, const struct policy *p);
 
 #endif

@@ -12,7 +12,7 @@
 #ifndef PEP_UPSTREAM_H
 #define PEP_UPSTREAM_H
 
-#include "pep/server.h"
+#include "pep/http.h"
 
 /* Fills r->job for r's route (r->match) and sets r->model.  Returns 0, or a negative code
  * (then the request is answered 503: nothing was sent). */

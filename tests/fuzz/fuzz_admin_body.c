@@ -29,7 +29,7 @@
 
 #include "pep/decide.h"
 #include "pep/registry.h"
-#include "pep/server.h"
+#include "pep/http.h"
 #include "pep/util.h"
 
 #include <ftw.h>
@@ -256,7 +256,7 @@ static void check_operator(const struct operator_rec *o) {
 
 static void check_token(const struct admin_op *op) {
     bool agent = cur.handler == AGENT_TOKEN;
-    const struct token_rec *t = &op->token;
+    const struct token_rec *t = &op->ch.token;
     FUZZ_CHECK(same_str(t->subject, agent ? AGENT : OPERATOR), "token subject");
     FUZZ_CHECK(t->operator_token == !agent, "token kind");
     FUZZ_CHECK(strlen(t->jti) == 32 && strspn(t->jti, "0123456789abcdef") == 32, "jti");
@@ -288,24 +288,24 @@ static int fuzz_audit_submit(struct audit_store *s, json_t *record, audit_apply_
     FUZZ_CHECK(text != NULL, "the admin record has no canonical form");
     free(text);
     json_decref(record);
-    FUZZ_CHECK(apply == op_apply && done == op_done && apply_arg == done_arg, "callbacks");
-    const struct admin_op *op = apply_arg;
-    switch (op->kind) {
-    case OP_PUT_AGENT:
+    const struct admin_op *op = done_arg;
+    FUZZ_CHECK(apply == change_apply && done == op_done && apply_arg == &op->ch, "callbacks");
+    switch (op->ch.kind) {
+    case CHANGE_PUT_AGENT:
         FUZZ_CHECK(cur.handler == PUT_AGENT, "an agent from %s", handler_name[cur.handler]);
-        check_agent(op->agent, op->status);
+        check_agent(op->ch.agent, op->status);
         break;
-    case OP_PUT_OPERATOR:
+    case CHANGE_PUT_OPERATOR:
         FUZZ_CHECK(cur.handler == PUT_OPERATOR, "an operator from %s", handler_name[cur.handler]);
-        check_operator(op->op);
+        check_operator(op->ch.op_rec);
         break;
-    case OP_PUT_TOKEN:
+    case CHANGE_PUT_TOKEN:
         FUZZ_CHECK(cur.handler == AGENT_TOKEN || cur.handler == OPERATOR_TOKEN, "a token from %s",
                    handler_name[cur.handler]);
         check_token(op);
         break;
     default:
-        FUZZ_CHECK(false, "op kind %d from %s", (int)op->kind, handler_name[cur.handler]);
+        FUZZ_CHECK(false, "op kind %d from %s", (int)op->ch.kind, handler_name[cur.handler]);
     }
     return PEP_EUNAVAILABLE; /* the caller fails the op: nothing is published */
 }
@@ -328,7 +328,7 @@ static enum MHD_Result fuzz_request_wait(struct request *r) {
 /* ---- one input ------------------------------------------------------------------------------ */
 
 static void run(enum handler h, const uint8_t *data, size_t size) {
-    struct request r = {.srv = &srv, .admin = true, .method = "POST", .policy = policy};
+    struct request r = {.srv = &srv, .method = "POST", .policy = policy};
     memcpy(r.id, "01HFUZZ0000000000000000000", sizeof r.id);
     r.body = (char *)data;
     r.body_len = size;

@@ -22,7 +22,7 @@
 #include "tests/fuzz/fuzz.h"
 
 #include "audit/audit.h"
-#include "pep/server.h"
+#include "pep/record.h"
 #include "pep/util.h"
 
 #include <string.h>

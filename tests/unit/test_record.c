@@ -5,7 +5,7 @@
  * writer (audit_canonical_json).
  */
 #include "audit/audit.h"
-#include "pep/server.h"
+#include "pep/record.h"
 #include "pep/util.h"
 
 #include <setjmp.h>

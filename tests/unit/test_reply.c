@@ -2,7 +2,7 @@
  * test_reply.c — the reply under construction (pep/http.c): relayed upstream answers can
  * carry many headers (rate-limit families, tracing, provider ids), and none may be lost.
  */
-#include "pep/server.h"
+#include "pep/http.h"
 
 #include <setjmp.h>
 #include <stdarg.h>
