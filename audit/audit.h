@@ -140,6 +140,13 @@ const char *audit_path(struct audit_store *s);
 int audit_submit(struct audit_store *s, json_t *record, audit_apply_fn apply, void *apply_arg,
                  audit_done_fn done, void *done_arg);
 
+/* A fire-and-forget item (no done callback) whose apply_arg the store owns: apply_arg_free
+ * frees it once the item is written, or dropped (refused here, or lost at shutdown) — so
+ * a state change can ride on a record nobody waits for (an outcome storing an idempotent
+ * result).  Returns as audit_submit. */
+int audit_submit_owned(struct audit_store *s, json_t *record, audit_apply_fn apply, void *apply_arg,
+                       void (*apply_arg_free)(void *));
+
 #define AUDIT_MAX_HELD 65536
 
 /* Deepest nesting a record may have (the record object itself is depth 1). */

@@ -125,7 +125,8 @@ struct audit_item {
     char *copies[8];         /* the indexed copy columns' values (NULL: SQL NULL) */
     audit_apply_fn apply;    /* may be NULL */
     void *apply_arg;
-    audit_done_fn done; /* may be NULL */
+    void (*apply_arg_free)(void *); /* frees apply_arg with the item; may be NULL */
+    audit_done_fn done;             /* may be NULL */
     void *done_arg;
     bool held;   /* put back after a failed batch (counted in audit_store.held) */
     int rc;      /* outcome in the current batch: 0 or PEP_E* */
@@ -368,6 +369,7 @@ static char *store_splice_seq(const struct audit_item *it, int64_t seq) {
 }
 
 static void store_item_free(struct audit_item *it) {
+    if (it->apply_arg_free) it->apply_arg_free(it->apply_arg);
     free(it->text);
     for (size_t i = 0; i < AUDIT_COPY_FIELDS; i++)
         free(it->copies[i]);
@@ -942,19 +944,25 @@ static bool store_render(struct audit_item *it, json_t *record) {
     return true;
 }
 
-int audit_submit(struct audit_store *s, json_t *record, audit_apply_fn apply, void *apply_arg,
-                 audit_done_fn done, void *done_arg) {
+static int store_submit(struct audit_store *s, json_t *record, audit_apply_fn apply,
+                        void *apply_arg, void (*apply_arg_free)(void *), audit_done_fn done,
+                        void *done_arg) {
     if (!json_is_object(record)) {
         json_decref(record);
+        if (apply_arg_free) apply_arg_free(apply_arg);
         return PEP_EINVAL;
     }
     struct audit_item *it = calloc(1, sizeof(*it));
     if (!it) {
         json_decref(record);
+        if (apply_arg_free) apply_arg_free(apply_arg);
         return PEP_EUNAVAILABLE;
     }
-    *it = (struct audit_item){
-        .apply = apply, .apply_arg = apply_arg, .done = done, .done_arg = done_arg};
+    *it = (struct audit_item){.apply = apply,
+                              .apply_arg = apply_arg,
+                              .apply_arg_free = apply_arg_free,
+                              .done = done,
+                              .done_arg = done_arg};
     /* The serial writer's work is done here, on the caller's thread, in parallel.  A record
      * with no canonical form (a real, a bad key …) is invalid and fails alone. */
     it->invalid = !store_render(it, record);
@@ -996,6 +1004,16 @@ int audit_submit(struct audit_store *s, json_t *record, audit_apply_fn apply, vo
     pthread_cond_broadcast(&s->cond);
     pthread_mutex_unlock(&s->lock);
     return 0;
+}
+
+int audit_submit(struct audit_store *s, json_t *record, audit_apply_fn apply, void *apply_arg,
+                 audit_done_fn done, void *done_arg) {
+    return store_submit(s, record, apply, apply_arg, NULL, done, done_arg);
+}
+
+int audit_submit_owned(struct audit_store *s, json_t *record, audit_apply_fn apply, void *apply_arg,
+                       void (*apply_arg_free)(void *)) {
+    return store_submit(s, record, apply, apply_arg, apply_arg_free, NULL, NULL);
 }
 
 void audit_retune(struct audit_store *s, bool durability_full, int64_t checkpoint_every) {

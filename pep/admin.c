@@ -15,6 +15,7 @@
  * Threads: handlers on the admin listener thread; apply/done on the audit writer thread.
  */
 #include "pep/admin.h"
+#include "pep/approvals.h"
 #include "pep/change.h"
 #include "pep/record.h"
 #include "pep/util.h"
@@ -28,9 +29,13 @@
 
 /* ---- state changes written through the audit writer ----------------------------------- */
 
-/* A registry change in flight for one admin request, and the answer it gets once written. */
+/* A change in flight for one admin request — to the registry, or an approval's decision —
+ * and the answer it gets once written. */
 struct admin_op {
     struct change ch;
+    bool decides_approval;  /* an approval's decision, not a registry change: */
+    struct approval before; /*   as it was (put back if the record fails) */
+    struct approval after;  /*   as decided (the apply's argument) */
     struct request *req;
     int status;     /* HTTP status of the answer once committed */
     json_t *answer; /* the answer once committed */
@@ -49,13 +54,17 @@ static struct admin_op *admin_op_new(struct request *r, enum change_kind kind) {
 static void admin_op_free(void *p) {
     struct admin_op *op = p;
     change_clear(&op->ch);
+    approval_clear(&op->before);
+    approval_clear(&op->after);
     json_decref(op->answer);
     free(op);
 }
 
 static void op_done(void *arg, int rc, int64_t seq) {
     struct admin_op *op = arg;
-    if (op->ch.published_early) {
+    if (op->decides_approval) {
+        if (rc != 0) approval_undo_decide(op->req->srv->approvals, &op->before);
+    } else if (op->ch.published_early) {
         if (rc != 0) change_unpublish(&op->ch);
     } else if (rc == 0) {
         change_publish(&op->ch);
@@ -83,6 +92,22 @@ static enum MHD_Result commit_async(struct request *r, struct admin_op *op, json
     int rc = record ? audit_submit(r->srv->audit, record, change_apply, &op->ch, op_done, op)
                     : PEP_EUNAVAILABLE;
     if (early) pthread_rwlock_unlock(&r->srv->decision_lock);
+    if (rc != 0) op_done(op, rc, 0);
+    return request_wait(r);
+}
+
+/* An approval's decision, published already (approval_decide) under the decision lock,
+ * which is held until its record is queued: a re-send that uses the approval is recorded
+ * after the decision that allowed it (SPEC 6.5). */
+static enum MHD_Result commit_approval_decision(struct request *r, struct admin_op *op,
+                                                json_t *record) {
+    r->admin_op = op;
+    r->admin_op_free = admin_op_free;
+    request_suspend(r);
+    int rc =
+        record ? audit_submit(r->srv->audit, record, approval_apply_decide, &op->after, op_done, op)
+               : PEP_EUNAVAILABLE;
+    pthread_rwlock_unlock(&r->srv->decision_lock);
     if (rc != 0) op_done(op, rc, 0);
     return request_wait(r);
 }
@@ -650,6 +675,106 @@ static enum MHD_Result post_policy_reload(struct request *r, const char *const *
     return policy_reload(r);
 }
 
+/* ---- approvals (SPEC 3.4) ---------------------------------------------------------------- */
+
+static enum MHD_Result list_approvals(struct request *r, const char *const *arg) {
+    (void)arg;
+    const char *state = MHD_lookup_connection_value(r->conn, MHD_GET_ARGUMENT_KIND, "state");
+    enum approval_state filter;
+    bool all = !state || !*state || strcmp(state, "all") == 0;
+    if (!all && approval_state_parse(state, &filter) != 0)
+        return bad_request(r,
+                           "'state' must be pending, approved, denied, expired, used or all, "
+                           "not '%.40s'",
+                           state);
+    json_t *list = approval_list_json(r->srv->approvals, all ? NULL : &filter, pep_now_us());
+    if (!list) {
+        reply_error(r, 500, "internal", "out of memory", NULL);
+        return MHD_YES;
+    }
+    reply_json(r, 200, list);
+    return MHD_YES;
+}
+
+static enum MHD_Result show_approval(struct request *r, const char *const *arg) {
+    struct approval a = {0};
+    if (approval_get(r->srv->approvals, arg[0], &a) != 0) return not_found(r, "approval", arg[0]);
+    reply_json(r, 200, approval_detail_json(&a, pep_now_us()));
+    approval_clear(&a);
+    return MHD_YES;
+}
+
+/* The operator's effective roles (the token's roles it still holds), as a vector. */
+static size_t effective_roles(const struct request *r, const char **roles, size_t cap) {
+    size_t n = 0;
+    for (size_t i = 0; i < r->claims->roles_len && n < cap; i++)
+        if (operator_has_role(r->operator_rec, r->claims->roles[i]))
+            roles[n++] = r->claims->roles[i];
+    return n;
+}
+
+static enum MHD_Result decide_approval(struct request *r, const char *id, bool approve) {
+    json_t *body = body_object(r);
+    if (!body) return MHD_YES;
+    json_t *reason_v = json_object_get(body, "reason");
+    const char *reason = json_string_value(reason_v);
+    if (reason_v && (!reason || !pep_has_no_control(reason) || strlen(reason) > 1000)) {
+        json_decref(body);
+        return bad_request(r,
+                           "'reason' must be a string of at most 1000 characters without "
+                           "control characters",
+                           NULL);
+    }
+    const char *roles[16];
+    size_t nroles = effective_roles(r, roles, PEP_ARRAY_LEN(roles));
+    struct admin_op *op = calloc(1, sizeof *op);
+    if (!op) {
+        json_decref(body);
+        reply_error(r, 500, "internal", "out of memory", NULL);
+        return MHD_YES;
+    }
+    op->req = r;
+    op->decides_approval = true;
+    enum approval_decide verdict = APPROVAL_DECIDE_OK;
+    pthread_rwlock_wrlock(&r->srv->decision_lock);
+    int rc = approval_decide(r->srv->approvals, id, r->claims->sub, roles, nroles, approve, reason,
+                             pep_now_us(), &verdict, &op->before, &op->after);
+    if (rc != 0 || verdict != APPROVAL_DECIDE_OK) {
+        pthread_rwlock_unlock(&r->srv->decision_lock);
+        admin_op_free(op);
+        json_decref(body);
+        char msg[300];
+        if (rc == PEP_ENOTFOUND) return not_found(r, "approval", id);
+        if (rc != 0) {
+            reply_error(r, 500, "internal", "out of memory", NULL);
+        } else if (verdict == APPROVAL_DECIDE_NOT_APPROVER || verdict == APPROVAL_DECIDE_IS_OWNER) {
+            snprintf(msg, sizeof msg, "operator %s may not decide approval %s: %s", r->claims->sub,
+                     id, approval_decide_name(verdict));
+            reply_error(r, 403, "insufficient_scope", msg, NULL);
+        } else {
+            snprintf(msg, sizeof msg, "approval %s cannot be decided: %s", id,
+                     approval_decide_name(verdict));
+            reply_error(r, 409, "conflict", msg, NULL);
+        }
+        return MHD_YES;
+    }
+    op->status = 200;
+    op->answer = approval_detail_json(&op->after, pep_now_us());
+    json_t *rec = admin_record(r, approve ? "approvals.approve" : "approvals.deny");
+    json_object_set_new(rec, "approval_id", json_string(id));
+    json_object_set_new(rec, "agent", json_string(op->after.agent));
+    if (reason) json_object_set_new(rec, "reason", json_string(reason));
+    json_decref(body);
+    return commit_approval_decision(r, op, rec);
+}
+
+static enum MHD_Result approve_approval(struct request *r, const char *const *arg) {
+    return decide_approval(r, arg[0], true);
+}
+static enum MHD_Result deny_approval(struct request *r, const char *const *arg) {
+    return decide_approval(r, arg[0], false);
+}
+
 #define ADMIN_MAX_ARGS 2
 
 /* One admin endpoint (SPEC 5): `{x}` in the path matches one segment, handed to the
@@ -672,6 +797,10 @@ static const struct admin_route admin_routes[] = {
     {"DELETE", "/admin/v1/tokens/{jti}", "admin", delete_token},
     {"POST", "/admin/v1/operators", "admin", post_operator},
     {"POST", "/admin/v1/operators/{id}/tokens", "admin", post_operator_token},
+    {"GET", "/admin/v1/approvals", "approver", list_approvals},
+    {"GET", "/admin/v1/approvals/{id}", "approver", show_approval},
+    {"POST", "/admin/v1/approvals/{id}/approve", "approver", approve_approval},
+    {"POST", "/admin/v1/approvals/{id}/deny", "approver", deny_approval},
     {"GET", "/admin/v1/audit/verify", "auditor", get_audit_verify},
     {"GET", "/admin/v1/policy", "admin", get_policy},
     {"POST", "/admin/v1/policy/reload", "admin", post_policy_reload},

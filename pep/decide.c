@@ -43,6 +43,36 @@ static void deny(struct decision *out, int status, const char *code, const char 
     va_end(ap);
 }
 
+bool decide_authenticated(const struct decide_input *in, struct decision *out) {
+    if (!in->token_present) {
+        deny(out, 401, "invalid_token", "missing bearer token");
+        return false;
+    }
+    if (in->token_status != TOKEN_OK || !in->claims) {
+        deny(out, 401, "invalid_token", "%s", token_status_message(in->token_status));
+        return false;
+    }
+    if (in->token_unknown) {
+        /* SPEC 1: signed by pep, but unknown to its store (a store restored from a backup
+         * older than the token): it could never be listed or revoked. */
+        deny(out, 401, "invalid_token", "token is unknown to this pep's store");
+        return false;
+    }
+    if (in->token_revoked) {
+        deny(out, 401, "invalid_token", "token has been revoked");
+        return false;
+    }
+    if (!in->agent) {
+        deny(out, 401, "invalid_token", "unknown agent %s", in->claims->sub);
+        return false;
+    }
+    if (!in->agent->enabled) {
+        deny(out, 401, "invalid_token", "agent %s is disabled", in->agent->id);
+        return false;
+    }
+    return true;
+}
+
 void decide(const struct decide_input *in, struct decision *out) {
     memset(out, 0, sizeof *out);
     if (!in->match || !in->match->route) {
@@ -53,32 +83,7 @@ void decide(const struct decide_input *in, struct decision *out) {
     out->action = route->action;
 
     /* 2. authentication */
-    if (!in->token_present) {
-        deny(out, 401, "invalid_token", "missing bearer token");
-        return;
-    }
-    if (in->token_status != TOKEN_OK || !in->claims) {
-        deny(out, 401, "invalid_token", "%s", token_status_message(in->token_status));
-        return;
-    }
-    if (in->token_unknown) {
-        /* SPEC 1: signed by pep, but unknown to its store (a store restored from a backup
-         * older than the token): it could never be listed or revoked. */
-        deny(out, 401, "invalid_token", "token is unknown to this pep's store");
-        return;
-    }
-    if (in->token_revoked) {
-        deny(out, 401, "invalid_token", "token has been revoked");
-        return;
-    }
-    if (!in->agent) {
-        deny(out, 401, "invalid_token", "unknown agent %s", in->claims->sub);
-        return;
-    }
-    if (!in->agent->enabled) {
-        deny(out, 401, "invalid_token", "agent %s is disabled", in->agent->id);
-        return;
-    }
+    if (!decide_authenticated(in, out)) return;
 
     /* 3. tenant: the {tenant} path parameter, else the agent's first tenant */
     const struct agent *agent = in->agent;

@@ -45,6 +45,10 @@ struct decision {
 
 void decide(const struct decide_input *in, struct decision *out);
 
+/* Step 2 alone: true when the caller proved an identity; otherwise *out is the 401
+ * invalid_token refusal, with why (for pep's own endpoints, which have no route). */
+bool decide_authenticated(const struct decide_input *in, struct decision *out);
+
 /* True when `granted` grants `wanted`: equal, "*", or "x.*" granting "x.anything". */
 bool scope_grants(const char *granted, const char *wanted);
 

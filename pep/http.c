@@ -184,6 +184,7 @@ static void request_free(struct request *r) {
         pthread_mutex_destroy(&r->sync.lock);
         pthread_cond_destroy(&r->sync.cond);
     }
+    if (r->listener->handlers->on_free) r->listener->handlers->on_free(r);
     if (r->admin_op_free && r->admin_op) r->admin_op_free(r->admin_op);
     forward_job_clear(&r->job);
     reply_clear(&r->reply);

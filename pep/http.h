@@ -21,6 +21,9 @@ struct listener_handlers {
     enum MHD_Result (*on_complete)(struct request *r);
     /* A suspended request resumed: queue its answer. */
     enum MHD_Result (*on_resume)(struct request *r);
+    /* The request is over (answered, or its connection gone): free what the stages
+     * attached to it.  May be NULL. */
+    void (*on_free)(struct request *r);
 };
 
 /* Per connection: the request head, and the answer's head on its way out.  libmicrohttpd

@@ -7,13 +7,17 @@
  * SIGINT drain and exit 0.
  */
 #include "pep/admin.h"
+#include "pep/approvals.h"
 #include "pep/datadir.h"
+#include "pep/idempotency.h"
 #include "pep/pipeline.h"
+#include "pep/ratelimit.h"
 #include "pep/record.h"
 #include "pep/seed.h"
 #include "pep/server.h"
 #include "pep/util.h"
 #include "pep/verifier.h"
+#include "pep/webhook.h"
 
 #include <curl/curl.h>
 #include <errno.h>
@@ -70,6 +74,12 @@ static int cmd_version(void) {
     return 0;
 }
 
+/* How long webhook deliveries still pending at shutdown are given to finish. */
+#define WEBHOOK_STOP_GRACE_MS 2000
+#define HOUSEKEEPING_TICK_S 1
+/* Stored idempotent results past their 24 h are deleted this often (with a record). */
+#define IDEMPOTENCY_EXPIRY_EVERY_US (10LL * 60 * 1000000)
+
 /* ---- serve ------------------------------------------------------------------------------- */
 
 static char *checkpoint_sign(void *arg, int64_t seq, const uint8_t hash[32]) {
@@ -89,24 +99,37 @@ static int server_open(struct server *s, struct pep_err *err) {
     if (rc == 0) {
         s->verifier = token_verifier_new(0);
         s->registry = registry_new();
-        if (!s->verifier || !s->registry) rc = pep_err_set(err, PEP_ENOMEM, "out of memory");
+        s->approvals = approval_store_new();
+        s->ratelimiter = ratelimiter_new(0);
+        if (!s->verifier || !s->registry || !s->approvals || !s->ratelimiter)
+            rc = pep_err_set(err, PEP_ENOMEM, "out of memory");
+    }
+    char *schema = NULL;
+    if (rc == 0 && asprintf(&schema, "%s\n%s\n%s", registry_schema_sql(), APPROVALS_SCHEMA,
+                            IDEMPOTENCY_SCHEMA) < 0) {
+        schema = NULL;
+        rc = pep_err_set(err, PEP_ENOMEM, "out of memory");
     }
     if (rc == 0) {
         struct audit_options opt = {
             .durability_full = s->policy->durability == AUDIT_DURABILITY_FULL,
-            .schema_extra = registry_schema_sql(),
+            .schema_extra = schema,
             .checkpoint_every = s->policy->checkpoint_every,
             .checkpoint_sign = checkpoint_sign,
             .checkpoint_arg = s,
         };
         rc = audit_open(s->db_path, &opt, &s->audit, err);
     }
+    free(schema);
     if (rc == 0) {
         sqlite3 *db = NULL;
         rc = audit_open_reader(s->db_path, &db, err);
         if (rc == 0) rc = registry_load(s->registry, db, err);
+        if (rc == 0) rc = approval_store_load(s->approvals, db, pep_now_us(), err);
         sqlite3_close(db);
     }
+    if (rc == 0) rc = idem_open(s->db_path, &s->idempotency, err);
+    if (rc == 0) rc = webhook_start(NULL, &s->webhooks, err);
     if (rc == 0 && server_seed_agents(s, s->policy) != 0)
         rc = pep_err_set(err, PEP_EDB, "cannot seed the policy's agents");
     if (rc == 0) rc = server_bootstrap_admin(s, err);
@@ -120,13 +143,43 @@ static void server_close(struct server *s) {
     server_stop_listeners(s);
     verifier_stop(s->audit_verifier);
     forwarder_stop(s->forwarder);
+    webhook_stop(s->webhooks, WEBHOOK_STOP_GRACE_MS);
+    /* Its readers close first: the writer's connection, closing last, folds the WAL into
+     * the database file (a read-only connection cannot). */
+    idem_close(s->idempotency);
     if (s->audit) audit_close(s->audit);
+    approval_store_free(s->approvals);
+    ratelimiter_free(s->ratelimiter);
     token_verifier_free(s->verifier);
     registry_free(s->registry);
     keys_free(s->keys);
     if (s->policy) policy_release(s->policy);
     free(s->data_dir);
     free(s->db_path);
+}
+
+static int expire_idempotency(sqlite3 *db, void *arg) {
+    return idem_apply_expire(db, arg);
+}
+
+/* Memory that only time frees: idempotent results surely committed, approvals long
+ * expired; and, every IDEMPOTENCY_EXPIRY_EVERY_US, the stored results past their 24 h,
+ * deleted by the writer with a system record saying up to when. */
+static void housekeeping(struct server *s, int64_t *next_expiry_us) {
+    int64_t now = pep_now_us();
+    idem_sweep(s->idempotency, now);
+    if (now < *next_expiry_us) return;
+    *next_expiry_us = now + IDEMPOTENCY_EXPIRY_EVERY_US;
+    approval_store_prune(s->approvals, now);
+    static int64_t before_us; /* the apply reads it on the writer: one expiry in flight */
+    before_us = now;
+    json_t *rec = server_record("system", NULL);
+    char before[32];
+    pep_format_rfc3339_us(now, before);
+    json_object_set_new(rec, "action", json_string("idempotency.expire"));
+    json_object_set_new(rec, "before", json_string(before));
+    if (audit_submit(s->audit, rec, expire_idempotency, &before_us, NULL, NULL) != 0)
+        fprintf(stderr, "pep: idempotency: the expiry of old results could not be queued\n");
 }
 
 static void audit_system(struct server *s, const char *action, const char *reason) {
@@ -255,9 +308,15 @@ static int cmd_serve(const char *file, const char *data_dir, const char *listen,
     fprintf(stderr, "pep: serving policy %s (policy_hash %s), data in %s\n", file,
             s.policy->policy_hash, s.data_dir);
 
+    int64_t next_expiry_us = 0;
     for (;;) {
-        int sig = 0;
-        if (sigwait(&set, &sig) != 0) continue;
+        /* The main thread waits for signals and, between them, keeps house. */
+        struct timespec tick = {.tv_sec = HOUSEKEEPING_TICK_S};
+        int sig = sigtimedwait(&set, NULL, &tick);
+        if (sig < 0) {
+            housekeeping(&s, &next_expiry_us);
+            continue;
+        }
         if (sig == SIGHUP) {
             struct policy_errors rerrs = {0};
             if (server_reload(&s, NULL, NULL, &rerrs) != 0) {

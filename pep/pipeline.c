@@ -15,6 +15,8 @@
  * Threads: as marked per function; the listener threads unless said otherwise.
  */
 #include "pep/pipeline.h"
+#include "pep/govern.h"
+#include "pep/idempotency.h"
 #include "pep/record.h"
 #include "pep/upstream.h"
 #include "pep/util.h"
@@ -101,8 +103,10 @@ static bool audit_refuses(const struct request *r) {
  * decision's critical section once the record is queued. */
 static enum MHD_Result audit_and_wait(struct request *r) {
     json_t *rec = decision_record(r);
+    void *apply_arg = NULL;
+    audit_apply_fn apply = rec ? govern_record(r, rec, &apply_arg) : NULL;
     request_suspend(r);
-    int rc = rec ? audit_submit(r->srv->audit, rec, NULL, NULL, on_decision_durable, r)
+    int rc = rec ? audit_submit(r->srv->audit, rec, apply, apply_arg, on_decision_durable, r)
                  : PEP_EUNAVAILABLE;
     decision_end(r);
     if (rc != 0) on_decision_durable(r, rc, 0);
@@ -305,6 +309,20 @@ static enum MHD_Result pipeline_on_head(struct request *r) {
     identify(r, &in);
     bool authenticated = in.token_present && in.token_status == TOKEN_OK && in.claims &&
                          !in.token_revoked && !in.token_unknown && in.agent && in.agent->enabled;
+    const char *approval_id;
+    size_t approval_id_len;
+    if (govern_is_approval_poll(r, &approval_id, &approval_id_len)) {
+        /* pep's own endpoint, ahead of the routes; a read, not a decision: not audited. */
+        decision_end(r);
+        if (authenticated) {
+            govern_answer_approval_poll(r, approval_id, approval_id_len);
+        } else {
+            decide_authenticated(&in, &r->decision);
+            reply_error(r, 401, "invalid_token", r->decision.reason, NULL);
+        }
+        request_close_after_answer(r);
+        return reply_send(r);
+    }
     if (!authenticated) {
         if (refusal) {
             set_refusal(r, status, code, refusal);
@@ -349,6 +367,7 @@ static void on_decision_durable(void *arg, int rc, int64_t seq) {
     r->audit_rc = rc;
     r->audit_seq = seq;
     bool audited = !audit_refuses(r);
+    govern_settled(r, rc == 0, audited);
     if (audited && r->decision.allow && r->forwarding) {
         r->job.done = on_forward_done;
         r->job.done_arg = r;
@@ -395,7 +414,8 @@ static enum MHD_Result pipeline_on_complete(struct request *r) {
     };
     identify(r, &in);
     decide(&in, &r->decision);
-    if (r->decision.allow && r->match.route->forwards) {
+    govern_decide(r); /* steps 5-6, idempotency */
+    if (r->decision.allow && r->match.route->forwards && !govern_is_replay(r)) {
         r->forwarding = true;
         if (upstream_prepare(r) != 0) {
             r->decision.allow = false;
@@ -440,6 +460,23 @@ static int forward_attempts(const struct request *r) {
     return r->job.sends > 1 ? r->job.sends : 1;
 }
 
+static void free_idem_write(void *w) {
+    idem_write_free(w);
+}
+
+/* The outcome record's apply: the relayed answer stored for its Idempotency-Key.  A row that
+ * cannot be stored must not take the outcome record with it (an apply that fails fails its
+ * item): the answer is then only not replayed. */
+static int store_idem_result(sqlite3 *db, void *write) {
+    int rc = idem_apply_store(db, write);
+    if (rc != 0)
+        fprintf(stderr,
+                "pep: idempotency: a result could not be stored (%s); it will not be "
+                "replayed\n",
+                pep_strerror(rc));
+    return 0;
+}
+
 /* Audits the outcome of a forwarded request (any thread: everything it reads was set
  * before the job was handed over, or by the finished job). */
 static void submit_outcome(struct request *r) {
@@ -447,8 +484,13 @@ static void submit_outcome(struct request *r) {
     const struct forward_job *job = &r->job;
     int status;
     const char *code = forwarded_code(r, &status);
+    /* An idempotent request's relayed answer is stored with its outcome (SPEC 4.5). */
+    struct idem_write *result = govern_result(r, strcmp(code, "ok") == 0);
     json_t *rec = server_record("outcome", r->id);
-    if (!rec) return;
+    if (!rec) {
+        idem_write_free(result);
+        return;
+    }
     json_t *attempts = json_array();
     int n = forward_attempts(r);
     for (int k = 0; k < n; k++) {
@@ -484,7 +526,8 @@ static void submit_outcome(struct request *r) {
     /* The serving step's index: none served a request that ends unavailable. */
     if (strcmp(code, "ok") == 0) json_object_set_new(rec, "fallback_step", json_integer(0));
     json_object_set_new(rec, "latency_us", json_integer(pep_mono_us() - r->start_mono_us));
-    if (audit_submit(r->srv->audit, rec, NULL, NULL, NULL, NULL) != 0)
+    if (audit_submit_owned(r->srv->audit, rec, result ? store_idem_result : NULL, result,
+                           result ? free_idem_write : NULL) != 0)
         fprintf(stderr, "pep: audit: outcome record of %s could not be queued\n", r->id);
 }
 
@@ -501,7 +544,7 @@ static const char *upstream_retry_after(const struct forward_job *job) {
 }
 
 /* The answer to a forwarded request: the upstream's, or a pep error (SPEC 3.3, 4.3). */
-static enum MHD_Result respond_forwarded(struct request *r) {
+static void respond_forwarded(struct request *r) {
     const struct route *route = r->match.route;
     struct forward_job *job = &r->job;
     int status;
@@ -536,7 +579,6 @@ static enum MHD_Result respond_forwarded(struct request *r) {
     char attempts[16];
     snprintf(attempts, sizeof attempts, "%d", forward_attempts(r));
     reply_set_header(&r->reply, "Pep-Attempts", attempts);
-    return reply_send(r);
 }
 
 static enum MHD_Result pipeline_respond(struct request *r) {
@@ -547,19 +589,31 @@ static enum MHD_Result pipeline_respond(struct request *r) {
         reply_set_header(&r->reply, "Retry-After", "1");
         return reply_send(r);
     }
-    if (!r->decision.allow) {
-        reply_error(r, r->decision.status, r->decision.code, r->decision.reason, NULL);
+    if (govern_is_replay(r)) {
+        govern_reply_replay(r);
         return reply_send(r);
     }
-    if (r->forwarding) return respond_forwarded(r);
-    reply_json(r, 200,
-               json_pack("{s:s, s:s, s:s}", "decision", "allow", "action", r->decision.action->name,
-                         "request_id", r->id));
+    if (!r->decision.allow) {
+        reply_error(r, r->decision.status, r->decision.code, r->decision.reason,
+                    govern_error_extra(r));
+    } else if (r->forwarding) {
+        respond_forwarded(r);
+    } else {
+        reply_json(r, 200,
+                   json_pack("{s:s, s:s, s:s}", "decision", "allow", "action",
+                             r->decision.action->name, "request_id", r->id));
+    }
+    govern_reply(r);
     return reply_send(r);
+}
+
+static void pipeline_free(struct request *r) {
+    govern_free(r->gov);
 }
 
 const struct listener_handlers pipeline_handlers = {
     .on_head = pipeline_on_head,
     .on_complete = pipeline_on_complete,
     .on_resume = pipeline_respond,
+    .on_free = pipeline_free,
 };

@@ -214,6 +214,7 @@ static void policy_action_free(struct action *a) {
         free(ctl->deny_reason);
         free(ctl->acr);
         policy_strv_free(ctl->approvers, ctl->approvers_len);
+        free(ctl->notify);
     }
     free(a->controls);
 }
@@ -1587,8 +1588,11 @@ static void policy_compile_control(struct policy_compiler *c, const ynode *n, st
                                              {NULL, false}};
     static const struct policy_key step_up_keys[] = {
         {"acr", true}, {"max_age", false}, {NULL, false}};
-    static const struct policy_key approval_keys[] = {
-        {"approvers", true}, {"ttl", false}, {"distinct_from_owner", false}, {NULL, false}};
+    static const struct policy_key approval_keys[] = {{"approvers", true},
+                                                      {"ttl", false},
+                                                      {"distinct_from_owner", false},
+                                                      {"notify", false},
+                                                      {NULL, false}};
     static const char *const kinds[] = {[CONTROL_DENY] = "deny",
                                         [CONTROL_STEP_UP] = "step_up",
                                         [CONTROL_REQUIRE_APPROVAL] = "require_approval"};
@@ -1639,6 +1643,7 @@ static void policy_compile_control(struct policy_compiler *c, const ynode *n, st
             if ((w = yamltree_get(v, "ttl"))) policy_duration(c, w, &ctl->approval_ttl_ms);
             if ((w = yamltree_get(v, "distinct_from_owner")))
                 policy_bool(c, w, &ctl->distinct_from_owner);
+            if ((w = yamltree_get(v, "notify"))) policy_url(c, w, "notify", &ctl->notify);
         }
         break;
     }
@@ -1928,8 +1933,6 @@ static void policy_compile_routes(struct policy_compiler *c, const ynode *n) {
  * is the key refused.  ('/' because action names contain '.'.)
  */
 static const char *const policy_unenforced_features[] = {
-    "actions/*/rate_limits",   /* per-action rate limits (GCRA) */
-    "actions/*/controls",      /* deny / step_up / require_approval */
     "chains",                  /* retry, fallback, context overflow, escalation */
     "routes/[]/forward/chain", /* forwarding through a chain */
     "routes/[]/forward/retry", /* retries of a one-upstream forward */

@@ -110,6 +110,8 @@ struct control {
     size_t approvers_len;
     int64_t approval_ttl_ms;  /* `ttl`, default 1h */
     bool distinct_from_owner; /* default false */
+    char *notify;             /* CONTROL_REQUIRE_APPROVAL: webhook told of pending approvals,
+                                 or NULL */
     struct policy_loc loc;
 };
 

@@ -33,7 +33,11 @@ struct listener {
     const struct listener_handlers *handlers;
 };
 
-struct verifier; /* pep/verifier.h */
+struct verifier;       /* pep/verifier.h */
+struct approval_store; /* pep/approvals.h */
+struct ratelimiter;    /* pep/ratelimit.h */
+struct idem_store;     /* pep/idempotency.h */
+struct webhook_sender; /* pep/webhook.h */
 
 struct server {
     char *data_dir;
@@ -60,9 +64,13 @@ struct server {
     struct registry *registry;
     struct audit_store *audit;
     struct forwarder *forwarder;
-    struct verifier *audit_verifier; /* the thread walking the chain for audit/verify */
-    struct conn_guard *conn_guard;   /* receive deadlines, lingering close (conn.h) */
-    struct unauth_limiter *unauth;   /* server.unauthenticated_limit (unauth.h) */
+    struct verifier *audit_verifier;  /* the thread walking the chain for audit/verify */
+    struct conn_guard *conn_guard;    /* receive deadlines, lingering close (conn.h) */
+    struct unauth_limiter *unauth;    /* server.unauthenticated_limit (unauth.h) */
+    struct approval_store *approvals; /* human approvals (SPEC 3.4) */
+    struct ratelimiter *ratelimiter;  /* per-action rate limits (SPEC 3.2 step 6) */
+    struct idem_store *idempotency;   /* Idempotency-Key results (SPEC 4.5) */
+    struct webhook_sender *webhooks;  /* approvals' notify, escalations */
     struct MHD_Daemon *data_daemon;
     struct MHD_Daemon *admin_daemon;
     struct listener data_listener;
@@ -150,6 +158,10 @@ struct request {
     struct decision decision;
     int audit_rc;      /* of the decision (or admin) record */
     int64_t audit_seq; /* 0 when not audited */
+
+    /* SPEC 3.2 steps 5-6 and 4.5 (govern.c): NULL until the request's agent and action
+     * are known */
+    struct governed *gov;
 
     bool forwarding;
     struct forward_job job;

@@ -80,6 +80,8 @@ enum pepctl_flag {
     F_ROLES,
     F_DB,
     F_KEYS,
+    F_STATE,
+    F_REASON,
     F_COUNT
 };
 
@@ -105,6 +107,8 @@ static const struct pepctl_flag_def pepctl_flags[F_COUNT] = {
     [F_ROLES] = {"--roles", NULL, true},
     [F_DB] = {"--db", NULL, true},
     [F_KEYS] = {"--keys", NULL, true},
+    [F_STATE] = {"--state", NULL, true},
+    [F_REASON] = {"--reason", NULL, true},
 };
 
 #define BIT(f) (1u << (f))
@@ -424,6 +428,20 @@ static const char *pepctl_shape_verify(const json_t *answer) {
     if (json_is_false(ok) && !json_is_integer(json_object_get(answer, "first_bad_seq")))
         return "'ok' false without an integer 'first_bad_seq'";
     return NULL;
+}
+
+static const char *pepctl_shape_approvals(const json_t *answer) {
+    return pepctl_is_list_of(answer, "approvals", "id") &&
+                   pepctl_is_list_of(answer, "approvals", "state")
+               ? NULL
+               : "no 'approvals' array of objects with a string 'id' and 'state'";
+}
+
+/* One approval, as shown or decided. */
+static const char *pepctl_shape_approval(const json_t *answer) {
+    return pepctl_has_string(answer, "id") && pepctl_has_string(answer, "state")
+               ? NULL
+               : "no string 'id' and 'state'";
 }
 
 /* Every error pep answers: {"error":{"code":"…",…}} (SPEC 3.3). */
@@ -1046,6 +1064,100 @@ out:
     return rc;
 }
 
+/* ---- approvals --------------------------------------------------------------------------------
+ */
+
+static int pepctl_approvals_list(struct pepctl *ctx, const struct pepctl_args *a) {
+    json_t *answer = NULL;
+    char *path = NULL, *esc = NULL;
+    int rc = PEPCTL_FAIL;
+    const char *state = a->value[F_STATE] ? a->value[F_STATE] : "pending";
+    if (!ctx->curl && !(ctx->curl = curl_easy_init())) goto oom;
+    esc = curl_easy_escape(ctx->curl, state, 0);
+    if (!esc || asprintf(&path, "/admin/v1/approvals?state=%s", esc) < 0) {
+        path = NULL;
+        goto oom;
+    }
+    if (pepctl_api(ctx, "GET", path, NULL, pepctl_shape_approvals, &answer, NULL) != 0) goto out;
+    if (ctx->json) {
+        rc = pepctl_print_json(answer);
+        goto out;
+    }
+    static const char *const cols[] = {"id",     "state", "agent",      "tenant",    "action",
+                                       "method", "path",  "created_at", "expires_at"};
+    struct pepctl_table t = {.ncols = PEP_ARRAY_LEN(cols)};
+    char *header[PEP_ARRAY_LEN(cols)];
+    for (size_t c = 0; c < PEP_ARRAY_LEN(cols); c++) {
+        header[c] = strdup(cols[c]);
+        for (char *p = header[c]; p && *p; p++)
+            *p = (char)(*p >= 'a' && *p <= 'z' ? *p - 32 : *p);
+    }
+    pepctl_table_add(&t, header);
+    size_t i;
+    json_t *item;
+    json_array_foreach(json_object_get(answer, "approvals"), i, item) {
+        char *row[PEP_ARRAY_LEN(cols)];
+        for (size_t c = 0; c < PEP_ARRAY_LEN(cols); c++)
+            row[c] = pepctl_cell(json_object_get(item, cols[c]));
+        pepctl_table_add(&t, row);
+    }
+    rc = pepctl_table_print(&t);
+    goto out;
+oom:
+    pepctl_errorf("out of memory");
+out:
+    curl_free(esc);
+    free(path);
+    json_decref(answer);
+    return rc;
+}
+
+/* show (verb NULL), approve or deny one approval; prints it as it stands after the call. */
+static int pepctl_approval_call(struct pepctl *ctx, const struct pepctl_args *a, const char *verb) {
+    json_t *answer = NULL, *body = NULL;
+    int rc = PEPCTL_FAIL;
+    char *path = pepctl_path(ctx, "approvals", a->pos[2], verb);
+    if (verb) {
+        body = json_object();
+        if (body && a->value[F_REASON] &&
+            json_object_set_new(body, "reason", json_string(a->value[F_REASON])) != 0) {
+            pepctl_errorf("--reason: not valid UTF-8");
+            goto out;
+        }
+    }
+    if (!path || (verb && !body)) {
+        pepctl_errorf("out of memory");
+        goto out;
+    }
+    if (pepctl_api(ctx, verb ? "POST" : "GET", path, body, pepctl_shape_approval, &answer, NULL) !=
+        0)
+        goto out;
+    if (ctx->json) {
+        rc = pepctl_print_json(answer);
+        goto out;
+    }
+    if (verb)
+        printf("approval %s %s\n", a->pos[2], strcmp(verb, "approve") == 0 ? "approved" : "denied");
+    rc = pepctl_print_object(answer);
+out:
+    free(path);
+    json_decref(body);
+    json_decref(answer);
+    return rc;
+}
+
+static int pepctl_approvals_show(struct pepctl *ctx, const struct pepctl_args *a) {
+    return pepctl_approval_call(ctx, a, NULL);
+}
+
+static int pepctl_approvals_approve(struct pepctl *ctx, const struct pepctl_args *a) {
+    return pepctl_approval_call(ctx, a, "approve");
+}
+
+static int pepctl_approvals_deny(struct pepctl *ctx, const struct pepctl_args *a) {
+    return pepctl_approval_call(ctx, a, "deny");
+}
+
 static void pepctl_usage(FILE *f);
 
 static int pepctl_audit_verify(struct pepctl *ctx, const struct pepctl_args *a) {
@@ -1088,6 +1200,15 @@ static const struct pepctl_cmd pepctl_cmds[] = {
      "create or replace an operator (roles: admin, approver, auditor)", pepctl_operators_add},
     {"operators", "token", 1, BIT(F_TTL), 0, "operators token ID [--ttl 8h]",
      "issue an operator token; prints the token alone", pepctl_operators_token},
+    {"approvals", "list", 0, BIT(F_STATE), 0, "approvals list [--state pending|approved|...|all]",
+     "list approvals (default: pending), oldest first", pepctl_approvals_list},
+    {"approvals", "show", 1, 0, 0, "approvals show ID",
+     "what a human needs to decide: action, agent, owner, tenant, method, path, body fields",
+     pepctl_approvals_show},
+    {"approvals", "approve", 1, BIT(F_REASON), 0, "approvals approve ID [--reason TEXT]",
+     "approve a pending approval (your operator id is recorded)", pepctl_approvals_approve},
+    {"approvals", "deny", 1, BIT(F_REASON), BIT(F_REASON), "approvals deny ID --reason TEXT",
+     "deny a pending approval", pepctl_approvals_deny},
     {"audit", "verify", 0, BIT(F_DB) | BIT(F_KEYS), 0, "audit verify [--db FILE [--keys DIR]]",
      "walk the audit hash chain and check the signed checkpoints (--db: offline, on a\n"
      "      snapshot of FILE, no server; checkpoint signatures checked with the keys in DIR,\n"

@@ -108,7 +108,7 @@ static void test_example_compiles(void **state) {
     assert_string_equal(p->agents[0].owner, "demo@example.test");
     assert_int_equal(p->agents[0].tenants_len, 1);
     assert_string_equal(p->agents[0].tenants[0], "acme");
-    assert_int_equal(p->agents[0].scopes_len, 2);
+    assert_int_equal(p->agents[0].scopes_len, 6);
     assert_string_equal(p->agents[0].scopes[0], "llm.chat");
     assert_string_equal(p->agents[0].scopes[1], "tool.search");
     assert_true(p->agents[0].enabled);
@@ -119,7 +119,7 @@ static void test_example_compiles(void **state) {
     assert_string_equal(mock->base_url, "http://127.0.0.1:9099");
     assert_string_equal(mock->api_key_env, "MOCK_API_KEY");
 
-    assert_int_equal(p->routes_len, 2);
+    assert_int_equal(p->routes_len, 6);
     assert_string_equal(p->routes[0].method, "POST");
     assert_string_equal(p->routes[0].path, "/v1/chat/completions");
     assert_ptr_equal(p->routes[0].action, policy_find_action(p, "llm.chat"));
@@ -133,9 +133,25 @@ static void test_example_compiles(void **state) {
     assert_int_equal(p->routes[1].tenant_param, 2);
     assert_int_equal(p->chains_len, 0);
 
-    assert_int_equal(p->actions_len, 2);
+    assert_int_equal(p->actions_len, 6);
     assert_string_equal(policy_find_action(p, "llm.chat")->scope, "llm.chat");
     assert_string_equal(policy_find_action(p, "tool.search")->scope, "tool.search");
+    /* the example shows each control (issue 14 part 8) */
+    const struct action *refund = policy_find_action(p, "refund.issue");
+    assert_int_equal(refund->controls_len, 2);
+    assert_int_equal(refund->controls[0].kind, CONTROL_DENY);
+    assert_int_equal(refund->controls[1].kind, CONTROL_REQUIRE_APPROVAL);
+    assert_true(refund->controls[1].distinct_from_owner);
+    assert_true(refund->reads_body);
+    const struct action *export = policy_find_action(p, "user.export");
+    assert_int_equal(export->controls[0].kind, CONTROL_STEP_UP);
+    assert_string_equal(export->controls[0].acr, "mfa");
+    assert_int_equal(export->controls[0].max_age_ms, 300000);
+    assert_false(export->reads_body);
+    const struct action *report = policy_find_action(p, "report.run");
+    assert_int_equal(report->rate_limits_len, 1);
+    assert_int_equal(report->rate_limits[0].limit, 5);
+    assert_int_equal(report->rate_limits[0].window_ms, 60000);
     policy_release(p);
 }
 
@@ -970,8 +986,6 @@ static void test_error_unenforced_feature(void **state) {
         NAME ":11:16: 'chain' is not enforced by this build",
         NAME ":11:26: 'retry_safe' is not enforced by this build",
         NAME ":14:29: 'retry' is not enforced by this build",
-        NAME ":18:5: 'rate_limits' is not enforced by this build",
-        NAME ":19:5: 'controls' is not enforced by this build",
     };
     expect_errors(yaml, false, ERRS(errs));
     /* The same file compiles when the caller accepts unenforced features. */
