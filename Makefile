@@ -84,7 +84,10 @@ test-one: all
 run: deps $(TOOLS)
 	@sh tools/run.sh $(BUILD)
 
-bench: deps $(TOOLS)
+$(BUILD)/ratelimit_mem: tools/bench/ratelimit_mem.c $(BUILD)/libpep.a $(HEADERS)
+	$(CC) $(CFLAGS) -o $@ tools/bench/ratelimit_mem.c $(BUILD)/libpep.a $(LDLIBS)
+
+bench: deps $(TOOLS) $(BUILD)/ratelimit_mem
 	@BASELINE="$(BASELINE)" sh tools/bench/bench.sh $(BUILD)
 
 format:

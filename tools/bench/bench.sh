@@ -10,11 +10,15 @@
 # With BASELINE=DIR (another build's directory, e.g. one of the last landed commit), the
 # allow path of both builds is measured in interleaved runs (ab_allow below): req/s and
 # pep's CPU per request, so that a change on the hot path is judged against run-to-run noise.
+# Then the controls table (controls_table below): the allow path against the same call
+# through an action with one body condition and one rate limit that never triggers
+# (req/s and CPU per request, interleaved runs), and the rate limiter's memory with one
+# million distinct agent keys (tools/bench/ratelimit_mem.c).
 # Then the token table (token_table below): what a request costs pep in CPU by the token
 # it carries, none / garbage / unknown kid / forged signature / valid (cached) / valid
 # (uncached), each against "no token".
 # Knobs: DURATION (s per run, default 5), CONNS (default 64), ROUNDS (default 2),
-#        ONLY (paths | tokens: run one part; default both), TOKEN_CONNS (default 32),
+#        ONLY (paths | controls | tokens: run one part; default all), TOKEN_CONNS (default 32),
 #        TOKEN_DURATION (s per token-table run, default DURATION), TOKEN_ROUNDS (default
 #        ROUNDS), ISSUE_SECONDS (s spent issuing tokens for the uncached row in each round,
 #        default 2 * TOKEN_DURATION).
@@ -62,10 +66,19 @@ routes:
   - match: { method: POST, path: /v1/chat/completions }
     action: llm.chat
     forward: { upstream: mock }
+  - match: { method: POST, path: /bench/governed/chat/completions }
+    action: llm.governed
+    forward: { upstream: mock, path: /v1/chat/completions }
   - match: { method: POST, path: /bench/token }
     action: bench.token
 actions:
   llm.chat: { scope: llm.chat }
+  llm.governed:
+    scope: llm.chat
+    rate_limits: [ { key: agent, limit: 1000000000, window: 1s } ]
+    controls:
+      - when: { body.model: { eq: forbidden-model } }
+        deny: this model is not allowed
   bench.token: { scope: bench.token }
 YAML
     : >"$dir/pep.out"
@@ -98,7 +111,7 @@ run() {
     echo "$name $c ${rps:-0} $(to_us "$p50")" >>"$dir/results"
 }
 
-[ "$ONLY" = tokens ] && ROUNDS=0
+[ -n "$ONLY" ] && [ "$ONLY" != paths ] && ROUNDS=0
 echo "pep bench: $(nproc) cores, ${DURATION}s per run, $ROUNDS rounds, wrk on loopback"
 for round in $(seq 1 "$ROUNDS"); do
     echo "-- round $round"
@@ -253,6 +266,41 @@ ab_allow() {
         }' "$dir/ab_results"
 }
 
+# ---- controls table ---------------------------------------------------------------------
+# The plain allow path against the governed one (the body parsed for one condition, one
+# GCRA take), interleaved, durability normal: pep's CPU per request, as in ab_allow.
+controls_table() {
+    echo "-- controls: allow vs one body condition + one rate limit (never triggered), $CONNS conns"
+    : >"$dir/controls_results"
+    start_pep normal
+    for round in $(seq 1 "${CONTROLS_ROUNDS:-3}"); do
+        for which in allow governed; do
+            path=/v1/chat/completions
+            [ "$which" = governed ] && path=/bench/governed/chat/completions
+            before=$(cpu_ticks "$pep")
+            wrk -t2 -c"$CONNS" -d"${DURATION}s" -s "$here/chat.lua" "$data_url$path" >"$dir/wrk.out" 2>&1
+            after=$(cpu_ticks "$pep")
+            reqs=$(awk '/ requests in / {print $1}' "$dir/wrk.out")
+            rps=$(awk '/^Requests\/sec/ {print $2}' "$dir/wrk.out")
+            non2xx=$(awk '/Non-2xx/ {print $NF}' "$dir/wrk.out")
+            echo "$which|${rps:-0}|$((after - before))|${reqs:-0}" >>"$dir/controls_results"
+            awk -v t=$((after - before)) -v hz="$hz" -v n="${reqs:-0}" -v w="$which" -v r="${rps:-0}" \
+                -v bad="${non2xx:-0}" \
+                'BEGIN { printf "  %-9s %9s req/s %7.1f us CPU/req  non-2xx %s\n", w, r, (n > 0 ? t * 1000000 / hz / n : 0), bad }'
+        done
+    done
+    awk -F'|' -v hz="$hz" '
+        { rps[$1] += $2; runs[$1]++; ticks[$1] += $3; reqs[$1] += $4 }
+        END {
+            for (k in rps) us[k] = reqs[k] > 0 ? ticks[k] * 1000000 / hz / reqs[k] : 0
+            if (rps["allow"] > 0 && us["allow"] > 0)
+                printf "governed / allow: %.3f x req/s, %.3f x CPU per request (target: controls cost < 10%%)\n",
+                    rps["governed"] * runs["allow"] / (rps["allow"] * runs["governed"]), us["governed"] / us["allow"]
+        }' "$dir/controls_results"
+    [ -x "$build/ratelimit_mem" ] && "$build/ratelimit_mem" 1000000
+}
+
 [ -n "$BASELINE" ] && ab_allow
-[ "$ONLY" = paths ] || token_table
+[ -z "$ONLY" ] || [ "$ONLY" = controls ] && controls_table
+[ -z "$ONLY" ] || [ "$ONLY" = tokens ] && token_table
 exit 0
