@@ -9,11 +9,12 @@
  *   - A field is present or absent.  An absent field makes every op false but `ne` and
  *     `exists: false`.  A present field: `ne` is exactly `not eq`, `not_in` exactly
  *     `not in`, `exists: true` holds (also for 0, false, "", [], {} and null).
- *   - body.<path> keeps its JSON type: eq compares string with string (bytes), number with
- *     number (as numbers: 10.0 eq 10, an integer against a real exactly), bool with bool,
- *     null with null; a string "1000" is no number; an object or array equals nothing and
- *     orders nothing.  A path through a non-object, or with no body, is absent.
- *   - Text fields (header, query, path, method, tenant, agent.id, agent.owner) are strings
+ *   - body.<path> keeps its JSON type: eq compares number with number (as numbers: 10.0 eq
+ *     10, an integer against a real exactly), bool with bool, null with null; a JSON string
+ *     is text (below), so "5000" gt 1000 holds — an upstream that reads numbers from
+ *     strings must not slip under a limit; an object or array equals nothing and orders
+ *     nothing.  A path through a non-object, or with no body, is absent.
+ *   - Text fields (a body string, header, query, path, method, tenant, agent.*) are strings
  *     compared byte for byte.  Against a number (lt/le/gt/ge, and eq/ne/in/not_in with a
  *     number value) a text that is entirely a JSON number ("42", "-1.5", "1e3") compares
  *     as the number jansson would read from the same characters in a body: an integer

@@ -411,6 +411,10 @@ static bool idempotency_reserve(struct request *r) {
 void govern_decide(struct request *r) {
     const struct action *a = r->decision.action;
     if (!a || !r->agent) return;
+    /* An action without controls or limits, called without a key, costs nothing here. */
+    if (a->controls_len == 0 && a->rate_limits_len == 0 &&
+        !MHD_lookup_connection_value(r->conn, MHD_HEADER_KIND, "Idempotency-Key"))
+        return;
     struct governed *g = r->gov = calloc(1, sizeof *g);
     if (!g) {
         if (r->decision.allow) refuse(r, 503, "audit_unavailable", "out of memory%s", NULL);

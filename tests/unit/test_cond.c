@@ -199,13 +199,19 @@ static void test_ops_by_body_type(void **state) {
         ROW("{ body.s: { prefix: abcd } }", false),
         ROW("{ body.s: { prefix: \"\" } }", true),
         ROW("{ body.s: { eq: ABC } }", false), /* case-sensitive */
-        /* a string that looks like a number stays a string */
-        ROW("{ body.n: { gt: 999 } }", false),
-        ROW("{ body.n: { eq: 1000 } }", false),
-        ROW("{ body.n: { ne: 1000 } }", true),
+        /* a string that is wholly a number compares as one against a number, as a
+         * header or query value does: {"amount": "5000"} cannot slip under `gt: 1000` */
+        ROW("{ body.n: { gt: 999 } }", true),
+        ROW("{ body.n: { lt: 999 } }", false),
+        ROW("{ body.n: { eq: 1000 } }", true),
+        ROW("{ body.n: { eq: 1e3 } }", true),
+        ROW("{ body.n: { ne: 1000 } }", false),
         ROW("{ body.n: { eq: \"1000\" } }", true),
-        ROW("{ body.n: { in: [1000] } }", false),
+        ROW("{ body.n: { eq: \"1e3\" } }", false), /* against a string: the bytes */
+        ROW("{ body.n: { in: [1000] } }", true),
         ROW("{ body.n: { prefix: 10 } }", true),
+        ROW("{ body.s: { gt: 0 } }", false), /* not a number: no order */
+        ROW("{ body.s: { ne: 0 } }", true),
         /* integer */
         ROW("{ body.i: { eq: 10 } }", true),
         ROW("{ body.i: { eq: 10.0 } }", true),
