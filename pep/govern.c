@@ -13,6 +13,7 @@
 #include "pep/util.h"
 #include "pep/webhook.h"
 
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -52,12 +53,18 @@ void govern_free(struct governed *g) {
     free(g);
 }
 
-static void refuse(struct request *r, int status, const char *code, const char *fmt,
-                   const char *arg) {
+static void refuse(struct request *r, int status, const char *code, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
+
+/* Turns r's decision into a refusal with the SPEC 3.3 code and a reason. */
+static void refuse(struct request *r, int status, const char *code, const char *fmt, ...) {
     r->decision.allow = false;
     r->decision.status = status;
     r->decision.code = code;
-    snprintf(r->decision.reason, sizeof r->decision.reason, fmt, arg ? arg : "");
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(r->decision.reason, sizeof r->decision.reason, fmt, ap);
+    va_end(ap);
 }
 
 /* ---- the request as conditions see it ---------------------------------------------------- */
@@ -171,7 +178,7 @@ static bool ratelimit_pass(struct request *r) {
         struct ratelimit_verdict v;
         if (ratelimit_rule_take(r, &a->rate_limits[i], 1, &v) != 0) {
             ratelimit_give_back(r);
-            refuse(r, 503, "audit_unavailable", "the rate limiter cannot keep its state%s", NULL);
+            refuse(r, 503, "audit_unavailable", "the rate limiter cannot keep its state");
             return false;
         }
         if (!g->ratelimit_known || tighter(&v, &g->ratelimit)) g->ratelimit = v;
@@ -211,7 +218,7 @@ static void approval_required(struct request *r, const struct control *c) {
     struct governed *g = r->gov;
     const struct decision *d = &r->decision;
     if (fingerprint(r) != 0) {
-        refuse(r, 503, "audit_unavailable", "cannot fingerprint the request%s", NULL);
+        refuse(r, 503, "audit_unavailable", "cannot fingerprint the request");
         return;
     }
     json_t *fields = cond_body_fields(d->action, g->body);
@@ -236,7 +243,7 @@ static void approval_required(struct request *r, const struct control *c) {
                  : PEP_ENOMEM;
     json_decref(fields);
     if (rc != 0) {
-        refuse(r, 503, "audit_unavailable", "cannot create the approval%s", NULL);
+        refuse(r, 503, "audit_unavailable", "cannot create the approval");
         return;
     }
     g->approval_created = created;
@@ -254,7 +261,7 @@ static void approval_required(struct request *r, const struct control *c) {
 static bool approval_presented(struct request *r, const struct control *c, const char *id) {
     struct governed *g = r->gov;
     if (fingerprint(r) != 0) {
-        refuse(r, 503, "audit_unavailable", "cannot fingerprint the request%s", NULL);
+        refuse(r, 503, "audit_unavailable", "cannot fingerprint the request");
         return false;
     }
     if (g->approval_reserved) return true; /* one approval answers every approval control */
@@ -344,12 +351,11 @@ static bool idempotency_lookup(struct request *r) {
     const char *key = MHD_lookup_connection_value(r->conn, MHD_HEADER_KIND, "Idempotency-Key");
     if (!key || !r->match.route->forwards) return true;
     if (!idem_key_valid(key)) {
-        refuse(r, 400, "bad_request", "Idempotency-Key must be 1-255 printable ASCII characters%s",
-               NULL);
+        refuse(r, 400, "bad_request", "Idempotency-Key must be 1-255 printable ASCII characters");
         return false;
     }
     if (fingerprint(r) != 0 || !(g->idem_key = strdup(key))) {
-        refuse(r, 503, "audit_unavailable", "cannot fingerprint the request%s", NULL);
+        refuse(r, 503, "audit_unavailable", "cannot fingerprint the request");
         return false;
     }
     enum idem_verdict v = idem_lookup(r->srv->idempotency, r->agent->id, key, g->fingerprint,
@@ -363,17 +369,16 @@ static bool idempotency_lookup(struct request *r) {
                  g->replay_result.request_id);
         return false;
     case IDEM_MISMATCH:
-        refuse(r, 422, "idempotency_mismatch",
-               "this Idempotency-Key was used for another request%s", NULL);
+        refuse(r, 422, "idempotency_mismatch", "this Idempotency-Key was used for another request");
         return false;
     case IDEM_IN_PROGRESS:
         refuse(r, 409, "idempotency_in_progress",
-               "a request with this Idempotency-Key is still in flight%s", NULL);
+               "a request with this Idempotency-Key is still in flight");
         return false;
     case IDEM_ERROR:
         break;
     }
-    refuse(r, 503, "audit_unavailable", "the idempotency store cannot be read%s", NULL);
+    refuse(r, 503, "audit_unavailable", "the idempotency store cannot be read");
     return false;
 }
 
@@ -395,13 +400,12 @@ static bool idempotency_reserve(struct request *r) {
         snprintf(r->decision.reason, sizeof r->decision.reason, "idempotent replay of request %s",
                  g->replay_result.request_id);
     } else if (v == IDEM_MISMATCH) {
-        refuse(r, 422, "idempotency_mismatch",
-               "this Idempotency-Key was used for another request%s", NULL);
+        refuse(r, 422, "idempotency_mismatch", "this Idempotency-Key was used for another request");
     } else if (v == IDEM_IN_PROGRESS) {
         refuse(r, 409, "idempotency_in_progress",
-               "a request with this Idempotency-Key is still in flight%s", NULL);
+               "a request with this Idempotency-Key is still in flight");
     } else {
-        refuse(r, 503, "audit_unavailable", "the idempotency store cannot be read%s", NULL);
+        refuse(r, 503, "audit_unavailable", "the idempotency store cannot be read");
     }
     return false;
 }
@@ -417,7 +421,7 @@ void govern_decide(struct request *r) {
         return;
     struct governed *g = r->gov = calloc(1, sizeof *g);
     if (!g) {
-        if (r->decision.allow) refuse(r, 503, "audit_unavailable", "out of memory%s", NULL);
+        if (r->decision.allow) refuse(r, 503, "audit_unavailable", "out of memory");
         return;
     }
     if (!r->decision.allow) {

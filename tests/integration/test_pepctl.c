@@ -78,6 +78,10 @@ static const char g_policy_text[] = "version: 1\n"
                                     "    owner: seed@example.test\n"
                                     "    tenants: [acme]\n"
                                     "    scopes: [llm.chat]\n"
+                                    "  - id: refund-bot\n"
+                                    "    owner: refunds@example.test\n"
+                                    "    tenants: [acme]\n"
+                                    "    scopes: [refund.issue]\n"
                                     "upstreams:\n"
                                     "  nowhere:\n"
                                     "    base_url: http://127.0.0.1:%d\n"
@@ -87,9 +91,17 @@ static const char g_policy_text[] = "version: 1\n"
                                     "  - match: { method: POST, path: /v1/chat/completions }\n"
                                     "    action: llm.chat\n"
                                     "    forward: { upstream: nowhere }\n"
+                                    "  - match: { method: POST, path: /v1/refunds }\n"
+                                    "    action: refund.issue\n"
+                                    "    forward: { upstream: nowhere }\n"
                                     "actions:\n"
                                     "  llm.chat:\n"
-                                    "    scope: llm.chat\n";
+                                    "    scope: llm.chat\n"
+                                    "  refund.issue:\n"
+                                    "    scope: refund.issue\n"
+                                    "    controls:\n"
+                                    "      - when: { body.amount: { gt: 1000 } }\n"
+                                    "        require_approval: { approvers: [approver] }\n";
 
 /* ---- running pepctl --------------------------------------------------------------------- */
 
@@ -832,6 +844,93 @@ static void test_operators(void **state) {
     ctl_free(&r);
 }
 
+/* A refund of `amount` by refund-bot: its status, and the approval id of a 403
+ * approval_required in id_out. */
+static long refund(const char *token, int amount, const char *approval, char id_out[64]) {
+    char url[300], auth[2048], body[64], hdr[128];
+    snprintf(url, sizeof url, "%s/v1/refunds", g_pep.url);
+    snprintf(auth, sizeof auth, "Authorization: Bearer %s", token);
+    snprintf(body, sizeof body, "{\"amount\":%d}", amount);
+    snprintf(hdr, sizeof hdr, "Pep-Approval: %s", approval ? approval : "");
+    struct h_resp r = {0};
+    assert_int_equal(h_http(&r, "POST", url, body, auth, approval ? hdr : NULL, (const char *)NULL),
+                     0);
+    long status = r.status;
+    if (id_out) {
+        json_t *j = h_json(&r);
+        snprintf(id_out, 64, "%s", jstr(json_object_get(j, "error"), "approval_id"));
+        json_decref(j);
+    }
+    h_resp_free(&r);
+    return status;
+}
+
+/* approvals list / show / deny / approve, and what the data plane does after each. */
+static void test_approvals(void **state) {
+    (void)state;
+    char *token = issue_token("refund-bot", NULL);
+    char first[64], second[64];
+    assert_int_equal(refund(token, 5000, NULL, first), 403);
+    assert_int_equal(refund(token, 7000, NULL, second), 403);
+    assert_string_not_equal(first, second);
+
+    struct ctl_result r = {0};
+    CTL(&r, "approvals", "list");
+    assert_int_equal(r.code, 0);
+    assert_non_null(strstr(r.out, "ID"));
+    assert_non_null(strstr(r.out, first));
+    assert_non_null(strstr(r.out, "pending"));
+    assert_non_null(strstr(r.out, "refund.issue"));
+    ctl_free(&r);
+    CTL(&r, "approvals", "show", first);
+    assert_int_equal(r.code, 0);
+    assert_non_null(strstr(r.out, "refunds@example.test")); /* the owner */
+    assert_non_null(strstr(r.out, "\"amount\":5000"));      /* the field a human decides on */
+    ctl_free(&r);
+
+    /* deny needs a reason */
+    CTL(&r, "approvals", "deny", first);
+    assert_int_equal(r.code, 2);
+    ctl_free(&r);
+    CTL(&r, "approvals", "deny", first, "--reason", "not this customer");
+    assert_int_equal(r.code, 0);
+    assert_non_null(strstr(r.out, "denied"));
+    assert_non_null(strstr(r.out, "not this customer"));
+    ctl_free(&r);
+    CTL(&r, "approvals", "approve", first); /* decided already */
+    assert_int_equal(r.code, 2);
+    assert_non_null(strstr(r.err, "(HTTP 409)"));
+    ctl_free(&r);
+    assert_int_equal(refund(token, 5000, first, NULL), 403); /* approval_denied */
+
+    CTL(&r, "approvals", "approve", second, "--reason", "ok", "--json");
+    assert_int_equal(r.code, 0);
+    json_t *j = ctl_json(&r);
+    assert_string_equal(jstr(j, "state"), "approved");
+    assert_string_equal(jstr(j, "decided_by"), "admin");
+    json_decref(j);
+    ctl_free(&r);
+    /* past the control: forwarded, to an upstream nobody listens on */
+    assert_int_equal(refund(token, 7000, second, NULL), 503);
+    assert_int_equal(refund(token, 7000, second, NULL), 403); /* used */
+
+    CTL(&r, "approvals", "list", "--state", "all", "--json");
+    assert_int_equal(r.code, 0);
+    j = ctl_json(&r);
+    assert_int_equal(json_array_size(json_object_get(j, "approvals")), 2);
+    json_decref(j);
+    ctl_free(&r);
+    CTL(&r, "approvals", "list", "--state", "bogus");
+    assert_int_equal(r.code, 2);
+    assert_non_null(strstr(r.err, "bad_request"));
+    ctl_free(&r);
+    CTL(&r, "approvals", "show", "01NOSUCHAPPROVAL0000000000");
+    assert_int_equal(r.code, 2);
+    assert_non_null(strstr(r.err, "(HTTP 404)"));
+    ctl_free(&r);
+    free(token);
+}
+
 static void test_audit_verify_api(void **state) {
     (void)state;
     struct ctl_result r = {0};
@@ -1124,6 +1223,7 @@ int main(void) {
         cmocka_unit_test(test_not_pep_mockllm),
         cmocka_unit_test(test_not_pep_shapes),
         cmocka_unit_test(test_operators),
+        cmocka_unit_test(test_approvals),
         cmocka_unit_test(test_audit_verify_api),
         cmocka_unit_test(test_audit_verify_api_signature),
         cmocka_unit_test(test_audit_verify_offline),
