@@ -37,6 +37,9 @@ struct forwarder {
     CURL *idle_easy[64];         /* reusable easy handles (forwarder thread only) */
     size_t idle_easy_len;
     size_t buffered; /* answer bytes held by running jobs (forwarder thread only) */
+    struct forward_timer *armed;    /* submitted timers, not yet merged (queue_lock) */
+    struct forward_timer *timers;   /* by at_mono_us (forwarder thread only) */
+    int continue_wanted;            /* atomic: some job's forwarder_continue is pending */
 };
 
 static const char *const hop_by_hop[] = {
@@ -124,6 +127,23 @@ const char *forward_error_name(enum forward_error e) {
     return "error";
 }
 
+void forward_job_reset_result(struct forward_job *job) {
+    free(job->body_out);
+    job->body_out = NULL;
+    job->body_out_len = job->body_out_cap = 0;
+    for (size_t i = 0; i < job->resp_headers_len; i++) {
+        free(job->resp_headers[i].name);
+        free(job->resp_headers[i].value);
+    }
+    job->resp_headers_len = 0;
+    job->error = FORWARD_OK;
+    job->status = 0;
+    job->elapsed_us = 0;
+    job->sends = 0;
+    job->streaming = job->streamed_bytes = false;
+    job->continue_wanted = 0;
+}
+
 void forward_job_clear(struct forward_job *job) {
     free(job->url);
     curl_slist_free_all(job->headers);
@@ -142,6 +162,15 @@ static size_t on_body(char *data, size_t size, size_t nmemb, void *arg) {
     struct forward_job *job = arg;
     size_t n = size * nmemb;
     job->last_byte_mono_us = pep_mono_us();
+    if (job->streaming) {
+        size_t took = job->sink(job->done_arg, data, n);
+        if (took == FORWARD_SINK_FULL) {
+            job->paused = true; /* libcurl keeps the bytes and offers them again */
+            return CURL_WRITEFUNC_PAUSE;
+        }
+        if (took == n && n > 0) job->streamed_bytes = true;
+        return took; /* 0: the reader is gone; libcurl aborts the transfer */
+    }
     if (job->body_out_len + n > FORWARD_MAX_RESPONSE ||
         job->owner->buffered + n > FORWARD_MAX_BUFFERED) {
         job->error = FORWARD_TOO_LARGE;
@@ -191,6 +220,13 @@ static size_t on_header(char *line, size_t size, size_t nmemb, void *arg) {
     }
     if ((n == 2 && line[0] == '\r' && line[1] == '\n') || (n == 1 && line[0] == '\n')) {
         job->head_complete = true;
+        long status = 0;
+        curl_easy_getinfo(job->easy, CURLINFO_RESPONSE_CODE, &status);
+        /* A final 2xx answer may be streamed (SPEC 4.6): the caller decides, once. */
+        if (job->on_head && status >= 200 && status <= 299) {
+            job->status = status;
+            job->streaming = job->on_head(job, job->done_arg);
+        }
         return n;
     }
     const char *colon = memchr(line, ':', n);
@@ -298,6 +334,7 @@ static int setup(struct forwarder *f, struct forward_job *job) {
     job->head_complete = false;
     job->head_too_large = false;
     job->resend_refused = false;
+    job->paused = false;
     job->sends = 0;
     job->curl_errbuf[0] = '\0';
     job->last_byte_mono_us = pep_mono_us();
@@ -310,7 +347,9 @@ static int setup(struct forwarder *f, struct forward_job *job) {
     SET(CURLOPT_NOSIGNAL, 1L);
     SET(CURLOPT_PROTOCOLS_STR, "http,https");
     SET(CURLOPT_FOLLOWLOCATION, 0L);
-    SET(CURLOPT_TIMEOUT_MS, (long)job->timeout_ms);
+    /* A job that may stream is timed here (fail_idle_jobs): its whole-answer timeout ends
+     * when streaming begins, and libcurl's cannot be lifted mid-transfer. */
+    if (!job->on_head) SET(CURLOPT_TIMEOUT_MS, (long)job->timeout_ms);
     SET(CURLOPT_CONNECTTIMEOUT_MS, (long)connect_ms);
     SET(CURLOPT_HTTPHEADER, job->headers);
     SET(CURLOPT_WRITEFUNCTION, on_body);
@@ -390,8 +429,12 @@ static void fail_idle_jobs(struct forwarder *f) {
     f->next_idle_check_us = now + FORWARD_IDLE_CHECK_US;
     for (struct forward_job *job = f->running, *next; job; job = next) {
         next = job->next; /* finish() unlinks job */
+        /* A paused stream waits for its reader, not for the upstream: not silence. */
+        if (job->paused) continue;
         if (job->idle_timeout_ms > 0 && now - job->last_byte_mono_us > job->idle_timeout_ms * 1000)
             finish(f, job, FORWARD_IDLE_TIMEOUT);
+        else if (job->on_head && !job->streaming && now - job->started_mono_us > job->timeout_ms * 1000)
+            finish(f, job, FORWARD_TIMEOUT);
     }
 }
 
@@ -451,6 +494,41 @@ static void reap(struct forwarder *f) {
     }
 }
 
+/* Resumes the paused transfers whose sink has room again. */
+static void continue_paused(struct forwarder *f) {
+    if (!__atomic_exchange_n(&f->continue_wanted, 0, __ATOMIC_ACQ_REL)) return;
+    for (struct forward_job *job = f->running, *next; job; job = next) {
+        next = job->next; /* curl_easy_pause may deliver bytes, even finish the job */
+        if (job->paused && __atomic_exchange_n(&job->continue_wanted, 0, __ATOMIC_ACQ_REL)) {
+            job->paused = false;
+            job->last_byte_mono_us = pep_mono_us();
+            curl_easy_pause(job->easy, CURLPAUSE_CONT);
+        }
+    }
+}
+
+/* Moves newly armed timers into the sorted list (forwarder thread). */
+static void merge_timers(struct forwarder *f, struct forward_timer *armed) {
+    while (armed) {
+        struct forward_timer *t = armed, **pp = &f->timers;
+        armed = armed->next;
+        while (*pp && (*pp)->at_mono_us <= t->at_mono_us)
+            pp = &(*pp)->next;
+        t->next = *pp;
+        *pp = t;
+    }
+}
+
+static void fire_due_timers(struct forwarder *f, bool cancelled) {
+    int64_t now = pep_mono_us();
+    while (f->timers && (cancelled || f->timers->at_mono_us <= now)) {
+        struct forward_timer *t = f->timers;
+        f->timers = t->next;
+        t->next = NULL;
+        t->fire(t, cancelled); /* may arm another timer or submit a job */
+    }
+}
+
 static void *forwarder_main(void *arg) {
     struct forwarder *f = arg;
     pthread_setname_np(pthread_self(), "pep-forward");
@@ -459,12 +537,16 @@ static void *forwarder_main(void *arg) {
         pthread_mutex_lock(&f->queue_lock);
         struct forward_job *batch = f->queue_head;
         f->queue_head = f->queue_tail = NULL;
+        struct forward_timer *armed = f->armed;
+        f->armed = NULL;
         bool stopping = f->stopping, cancel = f->cancel_requested;
         f->cancel_requested = false;
         pthread_mutex_unlock(&f->queue_lock);
+        merge_timers(f, armed);
 
         if (stopping || cancel) {
             cancel_everything(f, batch);
+            fire_due_timers(f, true); /* their owners learn that nothing more will run */
             if (stopping) break;
             continue;
         }
@@ -481,10 +563,17 @@ static void *forwarder_main(void *arg) {
             curl_multi_socket_action(f->multi, CURL_SOCKET_TIMEOUT, 0, &running);
         reap(f);
 
+        continue_paused(f);
+        fire_due_timers(f, false);
+
         struct epoll_event events[64];
         int wait_ms = f->running ? FORWARD_IDLE_CHECK_US / 1000 : 1000;
         if (f->deadline_us >= 0) {
             int64_t left = (f->deadline_us - pep_mono_us() + 999) / 1000;
+            if (left < wait_ms) wait_ms = left < 0 ? 0 : (int)left;
+        }
+        if (f->timers) {
+            int64_t left = (f->timers->at_mono_us - pep_mono_us() + 999) / 1000;
             if (left < wait_ms) wait_ms = left < 0 ? 0 : (int)left;
         }
         int n = epoll_wait(f->epoll_fd, events, 64, wait_ms);
@@ -553,6 +642,25 @@ int forwarder_start(struct forwarder **out, struct pep_err *err) {
     }
     *out = f;
     return 0;
+}
+
+int forwarder_schedule(struct forwarder *f, struct forward_timer *t) {
+    pthread_mutex_lock(&f->queue_lock);
+    if (f->stopping || f->refusing) {
+        pthread_mutex_unlock(&f->queue_lock);
+        return PEP_ECLOSED;
+    }
+    t->next = f->armed;
+    f->armed = t;
+    pthread_mutex_unlock(&f->queue_lock);
+    wake(f);
+    return 0;
+}
+
+void forwarder_continue(struct forwarder *f, struct forward_job *job) {
+    __atomic_store_n(&job->continue_wanted, 1, __ATOMIC_RELEASE);
+    __atomic_store_n(&f->continue_wanted, 1, __ATOMIC_RELEASE);
+    wake(f);
 }
 
 int forwarder_submit(struct forwarder *f, struct forward_job *job) {

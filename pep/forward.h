@@ -81,6 +81,20 @@ struct forward_job {
     void (*done)(struct forward_job *job, void *arg); /* forwarder thread */
     void *done_arg;
 
+    /* --- streaming (SPEC 4.6): set by the submitter --- */
+    /* Called on the forwarder thread when the head of a final 2xx answer is complete
+     * (job->status and resp_headers are set): return true to have the body written to
+     * job->sink as it arrives instead of buffered.  NULL: never streamed. */
+    bool (*on_head)(struct forward_job *job, void *arg);
+    /* Where a streamed body goes (forwarder thread): returns n when it took all n bytes,
+     * FORWARD_SINK_FULL when it has no room now (the transfer is paused until
+     * forwarder_continue is called for it), or 0 when nobody reads any more (the transfer
+     * is aborted). */
+    size_t (*sink)(void *arg, const char *data, size_t n);
+    bool streaming;      /* the body goes to sink (set when on_head said so) */
+    bool streamed_bytes; /* sink took at least one byte */
+    int continue_wanted; /* atomic: forwarder_continue asked to resume the paused transfer */
+
     /* --- private to the forwarder --- */
     struct forward_job *next;
     struct forwarder *owner; /* while running */
@@ -89,6 +103,7 @@ struct forward_job {
     bool head_complete;  /* the current head's blank line arrived */
     bool head_too_large; /* some head passed FORWARD_MAX_HEAD */
     bool resend_refused; /* libcurl wanted to send a request that is not repeatable again */
+    bool paused;         /* the sink was full: the transfer waits for forwarder_continue */
     int64_t started_mono_us;
     int64_t last_byte_mono_us; /* when the upstream last sent a byte (or the job started) */
     char curl_errbuf[CURL_ERROR_SIZE];
@@ -108,8 +123,32 @@ int forwarder_submit(struct forwarder *f, struct forward_job *job);
  * stopping the thread, and refuses every later job: nothing starts upstream any more. */
 void forwarder_cancel_all(struct forwarder *f);
 
+/* What a sink returns when it cannot take the bytes now (libcurl's pause value). */
+#define FORWARD_SINK_FULL CURL_WRITEFUNC_PAUSE
+
+/* A streamed job's sink has room again: the forwarder resumes its paused transfer.  Any
+ * thread; the job must still be running (its done callback not yet called). */
+void forwarder_continue(struct forwarder *f, struct forward_job *job);
+
+/* A wait on the forwarder thread (a retry's backoff): no thread sleeps. */
+struct forward_timer {
+    int64_t at_mono_us;
+    /* Runs on the forwarder thread once at_mono_us has passed, or at once with cancelled
+     * true when pep shuts down (forwarder_cancel_all, forwarder_stop). */
+    void (*fire)(struct forward_timer *t, bool cancelled);
+    void *arg;
+    struct forward_timer *next; /* private */
+};
+
+/* Arms t; returns 0, or PEP_ECLOSED after stop or cancel_all began (fire is then not
+ * called).  Any thread. */
+int forwarder_schedule(struct forwarder *f, struct forward_timer *t);
+
 /* Frees what the job owns (url, headers, answer) and zeroes it. */
 void forward_job_clear(struct forward_job *job);
+/* Frees the job's answer and result and resets it for another attempt; keeps the request
+ * part (url, headers, body) and the callbacks. */
+void forward_job_reset_result(struct forward_job *job);
 
 /* True when an incoming request header may be sent upstream (case-insensitive name).
  * `connection_tokens` is the agent's Connection header values, joined by commas (their
