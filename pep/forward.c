@@ -36,10 +36,10 @@ struct forwarder {
     struct forward_job *running; /* jobs added to multi (forwarder thread only) */
     CURL *idle_easy[64];         /* reusable easy handles (forwarder thread only) */
     size_t idle_easy_len;
-    size_t buffered; /* answer bytes held by running jobs (forwarder thread only) */
-    struct forward_timer *armed;    /* submitted timers, not yet merged (queue_lock) */
-    struct forward_timer *timers;   /* by at_mono_us (forwarder thread only) */
-    int continue_wanted;            /* atomic: some job's forwarder_continue is pending */
+    size_t buffered;              /* answer bytes held by running jobs (forwarder thread only) */
+    struct forward_timer *armed;  /* submitted timers, not yet merged (queue_lock) */
+    struct forward_timer *timers; /* by at_mono_us (forwarder thread only) */
+    int continue_wanted;          /* atomic: some job's forwarder_continue is pending */
 };
 
 static const char *const hop_by_hop[] = {
@@ -433,7 +433,8 @@ static void fail_idle_jobs(struct forwarder *f) {
         if (job->paused) continue;
         if (job->idle_timeout_ms > 0 && now - job->last_byte_mono_us > job->idle_timeout_ms * 1000)
             finish(f, job, FORWARD_IDLE_TIMEOUT);
-        else if (job->on_head && !job->streaming && now - job->started_mono_us > job->timeout_ms * 1000)
+        else if (job->on_head && !job->streaming &&
+                 now - job->started_mono_us > job->timeout_ms * 1000)
             finish(f, job, FORWARD_TIMEOUT);
     }
 }
