@@ -1541,10 +1541,48 @@ static void policy_compile_context_overflow(struct policy_compiler *c, const yno
     if ((v = yamltree_get(n, "step"))) policy_compile_step(c, v, &ch->context_overflow_step);
 }
 
+/* A share in [0, 1] (an objective's target rate); *out is written only on success. */
+static bool policy_ratio(struct policy_compiler *c, const ynode *n, const char *what, double *out) {
+    double d;
+    if (!n || n->kind == YAMLTREE_INVALID) return false;
+    if (n->kind != YAMLTREE_SCALAR || yamltree_double(n, &d) != 0) {
+        policy_error_at(c, n, "expected a number, got %s", yamltree_describe(n));
+        return false;
+    }
+    if (!(d >= 0 && d <= 1)) { /* NaN fails too */
+        policy_error_at(c, n, "%s must be between 0 and 1", what);
+        return false;
+    }
+    *out = d;
+    return true;
+}
+
+static void policy_compile_objectives(struct policy_compiler *c, const ynode *n,
+                                      struct chain_objectives *o) {
+    static const struct policy_key keys[] = {{"retry_success_rate", false},
+                                             {"fallback_activation_rate", false},
+                                             {"escalation_rate", false},
+                                             {"mean_latency", false},
+                                             {NULL, false}};
+    if (!policy_map(c, n, keys)) return;
+    o->loc = policy_loc_of(n);
+    const ynode *v;
+    if ((v = yamltree_get(n, "retry_success_rate")))
+        o->has_retry_success_rate =
+            policy_ratio(c, v, "retry_success_rate", &o->retry_success_rate);
+    if ((v = yamltree_get(n, "fallback_activation_rate")))
+        o->has_fallback_activation_rate =
+            policy_ratio(c, v, "fallback_activation_rate", &o->fallback_activation_rate);
+    if ((v = yamltree_get(n, "escalation_rate")))
+        o->has_escalation_rate = policy_ratio(c, v, "escalation_rate", &o->escalation_rate);
+    if ((v = yamltree_get(n, "mean_latency"))) policy_duration(c, v, &o->mean_latency_ms);
+}
+
 static void policy_compile_chain(struct policy_compiler *c, const ynode *n, struct chain *ch) {
     static const struct policy_key keys[] = {
         {"retry", false},    {"steps", true},     {"context_overflow", false},
-        {"deadline", false}, {"escalate", false}, {NULL, false}};
+        {"deadline", false}, {"escalate", false}, {"objectives", false},
+        {NULL, false}};
     static const struct policy_key escalate_keys[] = {
         {"webhook", true}, {"after_attempts", false}, {NULL, false}};
     policy_retry_defaults(c, &ch->retry);
@@ -1565,6 +1603,7 @@ static void policy_compile_chain(struct policy_compiler *c, const ynode *n, stru
         if ((w = yamltree_get(v, "after_attempts")))
             policy_int(c, w, 1, INT64_MAX, &ch->escalate_after_attempts);
     }
+    if ((v = yamltree_get(n, "objectives"))) policy_compile_objectives(c, v, &ch->objectives);
 }
 
 static void policy_compile_chains(struct policy_compiler *c, const ynode *n) {

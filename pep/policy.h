@@ -186,6 +186,20 @@ struct chain_step {
     struct policy_loc loc;
 };
 
+/* `objectives:` (SPEC 2): targets for the chain's reliability indicators, judged on the
+ * last hour by GET /admin/v1/chains (pep/indicators.h).  Each is optional: has_* (or a
+ * non-zero mean_latency_ms) says it was written.  They change no request's fate. */
+struct chain_objectives {
+    bool has_retry_success_rate;
+    double retry_success_rate; /* met when the indicator is >= this; in [0, 1] */
+    bool has_fallback_activation_rate;
+    double fallback_activation_rate; /* met when <=; in [0, 1] */
+    bool has_escalation_rate;
+    double escalation_rate;  /* met when <=; in [0, 1] */
+    int64_t mean_latency_ms; /* met when mean_ms <=; a duration, 0 = not written */
+    struct policy_loc loc;
+};
+
 struct chain {
     char *name;
     struct retry_config retry;
@@ -199,6 +213,7 @@ struct chain {
     int64_t deadline_ms;             /* 0 = none */
     char *escalate_webhook;          /* NULL: no escalation */
     int64_t escalate_after_attempts; /* 0 = only on exhaustion */
+    struct chain_objectives objectives;
     struct policy_loc loc;
 };
 
