@@ -513,12 +513,13 @@ void govern_settled(struct request *r, bool recorded, bool proceeds) {
     g->idem_reserved = false;
 }
 
-struct idem_write *govern_result(struct request *r, bool relayed) {
+struct idem_write *govern_result(struct request *r, const struct forward_job *job,
+                                 const char *upstream, const char *model, int attempts,
+                                 bool relayed) {
     struct governed *g = r->gov;
     if (!g || !g->idem_reserved) return NULL;
     g->idem_reserved = false;
     struct idem_store *store = r->srv->idempotency;
-    const struct forward_job *job = &r->job;
     if (!relayed) {
         idem_release(store, r->agent->id, g->idem_key, r->id);
         return NULL;
@@ -527,15 +528,15 @@ struct idem_write *govern_result(struct request *r, bool relayed) {
      * headers saying what served it (Pep-Request-Id and Pep-Audit-Seq are the replay's). */
     size_t n = job->resp_headers_len;
     struct forward_header *headers = calloc(n + 3, sizeof *headers);
-    char attempts[16];
-    snprintf(attempts, sizeof attempts, "%d", job->sends > 1 ? job->sends : 1);
+    char count[16];
+    snprintf(count, sizeof count, "%d", attempts);
     struct idem_write *w = NULL;
     if (headers) {
         for (size_t i = 0; i < n; i++)
             headers[i] = job->resp_headers[i];
-        headers[n++] = (struct forward_header){"Pep-Upstream", r->match.route->upstream->name};
-        if (r->model[0]) headers[n++] = (struct forward_header){"Pep-Model", r->model};
-        headers[n++] = (struct forward_header){"Pep-Attempts", attempts};
+        if (upstream) headers[n++] = (struct forward_header){"Pep-Upstream", (char *)upstream};
+        if (model && *model) headers[n++] = (struct forward_header){"Pep-Model", (char *)model};
+        headers[n++] = (struct forward_header){"Pep-Attempts", count};
         struct idem_result res = {.status = (int)job->status,
                                   .headers = headers,
                                   .headers_len = n,

@@ -44,10 +44,13 @@ audit_apply_fn govern_record(struct request *r, json_t *rec, void **arg);
  * written, or on_failure: allow let it through) or is refused. */
 void govern_settled(struct request *r, bool recorded, bool proceeds);
 
-/* The forwarded call ended; relayed says whether the upstream's answer is what the agent
- * gets.  Returns the idempotent result to store with the outcome record (apply
- * idem_apply_store, free idem_write_free) or NULL. */
-struct idem_write *govern_result(struct request *r, bool relayed);
+/* The forwarded call ended with job's answer (served by upstream with model, after
+ * attempts); relayed says whether that answer, buffered whole, is what the agent gets.
+ * Returns the idempotent result to store with the outcome record (apply idem_apply_store,
+ * free idem_write_free) or NULL (nothing to store: the key is released). */
+struct idem_write *govern_result(struct request *r, const struct forward_job *job,
+                                 const char *upstream, const char *model, int attempts,
+                                 bool relayed);
 
 /* The SPEC 3.3 extra members of r's error answer (new reference, or NULL). */
 json_t *govern_error_extra(const struct request *r);

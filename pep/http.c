@@ -82,13 +82,9 @@ void reply_error(struct request *r, int status, const char *code, const char *me
         reply_set_header(&r->reply, "WWW-Authenticate", "Bearer error=\"invalid_token\"");
 }
 
-/* Queues r->reply (plus Pep-Request-Id and, when audited, Pep-Audit-Seq). */
-enum MHD_Result reply_send(struct request *r) {
+/* Adds pep's headers and r->reply's to resp and queues it with r->reply.status. */
+static enum MHD_Result queue_reply(struct request *r, struct MHD_Response *resp) {
     struct reply *rep = &r->reply;
-    struct MHD_Response *resp =
-        MHD_create_response_from_buffer(rep->body_len, rep->body, MHD_RESPMEM_MUST_FREE);
-    if (!resp) return MHD_NO;
-    rep->body = NULL; /* owned by the response now */
     bool ok = MHD_add_response_header(resp, "Pep-Request-Id", r->id) == MHD_YES;
     if (rep->content_type)
         ok = ok && MHD_add_response_header(resp, "Content-Type", rep->content_type) == MHD_YES;
@@ -109,6 +105,51 @@ enum MHD_Result reply_send(struct request *r) {
     MHD_destroy_response(resp);
     r->phase = PHASE_DONE;
     return rc;
+}
+
+/* Queues r->reply (plus Pep-Request-Id and, when audited, Pep-Audit-Seq). */
+enum MHD_Result reply_send(struct request *r) {
+    struct reply *rep = &r->reply;
+    struct MHD_Response *resp =
+        MHD_create_response_from_buffer(rep->body_len, rep->body, MHD_RESPMEM_MUST_FREE);
+    if (!resp) return MHD_NO;
+    rep->body = NULL; /* owned by the response now */
+    return queue_reply(r, resp);
+}
+
+enum MHD_Result reply_send_stream(struct request *r, MHD_ContentReaderCallback read,
+                                  MHD_ContentReaderFreeCallback done, void *arg) {
+    /* Chunked: the length is not known.  16 KiB blocks: one SSE event is far smaller, so
+     * a chunk goes out as soon as it is read. */
+    struct MHD_Response *resp =
+        MHD_create_response_from_callback(MHD_SIZE_UNKNOWN, 16 * 1024, read, arg, done);
+    if (!resp) {
+        done(arg);
+        return MHD_NO;
+    }
+    return queue_reply(r, resp);
+}
+
+/* ---- request holds ------------------------------------------------------------------------ */
+
+static void request_free(struct request *r);
+
+void request_hold(struct request *r) {
+    __atomic_add_fetch(&r->holds, 1, __ATOMIC_ACQ_REL);
+}
+
+void request_release(struct request *r) {
+    if (__atomic_sub_fetch(&r->holds, 1, __ATOMIC_ACQ_REL) == 0) request_free(r);
+}
+
+void request_park(struct request *r) {
+    __atomic_add_fetch(&r->srv->suspended, 1, __ATOMIC_SEQ_CST);
+    MHD_suspend_connection(r->conn);
+}
+
+void request_unpark(struct request *r) {
+    MHD_resume_connection(r->conn);
+    __atomic_sub_fetch(&r->srv->suspended, 1, __ATOMIC_SEQ_CST);
 }
 
 /* ---- suspend / resume ------------------------------------------------------------------ */
@@ -174,6 +215,7 @@ static void *on_uri(void *cls, const char *uri, struct MHD_Connection *conn) {
     r->start_mono_us = pep_mono_us();
     r->start_wall_us = pep_now_us();
     r->target = strdup(uri ? uri : "");
+    r->holds = 1; /* libmicrohttpd's, released when it is done with the request */
     __atomic_add_fetch(&s->inflight, 1, __ATOMIC_RELAXED);
     conn_request_started(conn);
     return r;
@@ -186,7 +228,6 @@ static void request_free(struct request *r) {
     }
     if (r->listener->handlers->on_free) r->listener->handlers->on_free(r);
     if (r->admin_op_free && r->admin_op) r->admin_op_free(r->admin_op);
-    forward_job_clear(&r->job);
     reply_clear(&r->reply);
     token_claims_release(r->claims);
     agent_release(r->agent);
@@ -203,7 +244,9 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
                          enum MHD_RequestTerminationCode toe) {
     (void)cls;
     (void)toe;
-    if (*con_cls) request_free(*con_cls);
+    struct request *r = *con_cls;
+    if (r && r->listener->handlers->on_closed) r->listener->handlers->on_closed(r);
+    if (r) request_release(r);
     *con_cls = NULL;
     conn_request_done(conn);
 }

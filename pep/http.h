@@ -21,8 +21,11 @@ struct listener_handlers {
     enum MHD_Result (*on_complete)(struct request *r);
     /* A suspended request resumed: queue its answer. */
     enum MHD_Result (*on_resume)(struct request *r);
-    /* The request is over (answered, or its connection gone): free what the stages
-     * attached to it.  May be NULL. */
+    /* libmicrohttpd is done with the request (answered, or its connection gone); stages
+     * that still hold it (a stream) learn it here.  May be NULL. */
+    void (*on_closed)(struct request *r);
+    /* The last hold on the request is gone: free what the stages attached to it.  May be
+     * NULL. */
     void (*on_free)(struct request *r);
 };
 
@@ -48,6 +51,21 @@ void reply_error(struct request *r, int status, const char *code, const char *me
 
 /* Queues r->reply as the answer (with Pep-Request-Id and, when audited, Pep-Audit-Seq). */
 enum MHD_Result reply_send(struct request *r);
+/* Queues a streamed answer (chunked) with r->reply's status and headers: libmicrohttpd
+ * calls read(arg, …) for the body as the connection can take it, and done(arg) once it is
+ * finished with it (also when the reply cannot be queued). */
+enum MHD_Result reply_send_stream(struct request *r, MHD_ContentReaderCallback read,
+                                  MHD_ContentReaderFreeCallback done, void *arg);
+
+/* A request lives while someone holds it: libmicrohttpd until the connection is done with
+ * it, and a stream's forwarder and reader until they are.  Any thread. */
+void request_hold(struct request *r);
+void request_release(struct request *r);
+/* A streamed answer's reader has nothing to send: suspend the connection until
+ * request_unpark (counted like request_suspend, so that shutdown waits for it). */
+void request_park(struct request *r);
+void request_unpark(struct request *r);
+
 /* The answer will close the connection, lingering when a body was announced and not read
  * (conn.h): for answers given from the head alone. */
 void request_close_after_answer(struct request *r);

@@ -8,8 +8,13 @@
  */
 #include "pep/admin.h"
 #include "pep/approvals.h"
+#include "pep/breaker.h"
 #include "pep/datadir.h"
+#include "pep/dispatch.h"
+#include "pep/escalations.h"
 #include "pep/idempotency.h"
+#include "pep/indicators.h"
+#include "pep/metrics.h"
 #include "pep/pipeline.h"
 #include "pep/ratelimit.h"
 #include "pep/record.h"
@@ -92,6 +97,24 @@ static int make_dir(const char *path, struct pep_err *err) {
     return pep_err_set(err, PEP_EIO, "cannot create %s: %s", path, strerror(errno));
 }
 
+/* pep_breaker_state's samples: each upstream's breaker state at render time. */
+struct gauge_emit {
+    metrics_breaker_emit_fn emit;
+    void *ctx;
+};
+
+static void gauge_one(void *arg, const char *name, enum breaker_state_kind state, bool configured) {
+    (void)configured;
+    struct gauge_emit *g = arg;
+    g->emit(g->ctx, name, (int)state);
+}
+
+static void breaker_gauge_source(void *arg, metrics_breaker_emit_fn emit, void *ctx) {
+    struct server *s = arg;
+    struct gauge_emit g = {emit, ctx};
+    breakers_foreach(s->breakers, pep_mono_us() / 1000, gauge_one, &g);
+}
+
 /* Opens everything the listeners need.  Returns 0 or a negative code with err filled. */
 static int server_open(struct server *s, struct pep_err *err) {
     int rc = make_dir(s->data_dir, err);
@@ -101,12 +124,20 @@ static int server_open(struct server *s, struct pep_err *err) {
         s->registry = registry_new();
         s->approvals = approval_store_new();
         s->ratelimiter = ratelimiter_new(0);
-        if (!s->verifier || !s->registry || !s->approvals || !s->ratelimiter)
+        s->escalations = escalation_store_new(0, 0);
+        s->metrics = metrics_new();
+        s->indicators = indicators_new();
+        s->breakers = breakers_new(dispatch_breaker_transition, s);
+        if (!s->verifier || !s->registry || !s->approvals || !s->ratelimiter || !s->escalations ||
+            !s->metrics || !s->indicators || !s->breakers)
             rc = pep_err_set(err, PEP_ENOMEM, "out of memory");
     }
+    if (rc == 0 && server_sync_state(s, s->policy) != 0)
+        rc = pep_err_set(err, PEP_ENOMEM, "out of memory");
+    if (rc == 0) metrics_set_breaker_source(s->metrics, breaker_gauge_source, s);
     char *schema = NULL;
-    if (rc == 0 && asprintf(&schema, "%s\n%s\n%s", registry_schema_sql(), APPROVALS_SCHEMA,
-                            IDEMPOTENCY_SCHEMA) < 0) {
+    if (rc == 0 && asprintf(&schema, "%s\n%s\n%s\n%s", registry_schema_sql(), APPROVALS_SCHEMA,
+                            IDEMPOTENCY_SCHEMA, ESCALATIONS_SCHEMA) < 0) {
         schema = NULL;
         rc = pep_err_set(err, PEP_ENOMEM, "out of memory");
     }
@@ -117,6 +148,8 @@ static int server_open(struct server *s, struct pep_err *err) {
             .checkpoint_every = s->policy->checkpoint_every,
             .checkpoint_sign = checkpoint_sign,
             .checkpoint_arg = s,
+            .batch_observe = metrics_audit_batch,
+            .batch_observe_arg = s->metrics,
         };
         rc = audit_open(s->db_path, &opt, &s->audit, err);
     }
@@ -126,6 +159,7 @@ static int server_open(struct server *s, struct pep_err *err) {
         rc = audit_open_reader(s->db_path, &db, err);
         if (rc == 0) rc = registry_load(s->registry, db, err);
         if (rc == 0) rc = approval_store_load(s->approvals, db, pep_now_us(), err);
+        if (rc == 0) rc = escalation_store_load(s->escalations, db, pep_now_us(), err);
         sqlite3_close(db);
     }
     if (rc == 0) rc = idem_open(s->db_path, &s->idempotency, err);
@@ -150,6 +184,10 @@ static void server_close(struct server *s) {
     if (s->audit) audit_close(s->audit);
     approval_store_free(s->approvals);
     ratelimiter_free(s->ratelimiter);
+    escalation_store_free(s->escalations);
+    breakers_free(s->breakers);
+    indicators_free(s->indicators);
+    metrics_free(s->metrics);
     token_verifier_free(s->verifier);
     registry_free(s->registry);
     keys_free(s->keys);
@@ -171,6 +209,7 @@ static void housekeeping(struct server *s, int64_t *next_expiry_us) {
     if (now < *next_expiry_us) return;
     *next_expiry_us = now + IDEMPOTENCY_EXPIRY_EVERY_US;
     approval_store_prune(s->approvals, now);
+    escalation_store_prune(s->escalations, now);
     static int64_t before_us; /* the apply reads it on the writer: one expiry in flight */
     before_us = now;
     json_t *rec = server_record("system", NULL);

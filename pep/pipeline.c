@@ -15,10 +15,10 @@
  * Threads: as marked per function; the listener threads unless said otherwise.
  */
 #include "pep/pipeline.h"
+#include "pep/dispatch.h"
 #include "pep/govern.h"
-#include "pep/idempotency.h"
+#include "pep/metrics.h"
 #include "pep/record.h"
-#include "pep/upstream.h"
 #include "pep/util.h"
 
 #include <stdio.h>
@@ -338,45 +338,20 @@ static enum MHD_Result pipeline_on_head(struct request *r) {
     return MHD_YES;
 }
 
-static void submit_outcome(struct request *r);
-
-/* Whether the upstream's head, relayed, fits the agent's connection beside its request
- * head (CONNECTION_MEMORY): libmicrohttpd would otherwise close the connection without an
- * answer, while the outcome said the call was served. */
-static bool relay_fits(const struct request *r, const struct forward_job *job) {
-    size_t head = 0;
-    for (size_t i = 0; i < job->resp_headers_len; i++)
-        head += strlen(job->resp_headers[i].name) + strlen(job->resp_headers[i].value) + 4;
-    return head + r->head_bytes + CONNECTION_MEMORY_RESERVE <= CONNECTION_MEMORY;
-}
-
-/* Forwarder thread: the outcome is audited here, before the request resumes, so that a
- * client that has gone away cannot take the record of a call that was made with it. */
-static void on_forward_done(struct forward_job *job, void *arg) {
-    struct request *r = arg;
-    if (job->error == FORWARD_OK && !relay_fits(r, job)) {
-        job->error = FORWARD_CONNECT_ERROR; /* SPEC 8: an answer pep cannot relay faithfully */
-        job->status = 0;
-    }
-    submit_outcome(r);
-    request_resume(r);
-}
-
+/* Audit writer thread: the decision record is durable (or could not be written). */
 static void on_decision_durable(void *arg, int rc, int64_t seq) {
     struct request *r = arg;
     r->audit_rc = rc;
     r->audit_seq = seq;
     bool audited = !audit_refuses(r);
     govern_settled(r, rc == 0, audited);
+    const struct action *action = r->decision.action;
+    metrics_decision(r->srv->metrics, action ? action->name : NULL, audited && r->decision.allow,
+                     audited ? r->decision.code : "audit_unavailable",
+                     pep_mono_us() - r->start_mono_us);
     if (audited && r->decision.allow && r->forwarding) {
-        r->job.done = on_forward_done;
-        r->job.done_arg = r;
-        if (forwarder_submit(r->srv->forwarder, &r->job) == 0)
-            return; /* the forwarder resumes it */
-        /* Shutting down: no attempt is made, and the request is answered as failed. */
-        r->forward_refused = true;
-        r->job.error = FORWARD_CANCELLED;
-        submit_outcome(r);
+        dispatch_start(r); /* the forward stage resumes it */
+        return;
     }
     request_resume(r);
 }
@@ -417,7 +392,7 @@ static enum MHD_Result pipeline_on_complete(struct request *r) {
     govern_decide(r); /* steps 5-6, idempotency */
     if (r->decision.allow && r->match.route->forwards && !govern_is_replay(r)) {
         r->forwarding = true;
-        if (upstream_prepare(r) != 0) {
+        if (dispatch_prepare(r) != 0) {
             r->decision.allow = false;
             r->decision.status = 503;
             r->decision.code = "upstream_unavailable";
@@ -427,158 +402,6 @@ static enum MHD_Result pipeline_on_complete(struct request *r) {
         }
     }
     return audit_and_wait(r);
-}
-
-/* Statuses that end a one-step chain as "upstream unavailable" (SPEC 3.3, 4.1): the
- * route's retry.on, which the policy compiler fills with the defaults when absent. */
-static bool retryable_status(const struct route *route, long status) {
-    for (size_t i = 0; i < route->retry.on_status_len; i++)
-        if (route->retry.on_status[i] == status) return true;
-    return false;
-}
-
-/* How a forwarded request ends (SPEC 3.3, 4.3): the code it is answered with, and the
- * HTTP status in *status.  The reply and the outcome record both come from here. */
-static const char *forwarded_code(const struct request *r, int *status) {
-    const struct forward_job *job = &r->job;
-    if (job->error != FORWARD_OK || retryable_status(r->match.route, job->status)) {
-        *status = 503;
-        return "upstream_unavailable";
-    }
-    if (job->status == 401 || job->status == 403) {
-        *status = 502;
-        return "upstream_auth_failed";
-    }
-    *status = (int)job->status;
-    return "ok";
-}
-
-/* How many times the request went upstream (SPEC 4.2, Pep-Attempts): none when the
- * forwarder refused it; one for an attempt that failed before sending (connect_error). */
-static int forward_attempts(const struct request *r) {
-    if (r->forward_refused) return 0;
-    return r->job.sends > 1 ? r->job.sends : 1;
-}
-
-static void free_idem_write(void *w) {
-    idem_write_free(w);
-}
-
-/* The outcome record's apply: the relayed answer stored for its Idempotency-Key.  A row that
- * cannot be stored must not take the outcome record with it (an apply that fails fails its
- * item): the answer is then only not replayed. */
-static int store_idem_result(sqlite3 *db, void *write) {
-    int rc = idem_apply_store(db, write);
-    if (rc != 0)
-        fprintf(stderr,
-                "pep: idempotency: a result could not be stored (%s); it will not be "
-                "replayed\n",
-                pep_strerror(rc));
-    return 0;
-}
-
-/* Audits the outcome of a forwarded request (any thread: everything it reads was set
- * before the job was handed over, or by the finished job). */
-static void submit_outcome(struct request *r) {
-    const struct route *route = r->match.route;
-    const struct forward_job *job = &r->job;
-    int status;
-    const char *code = forwarded_code(r, &status);
-    /* An idempotent request's relayed answer is stored with its outcome (SPEC 4.5). */
-    struct idem_write *result = govern_result(r, strcmp(code, "ok") == 0);
-    json_t *rec = server_record("outcome", r->id);
-    if (!rec) {
-        idem_write_free(result);
-        return;
-    }
-    json_t *attempts = json_array();
-    int n = forward_attempts(r);
-    for (int k = 0; k < n; k++) {
-        /* Sends before the last one were cut by the upstream closing a reused connection
-         * before answering (libcurl sent the request again). */
-        bool last = k == n - 1;
-        int64_t from = k == 0 || k >= FORWARD_MAX_SENDS ? job->started_mono_us : job->send_at_us[k];
-        int64_t to = last || k + 1 >= FORWARD_MAX_SENDS ? job->started_mono_us + job->elapsed_us
-                                                        : job->send_at_us[k + 1];
-        json_t *attempt = json_pack("{s:s, s:I}", "upstream", route->upstream->name, "ms",
-                                    (json_int_t)((to - from) / 1000));
-        /* null rather than absent: every attempt entry has the same members (SPEC 8). */
-        json_object_set_new(attempt, "model",
-                            r->model[0] ? json_text(r->model, strlen(r->model)) : json_null());
-        if (!last)
-            json_object_set_new(attempt, "error", json_string("connect_error"));
-        else if (job->error == FORWARD_OK)
-            json_object_set_new(attempt, "status", json_integer(job->status));
-        else if (job->error == FORWARD_CANCELLED) /* drain deadline: pep stopped waiting */
-            json_object_set_new(attempt, "error", json_string("timeout"));
-        else
-            json_object_set_new(attempt, "error", json_string(forward_error_name(job->error)));
-        json_array_append_new(attempts, attempt);
-    }
-    json_object_set_new(rec, "attempts", attempts);
-    set_str(rec, "code", code);
-    json_object_set_new(rec, "status", json_integer(status));
-    set_str(rec, "upstream", route->upstream->name);
-    if (r->model[0]) set_str(rec, "model", r->model);
-    set_str(rec, "action", route->action->name);
-    if (r->agent) set_str(rec, "agent", r->agent->id);
-    set_exact(rec, "tenant", r->decision.tenant, r->decision.tenant_len);
-    /* The serving step's index: none served a request that ends unavailable. */
-    if (strcmp(code, "ok") == 0) json_object_set_new(rec, "fallback_step", json_integer(0));
-    json_object_set_new(rec, "latency_us", json_integer(pep_mono_us() - r->start_mono_us));
-    if (audit_submit_owned(r->srv->audit, rec, result ? store_idem_result : NULL, result,
-                           result ? free_idem_write : NULL) != 0)
-        fprintf(stderr, "pep: audit: outcome record of %s could not be queued\n", r->id);
-}
-
-/* The upstream's Retry-After when it is a delay in seconds (an HTTP date is not passed
- * on: the agent would read it against its own clock), or NULL. */
-static const char *upstream_retry_after(const struct forward_job *job) {
-    for (size_t i = 0; job->error == FORWARD_OK && i < job->resp_headers_len; i++) {
-        const char *v = job->resp_headers[i].value;
-        if (strcasecmp(job->resp_headers[i].name, "Retry-After") == 0 && *v && strlen(v) <= 9 &&
-            strspn(v, "0123456789") == strlen(v))
-            return v;
-    }
-    return NULL;
-}
-
-/* The answer to a forwarded request: the upstream's, or a pep error (SPEC 3.3, 4.3). */
-static void respond_forwarded(struct request *r) {
-    const struct route *route = r->match.route;
-    struct forward_job *job = &r->job;
-    int status;
-    const char *code = forwarded_code(r, &status);
-    if (strcmp(code, "upstream_unavailable") == 0) {
-        json_t *extra = job->error == FORWARD_OK
-                            ? json_pack("{s:I}", "upstream_status", (json_int_t)job->status)
-                            : NULL;
-        char msg[160];
-        snprintf(msg, sizeof msg, "upstream %s unavailable (%s)", route->upstream->name,
-                 job->error == FORWARD_OK ? "retryable status" : forward_error_name(job->error));
-        reply_error(r, status, code, msg, extra);
-        /* SPEC 3.5: Retry-After on 503 when known — the upstream's own, in seconds. */
-        const char *wait = upstream_retry_after(job);
-        if (wait) reply_set_header(&r->reply, "Retry-After", wait);
-    } else if (strcmp(code, "upstream_auth_failed") == 0) {
-        char msg[160];
-        snprintf(msg, sizeof msg, "upstream %s refused pep's credentials (%ld)",
-                 route->upstream->name, job->status);
-        reply_error(r, status, code, msg, NULL);
-    } else {
-        reply_clear(&r->reply);
-        r->reply.status = (int)job->status;
-        r->reply.body = job->body_out;
-        r->reply.body_len = job->body_out_len;
-        job->body_out = NULL;
-        for (size_t i = 0; i < job->resp_headers_len; i++)
-            reply_set_header(&r->reply, job->resp_headers[i].name, job->resp_headers[i].value);
-    }
-    reply_set_header(&r->reply, "Pep-Upstream", route->upstream->name);
-    if (r->model[0]) reply_set_header(&r->reply, "Pep-Model", r->model);
-    char attempts[16];
-    snprintf(attempts, sizeof attempts, "%d", forward_attempts(r));
-    reply_set_header(&r->reply, "Pep-Attempts", attempts);
 }
 
 static enum MHD_Result pipeline_respond(struct request *r) {
@@ -597,7 +420,7 @@ static enum MHD_Result pipeline_respond(struct request *r) {
         reply_error(r, r->decision.status, r->decision.code, r->decision.reason,
                     govern_error_extra(r));
     } else if (r->forwarding) {
-        respond_forwarded(r);
+        return dispatch_respond(r);
     } else {
         reply_json(r, 200,
                    json_pack("{s:s, s:s, s:s}", "decision", "allow", "action",
@@ -607,13 +430,20 @@ static enum MHD_Result pipeline_respond(struct request *r) {
     return reply_send(r);
 }
 
+/* A streamed answer whose agent left before its reader started must stop the transfer. */
+static void pipeline_closed(struct request *r) {
+    dispatch_closed(r);
+}
+
 static void pipeline_free(struct request *r) {
     govern_free(r->gov);
+    dispatch_free(r->dispatch);
 }
 
 const struct listener_handlers pipeline_handlers = {
     .on_head = pipeline_on_head,
     .on_complete = pipeline_on_complete,
     .on_resume = pipeline_respond,
+    .on_closed = pipeline_closed,
     .on_free = pipeline_free,
 };

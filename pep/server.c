@@ -6,6 +6,9 @@
  * guarded by server.policy_lock so that requests always retain a whole policy.
  */
 #include "pep/server.h"
+#include "pep/breaker.h"
+#include "pep/indicators.h"
+#include "pep/metrics.h"
 #include "pep/record.h"
 #include "pep/seed.h"
 #include "pep/util.h"
@@ -111,6 +114,13 @@ static size_t reload_start_only_errors(const struct server *s, const struct poli
     return errs->len - before;
 }
 
+int server_sync_state(struct server *s, const struct policy *p) {
+    int rc = breakers_sync(s->breakers, p, pep_mono_us() / 1000);
+    if (rc == 0) rc = metrics_sync(s->metrics, p);
+    if (rc == 0) rc = indicators_sync(s->indicators, p);
+    return rc;
+}
+
 int server_reload(struct server *s, const struct reload_origin *by, int64_t *audit_seq,
                   struct policy_errors *errs) {
     pthread_mutex_lock(&reload_lock);
@@ -129,6 +139,15 @@ int server_reload(struct server *s, const struct reload_origin *by, int64_t *aud
     policy_release(active);
     if (refused) {
         rc = PEP_EINVAL;
+        policy_release(p);
+        goto out;
+    }
+    /* State kept by name across reloads learns the new names before a request can use
+     * them: breakers (a new upstream's), metric series, the chains' indicators. */
+    if (server_sync_state(s, p) != 0) {
+        rc = PEP_ENOMEM;
+        reload_add_error(errs, s->policy_path, (struct policy_loc){0},
+                         "out of memory; the active policy is kept");
         policy_release(p);
         goto out;
     }

@@ -33,11 +33,15 @@ struct listener {
     const struct listener_handlers *handlers;
 };
 
-struct verifier;       /* pep/verifier.h */
-struct approval_store; /* pep/approvals.h */
-struct ratelimiter;    /* pep/ratelimit.h */
-struct idem_store;     /* pep/idempotency.h */
-struct webhook_sender; /* pep/webhook.h */
+struct verifier;         /* pep/verifier.h */
+struct approval_store;   /* pep/approvals.h */
+struct ratelimiter;      /* pep/ratelimit.h */
+struct idem_store;       /* pep/idempotency.h */
+struct webhook_sender;   /* pep/webhook.h */
+struct breakers;         /* pep/breaker.h */
+struct escalation_store; /* pep/escalations.h */
+struct metrics;          /* pep/metrics.h */
+struct indicators;       /* pep/indicators.h */
 
 struct server {
     char *data_dir;
@@ -64,13 +68,17 @@ struct server {
     struct registry *registry;
     struct audit_store *audit;
     struct forwarder *forwarder;
-    struct verifier *audit_verifier;  /* the thread walking the chain for audit/verify */
-    struct conn_guard *conn_guard;    /* receive deadlines, lingering close (conn.h) */
-    struct unauth_limiter *unauth;    /* server.unauthenticated_limit (unauth.h) */
-    struct approval_store *approvals; /* human approvals (SPEC 3.4) */
-    struct ratelimiter *ratelimiter;  /* per-action rate limits (SPEC 3.2 step 6) */
-    struct idem_store *idempotency;   /* Idempotency-Key results (SPEC 4.5) */
-    struct webhook_sender *webhooks;  /* approvals' notify, escalations */
+    struct verifier *audit_verifier;      /* the thread walking the chain for audit/verify */
+    struct conn_guard *conn_guard;        /* receive deadlines, lingering close (conn.h) */
+    struct unauth_limiter *unauth;        /* server.unauthenticated_limit (unauth.h) */
+    struct approval_store *approvals;     /* human approvals (SPEC 3.4) */
+    struct ratelimiter *ratelimiter;      /* per-action rate limits (SPEC 3.2 step 6) */
+    struct idem_store *idempotency;       /* Idempotency-Key results (SPEC 4.5) */
+    struct webhook_sender *webhooks;      /* approvals' notify, escalations */
+    struct breakers *breakers;            /* one circuit breaker per upstream (SPEC 4.4) */
+    struct escalation_store *escalations; /* the human escalation queue (SPEC 4.4) */
+    struct metrics *metrics;              /* SPEC 7 */
+    struct indicators *indicators;        /* the chains' reliability indicators (SPEC 8) */
     struct MHD_Daemon *data_daemon;
     struct MHD_Daemon *admin_daemon;
     struct listener data_listener;
@@ -124,6 +132,7 @@ struct request {
     int64_t start_mono_us;
     int64_t start_wall_us;
     enum request_phase phase;
+    int holds; /* atomic: see request_hold */
 
     char *target;          /* the raw request target (path and query), as received */
     size_t head_bytes;     /* the size of the request line and headers, about */
@@ -164,8 +173,7 @@ struct request {
     struct governed *gov;
 
     bool forwarding;
-    struct forward_job job;
-    char model[256]; /* the model sent upstream, if known (cut on a character boundary) */
+    struct dispatch *dispatch; /* the forward stage (dispatch.c), once allowed to forward */
 
     struct reply reply;
 
@@ -174,7 +182,6 @@ struct request {
     void (*admin_op_free)(void *op);
     bool waits_here;       /* waits on its own thread (shutdown), with `sync` */
     struct sync_wait sync; /* initialized only when waits_here */
-    bool forward_refused;  /* the forwarder refused the job (shutdown): no attempt made */
 };
 
 /* Who asked for a reload: an operator through the admin API, or NULL fields for SIGHUP. */
@@ -192,6 +199,10 @@ struct reload_origin {
  * policy_errors_free.  Any thread; reloads are serialized. */
 int server_reload(struct server *s, const struct reload_origin *by, int64_t *audit_seq,
                   struct policy_errors *errs);
+
+/* Makes the state kept by name across reloads (breakers, metric series, indicators) know
+ * p's names; before p serves a request.  0 or PEP_ENOMEM. */
+int server_sync_state(struct server *s, const struct policy *p);
 
 /* Warns on stderr about every upstream credential whose environment variable is unset
  * (start and reload): the variables are read per request, so pep runs, but the upstream

@@ -1,5 +1,5 @@
 /*
- * upstream.c — building the upstream call of an allowed request (see upstream.h).
+ * upstream.c — building the upstream calls of an allowed request (see upstream.h).
  *
  * SECURITY: what the agent sent is copied only through forward_header_allowed (no
  * credential, cookie, hop-by-hop, framing, override or forwarding header) and never next
@@ -14,37 +14,39 @@
 #include <string.h>
 #include <strings.h>
 
+/* Collects the agent's headers that may travel upstream (forward_header_allowed). */
 struct header_copy {
-    struct curl_slist *list;
+    struct upstream_request *u;
     char *connection_tokens; /* every Connection header's value, joined by commas */
-    const struct upstream *up;
     bool failed;
 };
-
-/* SECURITY: a header the policy sets for the upstream (a credential, typically) is pep's
- * alone: an agent's header of the same name would otherwise travel next to it — first,
- * where many servers read it. */
-static bool upstream_sets_header(const struct upstream *up, const char *name) {
-    for (size_t i = 0; i < up->headers_len; i++)
-        if (strcasecmp(up->headers[i].name, name) == 0) return true;
-    return false;
-}
 
 static enum MHD_Result copy_header(void *cls, enum MHD_ValueKind kind, const char *key,
                                    const char *value) {
     (void)kind;
     struct header_copy *hc = cls;
-    if (!forward_header_allowed(key, hc->connection_tokens) || upstream_sets_header(hc->up, key))
-        return MHD_YES;
-    char line[8192];
-    if (snprintf(line, sizeof line, "%s: %s", key, value ? value : "") >= (int)sizeof line)
+    struct upstream_request *u = hc->u;
+    if (!forward_header_allowed(key, hc->connection_tokens)) return MHD_YES;
+    if (strlen(key) + (value ? strlen(value) : 0) + 3 > UPSTREAM_MAX_HEADER_LINE)
         return MHD_YES; /* an oversized header is not relayed */
-    struct curl_slist *n = curl_slist_append(hc->list, line);
-    if (!n) {
+    if (u->headers_len == u->headers_cap) {
+        size_t cap = u->headers_cap ? u->headers_cap * 2 : 16;
+        struct forward_header *g = realloc(u->headers, cap * sizeof *g);
+        if (!g) {
+            hc->failed = true;
+            return MHD_NO;
+        }
+        u->headers = g;
+        u->headers_cap = cap;
+    }
+    struct forward_header h = {strdup(key), strdup(value ? value : "")};
+    if (!h.name || !h.value) {
+        free(h.name);
+        free(h.value);
         hc->failed = true;
         return MHD_NO;
     }
-    hc->list = n;
+    u->headers[u->headers_len++] = h;
     return MHD_YES;
 }
 
@@ -74,8 +76,17 @@ static int connection_tokens(struct MHD_Connection *conn, char **out) {
     return 0;
 }
 
+/* SECURITY: a header the policy sets for the upstream (a credential, typically) is pep's
+ * alone: an agent's header of the same name would otherwise travel next to it — first,
+ * where many servers read it. */
+static bool upstream_sets_header(const struct upstream *up, const char *name) {
+    for (size_t i = 0; i < up->headers_len; i++)
+        if (strcasecmp(up->headers[i].name, name) == 0) return true;
+    return false;
+}
+
 static int add_header_line(struct curl_slist **list, const char *name, const char *value) {
-    char line[8192];
+    char line[UPSTREAM_MAX_HEADER_LINE];
     if (snprintf(line, sizeof line, "%s: %s", name, value) >= (int)sizeof line) return PEP_EINVAL;
     struct curl_slist *n = curl_slist_append(*list, line);
     if (!n) return PEP_ENOMEM;
@@ -83,17 +94,19 @@ static int add_header_line(struct curl_slist **list, const char *name, const cha
     return 0;
 }
 
-/* The model the agent asked for, when the body is a JSON object with a "model" string. */
-static void read_model(struct request *r) {
-    const char *ct = MHD_lookup_connection_value(r->conn, MHD_HEADER_KIND, "Content-Type");
-    if (!r->body_len || !ct || !strstr(ct, "json")) return;
+/* What the body says that forwarding needs: its "model" (cut on a character boundary,
+ * never inside one: SPEC 6.2) and "stream": true (SPEC 4.6), when it is a JSON object. */
+static void read_body_facts(const struct request *r, struct upstream_request *u) {
+    if (!r->body_len) return;
     json_t *doc = json_loadb(r->body, r->body_len, 0, NULL);
+    u->body_is_object = json_is_object(doc);
     const char *model = json_string_value(json_object_get(doc, "model"));
-    if (model) { /* cut on a character boundary, never inside one (SPEC 6.2) */
-        size_t n = pep_utf8_cut(model, strlen(model), sizeof r->model - 1);
-        memcpy(r->model, model, n);
-        r->model[n] = '\0';
+    if (model) {
+        size_t n = pep_utf8_cut(model, strlen(model), sizeof u->model - 1);
+        memcpy(u->model, model, n);
+        u->model[n] = '\0';
     }
+    u->stream = json_is_true(json_object_get(doc, "stream"));
     json_decref(doc);
 }
 
@@ -136,10 +149,9 @@ static bool safe_to_repeat(const struct request *r) {
            MHD_lookup_connection_value(r->conn, MHD_HEADER_KIND, "Idempotency-Key") != NULL;
 }
 
-int upstream_prepare(struct request *r) {
+int upstream_capture(struct request *r, struct upstream_request *u) {
     const struct route *route = r->match.route;
-    const struct upstream *up = route->upstream;
-    struct forward_job *job = &r->job;
+    memset(u, 0, sizeof *u);
     char *rewritten = NULL;
     if (route->forward_path_params && !(rewritten = forward_path_render(route, &r->match)))
         return PEP_ENOMEM;
@@ -147,27 +159,69 @@ int upstream_prepare(struct request *r) {
                        : route->forward_path ? route->forward_path
                                              : r->target;
     size_t path_len = path == r->target ? strcspn(r->target, "?") : strlen(path);
-    size_t url_len = strlen(up->base_url) + path_len + (r->query ? strlen(r->query) + 1 : 0) + 1;
-    job->url = malloc(url_len);
-    if (job->url)
-        snprintf(job->url, url_len, "%s%.*s%s%s", up->base_url, (int)path_len, path,
-                 r->query ? "?" : "", r->query ? r->query : "");
+    if (asprintf(&u->path_query, "%.*s%s%s", (int)path_len, path, r->query ? "?" : "",
+                 r->query ? r->query : "") < 0)
+        u->path_query = NULL;
     free(rewritten);
-    if (!job->url) return PEP_ENOMEM;
+    if (!u->path_query) return PEP_ENOMEM;
 
-    struct header_copy hc = {.up = up};
+    struct header_copy hc = {.u = u};
     if (connection_tokens(r->conn, &hc.connection_tokens) != 0) return PEP_ENOMEM;
     MHD_get_connection_values(r->conn, MHD_HEADER_KIND, copy_header, &hc);
     free(hc.connection_tokens);
-    job->headers = hc.list;
     if (hc.failed) return PEP_ENOMEM;
-    /* SPEC 4.7: the agent's own X-Forwarded-* were dropped; this one is pep's word. */
-    int rc = 0;
-    if (!upstream_sets_header(up, "X-Forwarded-For")) {
-        char client[CONN_ADDRESS_LEN];
-        conn_client_address(r->conn, client);
-        rc = add_header_line(&job->headers, "X-Forwarded-For", client);
+    u->has_accept = MHD_lookup_connection_value(r->conn, MHD_HEADER_KIND, "Accept") != NULL;
+    u->has_content_type =
+        MHD_lookup_connection_value(r->conn, MHD_HEADER_KIND, "Content-Type") != NULL;
+    conn_client_address(r->conn, u->client);
+    memcpy(u->request_id, r->id, sizeof u->request_id);
+    u->method = r->method;
+    u->body = r->body;
+    u->body_len = r->body_len;
+    u->repeatable = safe_to_repeat(r);
+    read_body_facts(r, u);
+    return 0;
+}
+
+void upstream_request_clear(struct upstream_request *u) {
+    free(u->path_query);
+    for (size_t i = 0; i < u->headers_len; i++) {
+        free(u->headers[i].name);
+        free(u->headers[i].value);
     }
+    free(u->headers);
+    memset(u, 0, sizeof *u);
+}
+
+/* The body with its "model" set to model (malloc'd), or NULL when it cannot be rewritten
+ * (not a JSON object, or out of memory): it is then sent as it came. */
+static char *rewrite_model(const struct upstream_request *u, const char *model, size_t *len) {
+    if (!u->body_is_object) return NULL;
+    json_t *doc = json_loadb(u->body, u->body_len, 0, NULL);
+    char *out = NULL;
+    if (doc && json_object_set_new(doc, "model", json_string(model)) == 0)
+        out = json_dumps(doc, JSON_COMPACT);
+    json_decref(doc);
+    if (out) *len = strlen(out);
+    return out;
+}
+
+int upstream_attempt(const struct upstream_request *u, const struct upstream *up, const char *model,
+                     struct forward_job *job, char **body_owned, char model_sent[256]) {
+    free(job->url);
+    curl_slist_free_all(job->headers);
+    job->headers = NULL;
+    free(*body_owned);
+    *body_owned = NULL;
+    if (asprintf(&job->url, "%s%s", up->base_url, u->path_query) < 0) job->url = NULL;
+    if (!job->url) return PEP_ENOMEM;
+    int rc = 0;
+    for (size_t i = 0; rc == 0 && i < u->headers_len; i++)
+        if (!upstream_sets_header(up, u->headers[i].name))
+            rc = add_header_line(&job->headers, u->headers[i].name, u->headers[i].value);
+    /* SPEC 4.7: the agent's own X-Forwarded-* were dropped; this one is pep's word. */
+    if (rc == 0 && !upstream_sets_header(up, "X-Forwarded-For"))
+        rc = add_header_line(&job->headers, "X-Forwarded-For", u->client);
     if (rc == 0 && up->api_key_env) {
         /* SECURITY: the upstream key goes only into this header, to this upstream. */
         const char *key = getenv(up->api_key_env);
@@ -175,28 +229,33 @@ int upstream_prepare(struct request *r) {
             char value[4096];
             snprintf(value, sizeof value, "Bearer %s", key);
             rc = add_header_line(&job->headers, "Authorization", value);
+            explicit_bzero(value, sizeof value);
         }
     }
     for (size_t i = 0; rc == 0 && i < up->headers_len; i++) {
         const char *v = up->headers[i].env ? getenv(up->headers[i].env) : up->headers[i].value;
         if (v) rc = add_header_line(&job->headers, up->headers[i].name, v);
     }
-    if (rc == 0) rc = add_header_line(&job->headers, "X-Request-Id", r->id);
+    if (rc == 0) rc = add_header_line(&job->headers, "X-Request-Id", u->request_id);
     if (rc == 0) /* no "Expect: 100-continue" round trip */
         rc = add_header_line(&job->headers, "Expect", "");
     /* libcurl adds an Accept header (any type) and, to a body, "Content-Type:
      * application/x-www-form-urlencoded" when none is given: the upstream sees only what
      * the agent sent ("Name:" with no value removes libcurl's). */
-    static const char *const curl_defaults[] = {"Accept", "Content-Type"};
-    for (size_t i = 0; rc == 0 && i < PEP_ARRAY_LEN(curl_defaults); i++)
-        if (!MHD_lookup_connection_value(r->conn, MHD_HEADER_KIND, curl_defaults[i]))
-            rc = add_header_line(&job->headers, curl_defaults[i], "");
-    job->method = r->method;
-    job->body = r->body;
-    job->body_len = r->body_len;
+    if (rc == 0 && !u->has_accept) rc = add_header_line(&job->headers, "Accept", "");
+    if (rc == 0 && !u->has_content_type) rc = add_header_line(&job->headers, "Content-Type", "");
+    job->method = u->method;
+    job->body = u->body;
+    job->body_len = u->body_len;
+    snprintf(model_sent, 256, "%s", u->model);
+    if (rc == 0 && model && (*body_owned = rewrite_model(u, model, &job->body_len))) {
+        job->body = *body_owned;
+        size_t n = pep_utf8_cut(model, strlen(model), 255);
+        memcpy(model_sent, model, n);
+        model_sent[n] = '\0';
+    }
     job->timeout_ms = up->timeout_ms;
     job->idle_timeout_ms = up->idle_timeout_ms;
-    job->repeatable = safe_to_repeat(r);
-    read_model(r);
+    job->repeatable = u->repeatable;
     return rc;
 }
