@@ -16,6 +16,10 @@
  */
 #include "pep/admin.h"
 #include "pep/approvals.h"
+#include "pep/breaker.h"
+#include "pep/escalations.h"
+#include "pep/indicators.h"
+#include "pep/metrics.h"
 #include "pep/change.h"
 #include "pep/record.h"
 #include "pep/util.h"
@@ -29,13 +33,15 @@
 
 /* ---- state changes written through the audit writer ----------------------------------- */
 
-/* A change in flight for one admin request — to the registry, or an approval's decision —
- * and the answer it gets once written. */
+/* A change in flight for one admin request — to the registry, an approval's decision or an
+ * escalation's resolution — and the answer it gets once written. */
 struct admin_op {
     struct change ch;
-    bool decides_approval;  /* an approval's decision, not a registry change: */
-    struct approval before; /*   as it was (put back if the record fails) */
-    struct approval after;  /*   as decided (the apply's argument) */
+    bool decides_approval;    /* an approval's decision, not a registry change: */
+    struct approval before;   /*   as it was (put back if the record fails) */
+    struct approval after;    /*   as decided (the apply's argument) */
+    bool resolves_escalation; /* an escalation's resolution, likewise: */
+    struct escalation escalation_before, escalation_after;
     struct request *req;
     int status;     /* HTTP status of the answer once committed */
     json_t *answer; /* the answer once committed */
@@ -56,6 +62,8 @@ static void admin_op_free(void *p) {
     change_clear(&op->ch);
     approval_clear(&op->before);
     approval_clear(&op->after);
+    escalation_clear(&op->escalation_before);
+    escalation_clear(&op->escalation_after);
     json_decref(op->answer);
     free(op);
 }
@@ -63,7 +71,14 @@ static void admin_op_free(void *p) {
 static void op_done(void *arg, int rc, int64_t seq) {
     struct admin_op *op = arg;
     if (op->decides_approval) {
-        if (rc != 0) approval_undo_decide(op->req->srv->approvals, &op->before);
+        if (rc != 0)
+            approval_undo_decide(op->req->srv->approvals, &op->before);
+        else
+            metrics_approval(op->req->srv->metrics, op->after.state == APPROVAL_APPROVED
+                                                        ? METRICS_APPROVAL_APPROVED
+                                                        : METRICS_APPROVAL_DENIED);
+    } else if (op->resolves_escalation) {
+        if (rc != 0) escalation_undo_resolve(op->req->srv->escalations, &op->escalation_before);
     } else if (op->ch.published_early) {
         if (rc != 0) change_unpublish(&op->ch);
     } else if (rc == 0) {
@@ -775,6 +790,121 @@ static enum MHD_Result deny_approval(struct request *r, const char *const *arg) 
     return decide_approval(r, arg[0], false);
 }
 
+/* ---- resilience (SPEC 4.4, 5, 7) --------------------------------------------------------- */
+
+static enum MHD_Result metrics_answer(struct request *r) {
+    size_t len = 0;
+    char *text = metrics_render(r->srv->metrics, &len);
+    if (!text) {
+        reply_error(r, 500, "internal", "out of memory", NULL);
+        return MHD_YES;
+    }
+    reply_clear(&r->reply);
+    r->reply.status = 200;
+    r->reply.body = text;
+    r->reply.body_len = len;
+    r->reply.content_type = "text/plain; version=0.0.4; charset=utf-8";
+    return MHD_YES;
+}
+
+static enum MHD_Result list_upstreams(struct request *r, const char *const *arg) {
+    (void)arg;
+    json_t *list = breakers_json(r->srv->breakers, pep_mono_us() / 1000, pep_now_us());
+    if (!list) {
+        reply_error(r, 500, "internal", "out of memory", NULL);
+        return MHD_YES;
+    }
+    reply_json(r, 200, list);
+    return MHD_YES;
+}
+
+static enum MHD_Result list_chains(struct request *r, const char *const *arg) {
+    (void)arg;
+    json_t *list = indicators_json(r->srv->indicators, r->policy, pep_now_us() / 1000);
+    if (!list) {
+        reply_error(r, 500, "internal", "out of memory", NULL);
+        return MHD_YES;
+    }
+    reply_json(r, 200, list);
+    return MHD_YES;
+}
+
+static enum MHD_Result list_escalations(struct request *r, const char *const *arg) {
+    (void)arg;
+    const char *state = MHD_lookup_connection_value(r->conn, MHD_GET_ARGUMENT_KIND, "state");
+    enum escalation_state filter;
+    bool all = !state || !*state || strcmp(state, "all") == 0;
+    if (!all && escalation_state_parse(state, &filter) != 0)
+        return bad_request(r, "'state' must be open, resolved or all, not '%.40s'", state);
+    json_t *list = escalation_list_json(r->srv->escalations, all ? NULL : &filter);
+    if (!list) {
+        reply_error(r, 500, "internal", "out of memory", NULL);
+        return MHD_YES;
+    }
+    reply_json(r, 200, list);
+    return MHD_YES;
+}
+
+static enum MHD_Result show_escalation(struct request *r, const char *const *arg) {
+    struct escalation e = {0};
+    if (escalation_get(r->srv->escalations, arg[0], &e) != 0)
+        return not_found(r, "escalation", arg[0]);
+    reply_json(r, 200, escalation_detail_json(&e));
+    escalation_clear(&e);
+    return MHD_YES;
+}
+
+static enum MHD_Result resolve_escalation(struct request *r, const char *const *arg) {
+    json_t *body = body_object(r);
+    if (!body) return MHD_YES;
+    json_t *note_v = json_object_get(body, "note");
+    const char *note = json_string_value(note_v);
+    if (note_v && (!note || !pep_has_no_control(note) || strlen(note) > ESCALATION_NOTE_MAX)) {
+        json_decref(body);
+        return bad_request(r,
+                           "'note' must be a string of at most 4096 bytes without control "
+                           "characters",
+                           NULL);
+    }
+    struct admin_op *op = calloc(1, sizeof *op);
+    if (!op) {
+        json_decref(body);
+        reply_error(r, 500, "internal", "out of memory", NULL);
+        return MHD_YES;
+    }
+    op->req = r;
+    op->resolves_escalation = true;
+    enum escalation_resolve verdict = ESCALATION_RESOLVE_OK;
+    int rc = escalation_resolve(r->srv->escalations, arg[0], r->claims->sub, note, pep_now_us(),
+                                &verdict, &op->escalation_before, &op->escalation_after);
+    json_decref(body);
+    if (rc != 0 || verdict != ESCALATION_RESOLVE_OK) {
+        admin_op_free(op);
+        if (rc == PEP_ENOTFOUND) return not_found(r, "escalation", arg[0]);
+        if (rc != 0) {
+            reply_error(r, 500, "internal", "out of memory", NULL);
+        } else {
+            char msg[160];
+            snprintf(msg, sizeof msg, "escalation %s is resolved already", arg[0]);
+            reply_error(r, 409, "conflict", msg, NULL);
+        }
+        return MHD_YES;
+    }
+    op->status = 200;
+    op->answer = escalation_detail_json(&op->escalation_after);
+    json_t *rec = admin_record(r, "escalations.resolve");
+    json_object_set_new(rec, "escalation_id", json_string(arg[0]));
+    if (note) json_object_set_new(rec, "reason", json_string(note));
+    r->admin_op = op;
+    r->admin_op_free = admin_op_free;
+    request_suspend(r);
+    rc = rec ? audit_submit(r->srv->audit, rec, escalation_apply_resolve, &op->escalation_after,
+                            op_done, op)
+             : PEP_EUNAVAILABLE;
+    if (rc != 0) op_done(op, rc, 0);
+    return request_wait(r);
+}
+
 #define ADMIN_MAX_ARGS 2
 
 /* One admin endpoint (SPEC 5): `{x}` in the path matches one segment, handed to the
@@ -801,6 +931,11 @@ static const struct admin_route admin_routes[] = {
     {"GET", "/admin/v1/approvals/{id}", "approver", show_approval},
     {"POST", "/admin/v1/approvals/{id}/approve", "approver", approve_approval},
     {"POST", "/admin/v1/approvals/{id}/deny", "approver", deny_approval},
+    {"GET", "/admin/v1/upstreams", "auditor", list_upstreams},
+    {"GET", "/admin/v1/chains", "auditor", list_chains},
+    {"GET", "/admin/v1/escalations", "admin", list_escalations},
+    {"GET", "/admin/v1/escalations/{id}", "admin", show_escalation},
+    {"POST", "/admin/v1/escalations/{id}/resolve", "admin", resolve_escalation},
     {"GET", "/admin/v1/audit/verify", "auditor", get_audit_verify},
     {"GET", "/admin/v1/policy", "admin", get_policy},
     {"POST", "/admin/v1/policy/reload", "admin", post_policy_reload},
@@ -834,7 +969,8 @@ static bool admin_path_match(const char *tmpl, char *path, const char *arg[ADMIN
 /* Paths of the admin listener that need no operator token. */
 static bool admin_is_open_path(const char *target) {
     size_t n = strcspn(target, "?");
-    return n == 8 && strncmp(target, "/healthz", 8) == 0;
+    return (n == 8 && strncmp(target, "/healthz", 8) == 0) ||
+           (n == 8 && strncmp(target, "/metrics", 8) == 0);
 }
 
 static enum MHD_Result admin_on_head(struct request *r) {
@@ -865,6 +1001,8 @@ static enum MHD_Result admin_route(struct request *r) {
         reply_json(r, 200, json_pack("{s:s}", "status", "ok"));
         return MHD_YES;
     }
+    if (strcmp(r->path, "/metrics") == 0 && strcmp(r->method, "GET") == 0) /* SPEC 5: no auth */
+        return metrics_answer(r);
     if (!authenticate(r)) return MHD_YES;
     for (size_t i = 0; i < PEP_ARRAY_LEN(admin_routes); i++) {
         const struct admin_route *rt = &admin_routes[i];

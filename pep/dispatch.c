@@ -596,6 +596,15 @@ static void on_attempt_done(struct forward_job *job, void *arg) {
     request_release(d->r);
 }
 
+static void relay_head(struct dispatch *d) {
+    struct request *r = d->r;
+    struct forward_job *job = &d->job;
+    reply_clear(&r->reply);
+    r->reply.status = (int)job->status;
+    for (size_t i = 0; i < job->resp_headers_len; i++)
+        reply_set_header(&r->reply, job->resp_headers[i].name, job->resp_headers[i].value);
+}
+
 /* ---- streaming (SPEC 4.6) ---------------------------------------------------------------------
  */
 
@@ -638,8 +647,19 @@ static bool on_answer_head(struct forward_job *job, void *arg) {
     if (!d->pipe) return false;
     d->streaming = true;
     d->end = m;
-    request_hold(d->r); /* the forwarder's, until the stream ends (on_attempt_done) */
-    request_resume(d->r);
+    /* The answer's head is built here, before the request resumes: from then on this
+     * thread and the listener's share only the pipe. */
+    struct request *r = d->r;
+    const struct chain_step *step = chain_step_at(d->chain, a->step);
+    relay_head(d);
+    reply_set_header(&r->reply, "Pep-Upstream", step->upstream->name);
+    if (d->model_sent[0]) reply_set_header(&r->reply, "Pep-Model", d->model_sent);
+    char attempts[16];
+    snprintf(attempts, sizeof attempts, "%zu", attempts_made(d) + 1);
+    reply_set_header(&r->reply, "Pep-Attempts", attempts);
+    govern_reply(r);
+    request_hold(r); /* the forwarder's, until the stream ends (on_attempt_done) */
+    request_resume(r);
     return true;
 }
 
@@ -680,21 +700,9 @@ static void set_pep_headers(struct dispatch *d) {
     reply_set_header(&r->reply, "Pep-Attempts", attempts);
 }
 
-static void relay_head(struct dispatch *d) {
-    struct request *r = d->r;
-    struct forward_job *job = &d->job;
-    reply_clear(&r->reply);
-    r->reply.status = (int)job->status;
-    for (size_t i = 0; i < job->resp_headers_len; i++)
-        reply_set_header(&r->reply, job->resp_headers[i].name, job->resp_headers[i].value);
-}
-
 enum MHD_Result dispatch_respond(struct request *r) {
     struct dispatch *d = r->dispatch;
-    if (d->streaming) {
-        relay_head(d);
-        set_pep_headers(d);
-        govern_reply(r);
+    if (d->streaming) {  /* its head was built when it came (on_answer_head) */
         request_hold(r); /* the reader's, released by stream_reader_done */
         return reply_send_stream(r, read_stream, stream_reader_done, r);
     }

@@ -8,6 +8,7 @@
 #include "pep/controls.h"
 #include "pep/fingerprint.h"
 #include "pep/idempotency.h"
+#include "pep/metrics.h"
 #include "pep/ratelimit.h"
 #include "pep/record.h"
 #include "pep/util.h"
@@ -489,6 +490,7 @@ void govern_settled(struct request *r, bool recorded, bool proceeds) {
     if (!g) return;
     struct server *s = r->srv;
     if (g->approval_created) {
+        if (recorded) metrics_approval(s->metrics, METRICS_APPROVAL_PENDING);
         if (!recorded)
             approval_forget(s->approvals, g->approval.id);
         else if (g->notify && webhook_post(s->webhooks, g->notify, "approval.pending",
@@ -500,8 +502,10 @@ void govern_settled(struct request *r, bool recorded, bool proceeds) {
         g->approval_created = false;
     }
     if (proceeds && r->decision.allow) {
-        if (g->approval_reserved)
+        if (g->approval_reserved) {
             approval_mark_used(s->approvals, g->use.id, g->use.used_by, g->use.used_at_us);
+            metrics_approval(s->metrics, METRICS_APPROVAL_USED);
+        }
         g->approval_reserved = false;
         return;
     }

@@ -53,7 +53,7 @@ static void print_errors(const struct policy_errors *errs) {
 static int cmd_check(const char *file) {
     struct policy *p = NULL;
     struct policy_errors errs = {0};
-    int rc = policy_load(file, NULL, &p, &errs);
+    int rc = policy_load(file, &p, &errs);
     if (rc != 0) {
         print_errors(&errs);
         if (errs.len == 0)
@@ -284,7 +284,7 @@ static int cmd_serve(const char *file, const char *data_dir, const char *listen,
     pthread_mutex_init(&s.policy_lock, NULL);
     server_init_decision_lock(&s);
     struct policy_errors errs = {0};
-    if (policy_load(file, NULL, &s.policy, &errs) != 0) {
+    if (policy_load(file, &s.policy, &errs) != 0) {
         print_errors(&errs);
         if (errs.len == 0)
             fprintf(stderr, "%s: cannot read the policy file: %s\n", file, strerror(errno));

@@ -5,17 +5,15 @@
  * check and compilation section by section, in dependency order (agents, upstreams,
  * chains, actions, routes) so that every reference resolves to a pointer into an array
  * that is never reallocated (found through sorted name indexes, so that even a policy at
- * the node cap compiles in O(n log n)) → the "not enforced by this build" check → errors
- * sorted into file order.  Nothing stops at the first error: every helper reports what is
- * wrong with its node and the caller goes on with the next one, so one run lists every
- * problem.
+ * the node cap compiles in O(n log n)) → errors sorted into file order.  Nothing stops at the first
+ * error: every helper reports what is wrong with its node and the caller goes on with the next one,
+ * so one run lists every problem.
  *
  * Invariants:
  *   - The compiled struct owns every string, array and json_t it points to; policy_free
  *     releases all of it and copes with a half-compiled struct (error paths).
- *   - A policy is returned only when no error was reported; a feature compiled but not
- *     enforced by this build (policy_check_unenforced) is an error unless the caller asked
- *     otherwise, so a rule is never silently ignored.
+ *   - A policy is returned only when no error was reported.  Every feature the file can
+ *     name is enforced: a rule is never compiled and then silently ignored.
  *   - Error messages may quote names from the file, never a header's literal value
  *     (which could be a credential).
  *
@@ -1963,52 +1961,6 @@ static void policy_compile_routes(struct policy_compiler *c, const ynode *n) {
     policy_index_duplicates(c, &c->routes, policy_report_duplicate_route);
 }
 
-/* ---- features not enforced by this build ---------------------------------------------- */
-
-/*
- * Keys this build parses and compiles fully but does not enforce yet.  Delete an entry in
- * the same change that makes the feature work.  A pattern is keys separated by '/': '*'
- * stands for every key of a mapping, '[]' for every item of a sequence; the last element
- * is the key refused.  ('/' because action names contain '.'.)
- */
-static const char *const policy_unenforced_features[] = {
-    "chains",                  /* retry, fallback, context overflow, escalation */
-    "routes/[]/forward/chain", /* forwarding through a chain */
-    "routes/[]/forward/retry", /* retries of a one-upstream forward */
-    "routes/[]/forward/retry_safe",
-    "upstreams/*/breaker", /* circuit breakers */
-};
-
-static void policy_unenforced_walk(struct policy_compiler *c, const ynode *n, const char *pattern) {
-    if (!n) return;
-    size_t seg = strcspn(pattern, "/");
-    if (pattern[seg] == '\0') {
-        const ynode *key = yamltree_get_key(n, pattern);
-        if (key) policy_error_at(c, key, "'%s' is not enforced by this build", pattern);
-        return;
-    }
-    const char *rest = pattern + seg + 1;
-    if (seg == 1 && pattern[0] == '*') {
-        for (size_t i = 0; n->kind == YAMLTREE_MAPPING && i < n->len; i++)
-            policy_unenforced_walk(c, yamltree_value(n, i), rest);
-    } else if (seg == 2 && strncmp(pattern, "[]", 2) == 0) {
-        for (size_t i = 0; n->kind == YAMLTREE_SEQUENCE && i < n->len; i++)
-            policy_unenforced_walk(c, n->items[i], rest);
-    } else if (n->kind == YAMLTREE_MAPPING) {
-        for (size_t i = 0; i < n->len; i++) {
-            const ynode *key = yamltree_key(n, i);
-            if (key->text_len == seg && memcmp(key->text, pattern, seg) == 0)
-                policy_unenforced_walk(c, yamltree_value(n, i), rest);
-        }
-    }
-}
-
-/* Reports every key of policy_unenforced_features present in the file. */
-static void policy_check_unenforced(struct policy_compiler *c, const ynode *root) {
-    for (size_t i = 0; i < PEP_ARRAY_LEN(policy_unenforced_features); i++)
-        policy_unenforced_walk(c, root, policy_unenforced_features[i]);
-}
-
 /* ---- the whole file ----------------------------------------------------------------- */
 
 static void policy_defaults(struct policy_compiler *c) {
@@ -2034,8 +1986,7 @@ static const ynode *policy_section(const ynode *root, const char *name) {
     return n && n->kind == YAMLTREE_SCALAR && n->type == YAMLTREE_NULL ? NULL : n;
 }
 
-static void policy_compile_tree(struct policy_compiler *c, const ynode *root,
-                                bool allow_unenforced) {
+static void policy_compile_tree(struct policy_compiler *c, const ynode *root) {
     static const struct policy_key keys[] = {
         {"version", true},  {"server", false},    {"audit", false},  {"identity", false},
         {"agents", false},  {"upstreams", false}, {"chains", false}, {"routes", false},
@@ -2065,11 +2016,9 @@ static void policy_compile_tree(struct policy_compiler *c, const ynode *root,
     if ((s = policy_section(root, "chains"))) policy_compile_chains(c, s);
     if ((s = policy_section(root, "actions"))) policy_compile_actions(c, s);
     if ((s = policy_section(root, "routes"))) policy_compile_routes(c, s);
-    if (!allow_unenforced) policy_check_unenforced(c, root);
 }
 
-int policy_load_buffer(const char *name, const char *data, size_t len,
-                       const struct policy_load_options *opts, struct policy **out,
+int policy_load_buffer(const char *name, const char *data, size_t len, struct policy **out,
                        struct policy_errors *errs) {
     struct policy_compiler c = {.name = name ? name : "<policy>"};
     struct yamltree_node *root = NULL;
@@ -2096,7 +2045,7 @@ int policy_load_buffer(const char *name, const char *data, size_t len,
                                             .max_nodes = POLICY_MAX_NODES};
         rc = yamltree_parse(data, len, &lim, policy_tree_error, &c, &root);
         if (rc == 0)
-            policy_compile_tree(&c, root, opts && opts->allow_unenforced);
+            policy_compile_tree(&c, root);
         else if (rc == PEP_ENOMEM)
             c.oom = true;
     }
@@ -2125,8 +2074,7 @@ int policy_load_buffer(const char *name, const char *data, size_t len,
     return rc;
 }
 
-int policy_load(const char *path, const struct policy_load_options *opts, struct policy **out,
-                struct policy_errors *errs) {
+int policy_load(const char *path, struct policy **out, struct policy_errors *errs) {
     char *data = NULL;
     size_t len = 0;
     *out = NULL;
@@ -2147,7 +2095,7 @@ int policy_load(const char *path, const struct policy_load_options *opts, struct
                                     "bytes",
                                     path, (unsigned)POLICY_MAX_FILE_BYTES);
     if (rc != 0) return rc;
-    rc = policy_load_buffer(path, data, len, opts, out, errs);
+    rc = policy_load_buffer(path, data, len, out, errs);
     free(data);
     return rc;
 }

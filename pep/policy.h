@@ -8,10 +8,6 @@
  * `when` conditions compiled, path templates compiled.  Every problem is reported as
  * "FILE:LINE:COL: message" (1-based), all of them in one run.
  *
- * A feature the running build parses but does not enforce yet is an error too ("... is not
- * enforced by this build"): a policy is never accepted with a rule that would be silently
- * ignored.  policy_load_options.allow_unenforced lifts that check (tests of the compiler).
- *
  * Ownership and threads: a struct policy is immutable once returned and shared between
  * threads by reference count (policy_retain / policy_release).  A request holds the
  * snapshot it started with; a reload swaps the service's pointer.
@@ -333,24 +329,18 @@ struct policy_errors {
     size_t len;
 };
 
-struct policy_load_options {
-    bool allow_unenforced; /* accept features this build parses but does not enforce */
-};
-
 /*
  * Loads and compiles `path`.  On success returns 0 and *out (refcount 1; release with
  * policy_release).  On failure returns PEP_EINVAL (or PEP_EIO when the file cannot be
  * read; then errs holds "FILE: cannot read: <reason>") and fills errs with every error
  * found.  errs is overwritten (not appended to) and may be NULL; the caller frees it with
  * policy_errors_free, also after a success (it is then empty).  PEP_ENOMEM when memory
- * ran out.  opts may be NULL.
+ * ran out.
  */
-int policy_load(const char *path, const struct policy_load_options *opts, struct policy **out,
-                struct policy_errors *errs);
+int policy_load(const char *path, struct policy **out, struct policy_errors *errs);
 
 /* Same, from a buffer; `name` is used as FILE in messages and as policy->file. */
-int policy_load_buffer(const char *name, const char *data, size_t len,
-                       const struct policy_load_options *opts, struct policy **out,
+int policy_load_buffer(const char *name, const char *data, size_t len, struct policy **out,
                        struct policy_errors *errs);
 
 void policy_errors_free(struct policy_errors *errs);

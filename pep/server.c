@@ -125,7 +125,7 @@ int server_reload(struct server *s, const struct reload_origin *by, int64_t *aud
                   struct policy_errors *errs) {
     pthread_mutex_lock(&reload_lock);
     struct policy *p = NULL;
-    int rc = policy_load(s->policy_path, NULL, &p, errs);
+    int rc = policy_load(s->policy_path, &p, errs);
     if (rc != 0) {
         /* policy_load reports an unreadable or invalid file itself; what is left (out of
          * memory) is said in the same shape. */

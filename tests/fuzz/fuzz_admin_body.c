@@ -96,8 +96,7 @@ int LLVMFuzzerInitialize(int *argc, char ***argv) {
     nftw(dir, remove_entry, 8, FTW_DEPTH | FTW_PHYS);
     FUZZ_CHECK(rc == 0, "keys: %s", err.msg);
     struct policy_errors errs = {0};
-    rc = policy_load_buffer("fuzz_admin.yaml", policy_yaml, strlen(policy_yaml), NULL, &policy,
-                            &errs);
+    rc = policy_load_buffer("fuzz_admin.yaml", policy_yaml, strlen(policy_yaml), &policy, &errs);
     for (size_t i = 0; i < errs.len; i++)
         fprintf(stderr, "%s\n", errs.items[i]);
     policy_errors_free(&errs);

@@ -85,9 +85,7 @@ int LLVMFuzzerInitialize(int *argc, char ***argv) {
                           mixed_controls);
     FUZZ_CHECK(o < sizeof yaml, "policy buffer too small");
     struct policy_errors errs = {0};
-    int rc =
-        policy_load_buffer("fuzz_cond.yaml", yaml, o,
-                           &(struct policy_load_options){.allow_unenforced = true}, &policy, &errs);
+    int rc = policy_load_buffer("fuzz_cond.yaml", yaml, o, &policy, &errs);
     for (size_t i = 0; i < errs.len; i++)
         fprintf(stderr, "%s\n", errs.items[i]);
     policy_errors_free(&errs);

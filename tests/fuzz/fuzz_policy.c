@@ -140,10 +140,9 @@ static void check_policy(const struct policy *p) {
 
 /* Loads data once with the given option; returns rc and the number of errors. */
 static int load(const uint8_t *data, size_t size, bool allow_unenforced, size_t *nerrs) {
-    struct policy_load_options opts = {.allow_unenforced = allow_unenforced};
     struct policy *p = NULL;
     struct policy_errors errs = {0};
-    int rc = policy_load_buffer(NAME, (const char *)data, size, &opts, &p, &errs);
+    int rc = policy_load_buffer(NAME, (const char *)data, size, &p, &errs);
     FUZZ_CHECK(rc == 0 || rc == PEP_EINVAL || rc == PEP_ENOMEM, "rc %d", rc);
     if (rc == 0) {
         FUZZ_CHECK(p != NULL && errs.len == 0, "success with %zu errors", errs.len);

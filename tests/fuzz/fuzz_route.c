@@ -61,8 +61,8 @@ int LLVMFuzzerInitialize(int *argc, char ***argv) {
     (void)argc;
     (void)argv;
     struct policy_errors errs = {0};
-    int rc = policy_load_buffer("fuzz_route.yaml", policy_yaml, strlen(policy_yaml), NULL, &policy,
-                                &errs);
+    int rc =
+        policy_load_buffer("fuzz_route.yaml", policy_yaml, strlen(policy_yaml), &policy, &errs);
     for (size_t i = 0; i < errs.len; i++)
         fprintf(stderr, "%s\n", errs.items[i]);
     policy_errors_free(&errs);

@@ -93,9 +93,7 @@ static struct policy *policy;
 static int setup(void **state) {
     (void)state;
     struct policy_errors errs;
-    int rc =
-        policy_load_buffer("t.yaml", policy_yaml, strlen(policy_yaml),
-                           &(struct policy_load_options){.allow_unenforced = true}, &policy, &errs);
+    int rc = policy_load_buffer("t.yaml", policy_yaml, strlen(policy_yaml), &policy, &errs);
     for (size_t i = 0; i < errs.len; i++)
         print_error("policy: %s\n", errs.items[i]);
     policy_errors_free(&errs);

@@ -105,8 +105,7 @@ static struct policy *compile(const char *controls) {
     assert_true(n > 0 && (size_t)n < sizeof yaml);
     struct policy *p = NULL;
     struct policy_errors errs;
-    int rc = policy_load_buffer("t.yaml", yaml, strlen(yaml),
-                                &(struct policy_load_options){.allow_unenforced = true}, &p, &errs);
+    int rc = policy_load_buffer("t.yaml", yaml, strlen(yaml), &p, &errs);
     for (size_t i = 0; i < errs.len; i++)
         print_error("%s\n", errs.items[i]);
     policy_errors_free(&errs);

@@ -38,7 +38,7 @@ static const struct action *REFUND, *PLAIN;
 static int setup(void **state) {
     (void)state;
     struct policy_errors errs;
-    if (policy_load_buffer("t.yaml", POLICY, strlen(POLICY), NULL, &P, &errs) != 0) {
+    if (policy_load_buffer("t.yaml", POLICY, strlen(POLICY), &P, &errs) != 0) {
         for (size_t i = 0; i < errs.len; i++)
             fprintf(stderr, "%s\n", errs.items[i]);
         return -1;

@@ -62,8 +62,8 @@ static int setup(void **state) {
     struct fixture *fx = calloc(1, sizeof *fx);
     assert_non_null(fx);
     struct policy_errors errs;
-    int rc = policy_load_buffer("decide.yaml", policy_yaml, strlen(policy_yaml), NULL, &fx->policy,
-                                &errs);
+    int rc =
+        policy_load_buffer("decide.yaml", policy_yaml, strlen(policy_yaml), &fx->policy, &errs);
     for (size_t i = 0; i < errs.len; i++)
         print_error("policy: %s\n", errs.items[i]);
     policy_errors_free(&errs);

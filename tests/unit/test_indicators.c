@@ -480,10 +480,9 @@ static void test_policy_objectives(void **state) {
                      "      mean_latency: 5s\n"
                      "  d:\n"
                      "    steps: [ { upstream: u } ]\n";
-    struct policy_load_options opts = {.allow_unenforced = true};
     struct policy *p = NULL;
     struct policy_errors errs;
-    assert_int_equal(policy_load_buffer(NAME, ok, strlen(ok), &opts, &p, &errs), 0);
+    assert_int_equal(policy_load_buffer(NAME, ok, strlen(ok), &p, &errs), 0);
     policy_errors_free(&errs);
     const struct chain_objectives *o = &p->chains[0].objectives;
     assert_true(o->has_retry_success_rate && o->retry_success_rate == 0.95);
@@ -527,7 +526,7 @@ static void test_policy_objectives(void **state) {
         NAME ":18:62: retry_success_rate must be between 0 and 1",
     };
     p = NULL;
-    assert_int_equal(policy_load_buffer(NAME, bad, strlen(bad), &opts, &p, &errs), PEP_EINVAL);
+    assert_int_equal(policy_load_buffer(NAME, bad, strlen(bad), &p, &errs), PEP_EINVAL);
     assert_null(p);
     bool same = errs.len == PEP_ARRAY_LEN(want);
     for (size_t i = 0; same && i < errs.len; i++)

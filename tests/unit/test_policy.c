@@ -1,13 +1,12 @@
 /*
  * test_policy.c — the policy compiler (pep/policy.c, pep/yamltree.c).
  *
- * What must hold: the shipped policies compile (example.yaml as-is, the scenarios with
- * allow_unenforced); a rich policy compiles to exactly the values written, references
- * resolved to the right pointers and defaults filled; every kind of error is reported as
- * the exact "FILE:LINE:COL: message", all of them, in file order; hostile YAML (alias
- * bombs, deep nesting, huge files, many nodes) is refused by the caps; a path that is not a
- * regular file (a FIFO, a directory, a device) is refused without waiting.  Every test also
- * runs under ASan in `make test`, so error paths must not leak either.
+ * What must hold: the shipped policies compile (example.yaml and every scenario, as-is); a rich
+ * policy compiles to exactly the values written, references resolved to the right pointers and
+ * defaults filled; every kind of error is reported as the exact "FILE:LINE:COL: message", all of
+ * them, in file order; hostile YAML (alias bombs, deep nesting, huge files, many nodes) is refused
+ * by the caps; a path that is not a regular file (a FIFO, a directory, a device) is refused without
+ * waiting.  Every test also runs under ASan in `make test`, so error paths must not leak either.
  *
  * Runs from the repository root (policies/ paths are relative).
  */
@@ -36,11 +35,10 @@ static const char *const scenario_files[] = {
 };
 
 /* Loads yaml (NUL-terminated) and expects success. */
-static struct policy *load_ok(const char *yaml, bool allow_unenforced) {
-    struct policy_load_options opts = {.allow_unenforced = allow_unenforced};
+static struct policy *load_ok(const char *yaml) {
     struct policy *p = NULL;
     struct policy_errors errs;
-    int rc = policy_load_buffer(NAME, yaml, strlen(yaml), &opts, &p, &errs);
+    int rc = policy_load_buffer(NAME, yaml, strlen(yaml), &p, &errs);
     for (size_t i = 0; i < errs.len; i++)
         print_error("unexpected: %s\n", errs.items[i]);
     assert_int_equal(rc, 0);
@@ -51,12 +49,10 @@ static struct policy *load_ok(const char *yaml, bool allow_unenforced) {
 }
 
 /* Loads len bytes and expects exactly the errors expected[0..n), in this order. */
-static void expect_errors_n(const char *data, size_t len, bool allow_unenforced,
-                            const char *const *expected, size_t n) {
-    struct policy_load_options opts = {.allow_unenforced = allow_unenforced};
+static void expect_errors_n(const char *data, size_t len, const char *const *expected, size_t n) {
     struct policy *p = (struct policy *)1;
     struct policy_errors errs;
-    int rc = policy_load_buffer(NAME, data, len, &opts, &p, &errs);
+    int rc = policy_load_buffer(NAME, data, len, &p, &errs);
     bool same = errs.len == n;
     for (size_t i = 0; same && i < n; i++)
         same = strcmp(errs.items[i], expected[i]) == 0;
@@ -73,13 +69,12 @@ static void expect_errors_n(const char *data, size_t len, bool allow_unenforced,
 }
 
 /* The same for a NUL-terminated yaml. */
-static void expect_errors(const char *yaml, bool allow_unenforced, const char *const *expected,
-                          size_t n) {
-    expect_errors_n(yaml, strlen(yaml), allow_unenforced, expected, n);
+static void expect_errors(const char *yaml, const char *const *expected, size_t n) {
+    expect_errors_n(yaml, strlen(yaml), expected, n);
 }
 
 static void expect_error(const char *yaml, const char *expected) {
-    expect_errors(yaml, false, &expected, 1);
+    expect_errors(yaml, &expected, 1);
 }
 
 #define ERRS(list) (list), (sizeof(list) / sizeof *(list))
@@ -90,7 +85,7 @@ static void test_example_compiles(void **state) {
     (void)state;
     struct policy *p = NULL;
     struct policy_errors errs;
-    int rc = policy_load("policies/example.yaml", NULL, &p, &errs);
+    int rc = policy_load("policies/example.yaml", &p, &errs);
     for (size_t i = 0; i < errs.len; i++)
         print_error("%s\n", errs.items[i]);
     assert_int_equal(rc, 0);
@@ -155,13 +150,12 @@ static void test_example_compiles(void **state) {
     policy_release(p);
 }
 
-static void test_scenarios_compile_with_allow_unenforced(void **state) {
+static void test_scenarios_compile(void **state) {
     (void)state;
     for (size_t i = 0; i < sizeof scenario_files / sizeof *scenario_files; i++) {
-        struct policy_load_options opts = {.allow_unenforced = true};
         struct policy *p = NULL;
         struct policy_errors errs;
-        int rc = policy_load(scenario_files[i], &opts, &p, &errs);
+        int rc = policy_load(scenario_files[i], &p, &errs);
         for (size_t j = 0; j < errs.len; j++)
             print_error("%s\n", errs.items[j]);
         assert_int_equal(rc, 0);
@@ -172,26 +166,11 @@ static void test_scenarios_compile_with_allow_unenforced(void **state) {
     }
 }
 
-static void test_scenarios_refused_without_allow_unenforced(void **state) {
-    (void)state;
-    for (size_t i = 0; i < sizeof scenario_files / sizeof *scenario_files; i++) {
-        struct policy *p = NULL;
-        struct policy_errors errs;
-        int rc = policy_load(scenario_files[i], NULL, &p, &errs);
-        assert_int_equal(rc, PEP_EINVAL);
-        assert_null(p);
-        assert_true(errs.len > 0);
-        for (size_t j = 0; j < errs.len; j++)
-            assert_non_null(strstr(errs.items[j], "is not enforced by this build"));
-        policy_errors_free(&errs);
-    }
-}
-
 static void test_load_missing_file(void **state) {
     (void)state;
     struct policy *p = (struct policy *)1;
     struct policy_errors errs;
-    int rc = policy_load("policies/does-not-exist.yaml", NULL, &p, &errs);
+    int rc = policy_load("policies/does-not-exist.yaml", &p, &errs);
     assert_int_equal(rc, PEP_EIO);
     assert_null(p);
     assert_int_equal(errs.len, 1);
@@ -204,7 +183,7 @@ static void test_load_missing_file(void **state) {
 static void expect_not_regular(const char *path) {
     struct policy *p = (struct policy *)1;
     struct policy_errors errs;
-    int rc = policy_load(path, NULL, &p, &errs);
+    int rc = policy_load(path, &p, &errs);
     assert_int_equal(rc, PEP_EIO);
     assert_null(p);
     assert_int_equal(errs.len, 1);
@@ -237,7 +216,7 @@ static void test_load_not_a_regular_file(void **state) {
 
     struct policy *p = NULL;
     struct policy_errors errs;
-    assert_int_equal(policy_load(link, NULL, &p, &errs), 0);
+    assert_int_equal(policy_load(link, &p, &errs), 0);
     assert_int_equal(errs.len, 0);
     assert_string_equal(p->agents[0].id, "demo-bot");
     policy_errors_free(&errs);
@@ -342,7 +321,7 @@ static const char rich_policy[] =
 
 static void test_rich_policy_fields(void **state) {
     (void)state;
-    struct policy *p = load_ok(rich_policy, true);
+    struct policy *p = load_ok(rich_policy);
 
     /* server, audit, identity */
     assert_string_equal(p->listen, "0.0.0.0:9000");
@@ -594,7 +573,7 @@ static void test_rich_policy_fields(void **state) {
 
 static void test_defaults(void **state) {
     (void)state;
-    struct policy *p = load_ok("version: 1\n", false);
+    struct policy *p = load_ok("version: 1\n");
     assert_string_equal(p->file, NAME);
     assert_string_equal(p->listen, "127.0.0.1:8080");
     assert_string_equal(p->admin_listen, "127.0.0.1:8081");
@@ -620,7 +599,7 @@ static void test_defaults(void **state) {
 
 static void test_refcount(void **state) {
     (void)state;
-    struct policy *p = load_ok("version: 1\n", false);
+    struct policy *p = load_ok("version: 1\n");
     assert_int_equal(p->refcount, 1);
     assert_ptr_equal(policy_retain(p), p);
     assert_int_equal(p->refcount, 2);
@@ -632,7 +611,7 @@ static void test_refcount(void **state) {
 
 static void test_empty_sections_and_null_sections(void **state) {
     (void)state;
-    struct policy *p = load_ok("version: 1\nagents:\nroutes: []\nactions: {}\n", false);
+    struct policy *p = load_ok("version: 1\nagents:\nroutes: []\nactions: {}\n");
     assert_int_equal(p->agents_len, 0);
     assert_int_equal(p->routes_len, 0);
     assert_int_equal(p->actions_len, 0);
@@ -663,7 +642,7 @@ static void test_error_wrong_type(void **state) {
                   "server: fast\n"
                   "audit: [1]\n"
                   "identity: { issuer: [x] }\n",
-                  false, ERRS(errs));
+                  ERRS(errs));
     expect_error("version: 1\naudit: { checkpoint_every: '5' }\n",
                  NAME ":2:28: expected an integer, got a string");
     /* YAML 1.2: `yes` is a string, not a boolean. */
@@ -686,15 +665,13 @@ static void test_error_bad_duration(void **state) {
         NAME ":2:43: bad duration '2y': expected a positive integer followed by ms, s, m, h or d "
              "(250ms, 30s, 5m, 1h, 7d)",
     };
-    expect_errors("version: 1\nidentity: { token_ttl: 1x, max_token_ttl: 2y }\n", false,
-                  ERRS(both));
+    expect_errors("version: 1\nidentity: { token_ttl: 1x, max_token_ttl: 2y }\n", ERRS(both));
 }
 
 static void test_server_limits(void **state) {
     (void)state;
     struct policy *p = load_ok("version: 1\nserver:\n  receive_timeout: 5s\n"
-                               "  unauthenticated_limit: { limit: 100, window: 1s }\n",
-                               false);
+                               "  unauthenticated_limit: { limit: 100, window: 1s }\n");
     assert_int_equal(p->receive_timeout_ms, 5000);
     assert_int_equal(p->unauthenticated_limit.limit, 100);
     assert_int_equal(p->unauthenticated_limit.window_ms, 1000);
@@ -705,7 +682,7 @@ static void test_server_limits(void **state) {
     };
     expect_errors("version: 1\nserver:\n  receive_timeout: 500ms\n"
                   "  unauthenticated_limit: { limit: 0, window: 1s }\n",
-                  false, ERRS(errs));
+                  ERRS(errs));
     expect_error("version: 1\nserver: { unauthenticated_limit: { limit: 5 } }\n",
                  NAME ":2:34: missing required key 'window'");
     expect_error(
@@ -741,7 +718,7 @@ static void test_error_unknown_reference(void **state) {
         NAME ":8:13: unknown action 'missing'", NAME ":9:26: unknown upstream 'ghost'",
         NAME ":12:23: unknown chain 'nochain'",
     };
-    expect_errors(yaml, true, ERRS(errs));
+    expect_errors(yaml, ERRS(errs));
 }
 
 static void test_error_duplicate_route(void **state) {
@@ -795,7 +772,7 @@ static void test_error_agent_id_not_addressable(void **state) {
         NAME ":5:11: agent id '000000000000000000000000000000000000000000000000000000000000"
              "...' must be 1-128 characters of [A-Za-z0-9._@-]", /* quoted, cut */
     };
-    expect_errors(yaml, false, ERRS(errs));
+    expect_errors(yaml, ERRS(errs));
 }
 
 static void test_error_duplicate_key(void **state) {
@@ -819,7 +796,7 @@ static void test_error_bad_op(void **state) {
                   "  a:\n"
                   "    scope: s\n"
                   "    controls: [ { when: { body.x: { gte: 1 } }, deny: no } ]\n",
-                  true, ERRS(errs));
+                  ERRS(errs));
 }
 
 static void test_error_bad_op_value(void **state) {
@@ -851,7 +828,7 @@ static void test_error_bad_op_value(void **state) {
              "time.weekday",
         NAME ":14:19: expected a mapping of operator to value (e.g. { eq: x }), got a string",
     };
-    expect_errors(yaml, true, ERRS(errs));
+    expect_errors(yaml, ERRS(errs));
 }
 
 static void test_error_missing_required_key(void **state) {
@@ -877,7 +854,7 @@ static void test_error_missing_required_key(void **state) {
         NAME ":10:14: missing required key 'upstream' or 'chain'",
         NAME ":12:6: missing required key 'scope'",
     };
-    expect_errors(yaml, false, ERRS(errs));
+    expect_errors(yaml, ERRS(errs));
 }
 
 static void test_error_missing_control_kind_and_limits(void **state) {
@@ -896,7 +873,7 @@ static void test_error_missing_control_kind_and_limits(void **state) {
         NAME ":7:9: missing required key 'deny', 'step_up' or 'require_approval'",
         NAME ":8:20: a control has exactly one of 'deny', 'step_up' or 'require_approval'",
     };
-    expect_errors(yaml, true, ERRS(errs));
+    expect_errors(yaml, ERRS(errs));
 }
 
 static void test_error_yaml_syntax(void **state) {
@@ -937,7 +914,7 @@ static void test_error_bad_enum(void **state) {
         NAME ":6:12: steps must not be empty",
         NAME ":8:40: invalid rate limit key 'user': expected agent, tenant or global",
     };
-    expect_errors(yaml, true, ERRS(errs));
+    expect_errors(yaml, ERRS(errs));
 }
 
 static void test_error_bad_scheme(void **state) {
@@ -956,10 +933,10 @@ static void test_error_bad_scheme(void **state) {
         NAME ":6:18: base_url has no host",
         NAME ":7:18: base_url must not contain whitespace, '?', '#' or '\\'",
     };
-    expect_errors(yaml, false, ERRS(errs));
+    expect_errors(yaml, ERRS(errs));
 }
 
-static void test_error_unenforced_feature(void **state) {
+static void test_every_feature_is_enforced(void **state) {
     (void)state;
     const char *yaml = "version: 1\n"
                        "upstreams:\n"
@@ -980,16 +957,13 @@ static void test_error_unenforced_feature(void **state) {
                        "    scope: s\n"
                        "    rate_limits: [ { key: agent, limit: 1, window: 1s } ]\n"
                        "    controls: [ { deny: no } ]\n";
-    const char *const errs[] = {
-        NAME ":5:5: 'breaker' is not enforced by this build",
-        NAME ":6:1: 'chains' is not enforced by this build",
-        NAME ":11:16: 'chain' is not enforced by this build",
-        NAME ":11:26: 'retry_safe' is not enforced by this build",
-        NAME ":14:29: 'retry' is not enforced by this build",
-    };
-    expect_errors(yaml, false, ERRS(errs));
-    /* The same file compiles when the caller accepts unenforced features. */
-    policy_release(load_ok(yaml, true));
+    /* Every feature is enforced now: the file that used each one compiles as-is. */
+    struct policy *p = load_ok(yaml);
+    assert_true(p->upstreams[0].breaker.present);
+    assert_ptr_equal(p->routes[0].chain, &p->chains[0]);
+    assert_true(p->routes[0].retry_safe);
+    assert_int_equal(p->routes[1].retry.max_attempts, 2);
+    policy_release(p);
 }
 
 static void test_error_version(void **state) {
@@ -1018,7 +992,7 @@ static void test_error_yaml_features_refused(void **state) {
                   "identity: { issuer: !!str pep }\n"
                   "? [a]\n"
                   ": 1\n",
-                  false, ERRS(errs));
+                  ERRS(errs));
     expect_error("version: 1\n---\nversion: 1\n",
                  NAME ":2:1: a policy file holds a single YAML document");
 }
@@ -1045,7 +1019,7 @@ static void test_errors_several_in_file_order(void **state) {
              "m, h or d (250ms, 30s, 5m, 1h, 7d)",
         NAME ":8:1: unknown key 'bogus'",
     };
-    expect_errors(yaml, false, ERRS(errs));
+    expect_errors(yaml, ERRS(errs));
 }
 
 static void test_error_sanity_checks(void **state) {
@@ -1083,7 +1057,7 @@ static void test_error_sanity_checks(void **state) {
              "whole segment",
         NAME ":16:54: '0' is out of range: must be at least 1",
     };
-    expect_errors(yaml, true, ERRS(errs));
+    expect_errors(yaml, ERRS(errs));
 }
 
 static void test_error_duration_not_whole_seconds(void **state) {
@@ -1101,7 +1075,7 @@ static void test_error_duration_not_whole_seconds(void **state) {
                   "    scope: s\n"
                   "    # a step-up control\n"
                   "    controls: [ { step_up: { acr: mfa, max_age: 1500ms } } ]\n",
-                  true, ERRS(errs));
+                  ERRS(errs));
     /* Whole seconds written in ms are fine; durations kept in ms still take ms. */
     struct policy *p =
         load_ok("version: 1\n"
@@ -1114,8 +1088,7 @@ static void test_error_duration_not_whole_seconds(void **state) {
                 "  a:\n"
                 "    scope: s\n"
                 "    rate_limits: [ { key: agent, limit: 1, window: 1500ms } ]\n"
-                "    controls: [ { step_up: { acr: mfa, max_age: 3000ms } } ]\n",
-                true);
+                "    controls: [ { step_up: { acr: mfa, max_age: 3000ms } } ]\n");
     assert_int_equal(p->drain_timeout_ms, 1500);
     assert_int_equal(p->token_ttl_ms, 2000);
     assert_int_equal(p->max_token_ttl_ms, 3000);
@@ -1153,7 +1126,7 @@ static void test_error_upstream_headers(void **state) {
         NAME ":10:16: header 'authorization' conflicts with api_key_env, which sends "
              "'Authorization: Bearer ...': keep one of them",
     };
-    expect_errors(yaml, false, ERRS(errs));
+    expect_errors(yaml, ERRS(errs));
     /* Without api_key_env an Authorization header is the upstream's one credential, and
      * each upstream has its own header names. */
     struct policy *p = load_ok("version: 1\n"
@@ -1164,8 +1137,7 @@ static void test_error_upstream_headers(void **state) {
                                "  x:\n"
                                "    base_url: http://h\n"
                                "    api_key_env: KEY\n"
-                               "    headers: { x-a: b }\n",
-                               false);
+                               "    headers: { x-a: b }\n");
     assert_int_equal(p->upstreams[0].headers_len, 2);
     assert_string_equal(p->upstreams[0].headers[0].name, "Authorization");
     assert_int_equal(p->upstreams[1].headers_len, 1);
@@ -1188,14 +1160,11 @@ static void test_error_listen_equals_admin_listen(void **state) {
                  NAME ":2:25: admin_listen must differ from listen (both are '127.0.0.1:8080')");
     /* Port 0 picks a free port for each; other hosts or ports are other sockets. */
     policy_release(load_ok("version: 1\n"
-                           "server: { listen: '127.0.0.1:0', admin_listen: '127.0.0.1:0' }\n",
-                           false));
+                           "server: { listen: '127.0.0.1:0', admin_listen: '127.0.0.1:0' }\n"));
     policy_release(load_ok("version: 1\n"
-                           "server: { listen: '127.0.0.1:8080', admin_listen: '[::1]:8080' }\n",
-                           false));
+                           "server: { listen: '127.0.0.1:8080', admin_listen: '[::1]:8080' }\n"));
     policy_release(load_ok("version: 1\n"
-                           "server: { listen: '127.0.0.1:8080', admin_listen: '127.0.0.1:80' }\n",
-                           false));
+                           "server: { listen: '127.0.0.1:8080', admin_listen: '127.0.0.1:80' }\n"));
 }
 
 static void test_forward_path_parameters(void **state) {
@@ -1212,8 +1181,7 @@ static void test_forward_path_parameters(void **state) {
                 "    forward: { upstream: u, path: '/x%20y/{id}' }\n"
                 "  - { match: { path: /y }, action: a, forward: { upstream: u, path: / } }\n"
                 "  - { match: { path: /z }, action: a, forward: { upstream: u } }\n"
-                "actions: { a: { scope: s } }\n",
-                false);
+                "actions: { a: { scope: s } }\n");
     const struct route *r0 = &p->routes[0], *r1 = &p->routes[1];
     assert_string_equal(r0->forward_path, "/refunds/{id}/t/{tenant}/");
     assert_int_equal(r0->forward_parts_len, 5);
@@ -1285,7 +1253,7 @@ static void test_error_forward_path_parameters(void **state) {
         NAME ":12:22: bad path template '/t/a{id}': a parameter is written {name} and fills a "
              "whole segment",
     };
-    expect_errors(yaml, false, ERRS(errs));
+    expect_errors(yaml, ERRS(errs));
 }
 
 /* ---- hostile input ------------------------------------------------------------------- */
@@ -1305,7 +1273,7 @@ static void test_alias_bomb_refused(void **state) {
     }
     struct policy *p = (struct policy *)1;
     struct policy_errors e;
-    int rc = policy_load_buffer(NAME, yaml, o, NULL, &p, &e);
+    int rc = policy_load_buffer(NAME, yaml, o, &p, &e);
     assert_int_equal(rc, PEP_EINVAL);
     assert_null(p);
     size_t anchors = 0, aliases = 0, unknown = 0;
@@ -1337,7 +1305,7 @@ static void test_deep_nesting_refused(void **state) {
     yaml[o + 2 * depth] = '\n';
     yaml[len] = '\0';
     /* The root mapping is level 1; the 64th '[' (column 67) would be level 65. */
-    expect_errors_n(yaml, len, false,
+    expect_errors_n(yaml, len,
                     (const char *const[]){NAME ":2:67: YAML nesting is deeper than 64 levels"}, 1);
     free(yaml);
 }
@@ -1349,14 +1317,14 @@ static void test_file_size_cap(void **state) {
     assert_non_null(yaml);
     memcpy(yaml, "version: 1\n", 11);
     memset(yaml + 11, '#', len - 11); /* a comment: valid YAML if it were allowed */
-    expect_errors_n(yaml, len, false,
+    expect_errors_n(yaml, len,
                     (const char *const[]){NAME ":1:1: the policy file is larger than 4194304 "
                                                "bytes"},
                     1);
     /* One byte less is accepted. */
     struct policy *p = NULL;
     struct policy_errors e;
-    assert_int_equal(policy_load_buffer(NAME, yaml, len - 1, NULL, &p, &e), 0);
+    assert_int_equal(policy_load_buffer(NAME, yaml, len - 1, &p, &e), 0);
     policy_errors_free(&e);
     policy_release(p);
 
@@ -1367,7 +1335,7 @@ static void test_file_size_cap(void **state) {
     assert_int_equal(write(fd, yaml, len), (ssize_t)len);
     assert_int_equal(close(fd), 0);
     p = (struct policy *)1;
-    assert_int_equal(policy_load(path, NULL, &p, &e), PEP_EINVAL);
+    assert_int_equal(policy_load(path, &p, &e), PEP_EINVAL);
     unlink(path);
     assert_null(p);
     assert_int_equal(e.len, 1);
@@ -1380,7 +1348,7 @@ static void test_file_size_cap(void **state) {
 
 static void test_null_buffer(void **state) {
     (void)state;
-    expect_errors_n(NULL, 0, false,
+    expect_errors_n(NULL, 0,
                     (const char *const[]){NAME ":1:1: the policy is empty: it needs at least "
                                                "'version: 1'"},
                     1);
@@ -1402,7 +1370,7 @@ static void test_node_cap(void **state) {
     yaml[o++] = '\n';
     struct policy *p = (struct policy *)1;
     struct policy_errors e;
-    int rc = policy_load_buffer(NAME, yaml, o, NULL, &p, &e);
+    int rc = policy_load_buffer(NAME, yaml, o, &p, &e);
     assert_int_equal(rc, PEP_EINVAL);
     assert_null(p);
     assert_int_equal(e.len, 1);
@@ -1419,8 +1387,7 @@ static void test_node_cap(void **state) {
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_example_compiles),
-        cmocka_unit_test(test_scenarios_compile_with_allow_unenforced),
-        cmocka_unit_test(test_scenarios_refused_without_allow_unenforced),
+        cmocka_unit_test(test_scenarios_compile),
         cmocka_unit_test(test_load_missing_file),
         cmocka_unit_test(test_load_not_a_regular_file),
         cmocka_unit_test(test_rich_policy_fields),
@@ -1445,7 +1412,7 @@ int main(void) {
         cmocka_unit_test(test_error_yaml_syntax),
         cmocka_unit_test(test_error_bad_enum),
         cmocka_unit_test(test_error_bad_scheme),
-        cmocka_unit_test(test_error_unenforced_feature),
+        cmocka_unit_test(test_every_feature_is_enforced),
         cmocka_unit_test(test_error_version),
         cmocka_unit_test(test_error_yaml_features_refused),
         cmocka_unit_test(test_errors_several_in_file_order),
