@@ -66,7 +66,8 @@ void reply_json(struct request *r, int status, json_t *body) {
     reply_clear(&r->reply);
     r->reply.status = status;
     r->reply.content_type = "application/json";
-    r->reply.body = body ? json_dumps(body, JSON_COMPACT) : NULL;
+    /* 15 significant digits: a rate of 0.95 reads 0.95, not 0.94999999999999996. */
+    r->reply.body = body ? json_dumps(body, JSON_COMPACT | JSON_REAL_PRECISION(15)) : NULL;
     r->reply.body_len = r->reply.body ? strlen(r->reply.body) : 0;
     json_decref(body);
 }

@@ -82,6 +82,7 @@ enum pepctl_flag {
     F_KEYS,
     F_STATE,
     F_REASON,
+    F_NOTE,
     F_COUNT
 };
 
@@ -109,6 +110,7 @@ static const struct pepctl_flag_def pepctl_flags[F_COUNT] = {
     [F_KEYS] = {"--keys", NULL, true},
     [F_STATE] = {"--state", NULL, true},
     [F_REASON] = {"--reason", NULL, true},
+    [F_NOTE] = {"--note", NULL, true},
 };
 
 #define BIT(f) (1u << (f))
@@ -442,6 +444,26 @@ static const char *pepctl_shape_approval(const json_t *answer) {
     return pepctl_has_string(answer, "id") && pepctl_has_string(answer, "state")
                ? NULL
                : "no string 'id' and 'state'";
+}
+
+static const char *pepctl_shape_upstreams(const json_t *answer) {
+    return pepctl_is_list_of(answer, "upstreams", "name") &&
+                   pepctl_is_list_of(answer, "upstreams", "state")
+               ? NULL
+               : "no 'upstreams' array of objects with a string 'name' and 'state'";
+}
+
+static const char *pepctl_shape_chains(const json_t *answer) {
+    return pepctl_is_list_of(answer, "chains", "name") ? NULL
+                                                       : "no 'chains' array of objects with a "
+                                                         "string 'name'";
+}
+
+static const char *pepctl_shape_escalations(const json_t *answer) {
+    return pepctl_is_list_of(answer, "escalations", "id") &&
+                   pepctl_is_list_of(answer, "escalations", "state")
+               ? NULL
+               : "no 'escalations' array of objects with a string 'id' and 'state'";
 }
 
 /* Every error pep answers: {"error":{"code":"…",…}} (SPEC 3.3). */
@@ -1158,6 +1180,156 @@ static int pepctl_approvals_deny(struct pepctl *ctx, const struct pepctl_args *a
     return pepctl_approval_call(ctx, a, "deny");
 }
 
+/* ---- upstreams, chains, escalations -------------------------------------------------------- */
+
+/* GET path (checked by shape) and prints the array `list` as a table of the members cols
+ * (headers are the member names in capitals), or the JSON with --json. */
+static int pepctl_list_table(struct pepctl *ctx, const char *path, pepctl_shape_fn shape,
+                             const char *list, const char *const *cols, size_t ncols) {
+    json_t *answer = NULL;
+    if (pepctl_api(ctx, "GET", path, NULL, shape, &answer, NULL) != 0) return PEPCTL_FAIL;
+    int rc;
+    if (ctx->json) {
+        rc = pepctl_print_json(answer);
+    } else {
+        struct pepctl_table t = {.ncols = ncols};
+        char *header[16];
+        for (size_t c = 0; c < ncols; c++) {
+            header[c] = strdup(cols[c]);
+            for (char *p = header[c]; p && *p; p++)
+                *p = (char)(*p >= 'a' && *p <= 'z' ? *p - 32 : *p);
+        }
+        pepctl_table_add(&t, header);
+        size_t i;
+        json_t *item;
+        json_array_foreach(json_object_get(answer, list), i, item) {
+            char *row[16];
+            for (size_t c = 0; c < ncols; c++)
+                row[c] = pepctl_cell(json_object_get(item, cols[c]));
+            pepctl_table_add(&t, row);
+        }
+        rc = pepctl_table_print(&t);
+    }
+    json_decref(answer);
+    return rc;
+}
+
+static int pepctl_upstreams(struct pepctl *ctx, const struct pepctl_args *a) {
+    (void)a;
+    static const char *const cols[] = {"name", "state", "since", "requests", "failures", "breaker"};
+    return pepctl_list_table(ctx, "/admin/v1/upstreams", pepctl_shape_upstreams, "upstreams", cols,
+                             PEP_ARRAY_LEN(cols));
+}
+
+/* One line per chain and horizon: its indicators; then its objectives. */
+static int pepctl_chains(struct pepctl *ctx, const struct pepctl_args *a) {
+    (void)a;
+    json_t *answer = NULL;
+    if (pepctl_api(ctx, "GET", "/admin/v1/chains", NULL, pepctl_shape_chains, &answer, NULL) != 0)
+        return PEPCTL_FAIL;
+    int rc;
+    if (ctx->json) {
+        rc = pepctl_print_json(answer);
+    } else {
+        static const char *const ind[] = {"requests",
+                                          "first_attempt_failed",
+                                          "retry_success_rate",
+                                          "fallback_activation_rate",
+                                          "escalation_rate",
+                                          "mean_ms",
+                                          "p95_ms"};
+        struct pepctl_table t = {.ncols = 2 + PEP_ARRAY_LEN(ind)};
+        char *header[2 + PEP_ARRAY_LEN(ind)] = {strdup("CHAIN"), strdup("WINDOW")};
+        for (size_t c = 0; c < PEP_ARRAY_LEN(ind); c++) {
+            header[2 + c] = strdup(ind[c]);
+            for (char *p = header[2 + c]; p && *p; p++)
+                *p = (char)(*p >= 'a' && *p <= 'z' ? *p - 32 : *p);
+        }
+        pepctl_table_add(&t, header);
+        size_t i;
+        json_t *chain;
+        json_array_foreach(json_object_get(answer, "chains"), i, chain) {
+            static const char *const windows[] = {"since_start", "last_hour"};
+            for (size_t w = 0; w < 2; w++) {
+                json_t *v = json_object_get(chain, windows[w]);
+                char *row[2 + PEP_ARRAY_LEN(ind)] = {pepctl_cell(json_object_get(chain, "name")),
+                                                     strdup(windows[w])};
+                for (size_t c = 0; c < PEP_ARRAY_LEN(ind); c++)
+                    row[2 + c] = pepctl_cell(json_object_get(v, ind[c]));
+                pepctl_table_add(&t, row);
+            }
+        }
+        rc = pepctl_table_print(&t);
+    }
+    json_decref(answer);
+    return rc;
+}
+
+static int pepctl_escalations_list(struct pepctl *ctx, const struct pepctl_args *a) {
+    char *path = NULL, *esc = NULL;
+    int rc = PEPCTL_FAIL;
+    const char *state = a->value[F_STATE] ? a->value[F_STATE] : "open";
+    if (!ctx->curl && !(ctx->curl = curl_easy_init())) goto oom;
+    esc = curl_easy_escape(ctx->curl, state, 0);
+    if (!esc || asprintf(&path, "/admin/v1/escalations?state=%s", esc) < 0) {
+        path = NULL;
+        goto oom;
+    }
+    static const char *const cols[] = {"id",    "state",  "chain",     "request_id",
+                                       "agent", "action", "created_at"};
+    rc = pepctl_list_table(ctx, path, pepctl_shape_escalations, "escalations", cols,
+                           PEP_ARRAY_LEN(cols));
+    goto out;
+oom:
+    pepctl_errorf("out of memory");
+out:
+    curl_free(esc);
+    free(path);
+    return rc;
+}
+
+/* show (verb NULL) or resolve one escalation; prints it as it stands after the call. */
+static int pepctl_escalation_call(struct pepctl *ctx, const struct pepctl_args *a,
+                                  const char *verb) {
+    json_t *answer = NULL, *body = NULL;
+    int rc = PEPCTL_FAIL;
+    char *path = pepctl_path(ctx, "escalations", a->pos[2], verb);
+    if (verb) {
+        body = json_object();
+        if (body && a->value[F_NOTE] &&
+            json_object_set_new(body, "note", json_string(a->value[F_NOTE])) != 0) {
+            pepctl_errorf("--note: not valid UTF-8");
+            goto out;
+        }
+    }
+    if (!path || (verb && !body)) {
+        pepctl_errorf("out of memory");
+        goto out;
+    }
+    if (pepctl_api(ctx, verb ? "POST" : "GET", path, body, pepctl_shape_approval, &answer, NULL) !=
+        0)
+        goto out;
+    if (ctx->json) {
+        rc = pepctl_print_json(answer);
+        goto out;
+    }
+    if (verb) printf("escalation %s resolved\n", a->pos[2]);
+    rc = pepctl_print_object(answer);
+out:
+    free(path);
+    json_decref(body);
+    json_decref(answer);
+    return rc;
+}
+
+static int pepctl_escalations_show(struct pepctl *ctx, const struct pepctl_args *a) {
+    return pepctl_escalation_call(ctx, a, NULL);
+}
+
+static int pepctl_escalations_resolve(struct pepctl *ctx, const struct pepctl_args *a) {
+    return pepctl_escalation_call(ctx, a, "resolve");
+}
+
 static void pepctl_usage(FILE *f);
 
 static int pepctl_audit_verify(struct pepctl *ctx, const struct pepctl_args *a) {
@@ -1209,6 +1381,17 @@ static const struct pepctl_cmd pepctl_cmds[] = {
      "approve a pending approval (your operator id is recorded)", pepctl_approvals_approve},
     {"approvals", "deny", 1, BIT(F_REASON), BIT(F_REASON), "approvals deny ID --reason TEXT",
      "deny a pending approval", pepctl_approvals_deny},
+    {"upstreams", "list", 0, 0, 0, "upstreams list",
+     "each upstream's circuit breaker: state, since when, requests and failures in its window",
+     pepctl_upstreams},
+    {"chains", "list", 0, 0, 0, "chains list",
+     "each chain's reliability indicators, since start and over the last hour", pepctl_chains},
+    {"escalations", "list", 0, BIT(F_STATE), 0, "escalations list [--state open|resolved|all]",
+     "the human escalation queue (default: open), oldest first", pepctl_escalations_list},
+    {"escalations", "show", 1, 0, 0, "escalations show ID",
+     "one escalation: chain, request, agent, every attempt", pepctl_escalations_show},
+    {"escalations", "resolve", 1, BIT(F_NOTE), 0, "escalations resolve ID [--note TEXT]",
+     "mark an escalation resolved (your operator id is recorded)", pepctl_escalations_resolve},
     {"audit", "verify", 0, BIT(F_DB) | BIT(F_KEYS), 0, "audit verify [--db FILE [--keys DIR]]",
      "walk the audit hash chain and check the signed checkpoints (--db: offline, on a\n"
      "      snapshot of FILE, no server; checkpoint signatures checked with the keys in DIR,\n"
