@@ -14,11 +14,17 @@
 # through an action with one body condition and one rate limit that never triggers
 # (req/s and CPU per request, interleaved runs), and the rate limiter's memory with one
 # million distinct agent keys (tools/bench/ratelimit_mem.c).
+# Then the resilience table (resilience_table below): (a) the allow path through a
+# two-step chain whose first step is healthy, against the single-upstream allow path (the
+# planner's cost on the happy path); (b) the first upstream down with its breaker open, the
+# fallback served without touching it, against (a); (c) streaming: time to the first byte
+# of an SSE answer through pep, against mockllm directly.
 # Then the token table (token_table below): what a request costs pep in CPU by the token
 # it carries, none / garbage / unknown kid / forged signature / valid (cached) / valid
 # (uncached), each against "no token".
 # Knobs: DURATION (s per run, default 5), CONNS (default 64), ROUNDS (default 2),
-#        ONLY (paths | controls | tokens: run one part; default all), TOKEN_CONNS (default 32),
+#        ONLY (paths | controls | resilience | tokens: run one part; default all),
+#        TOKEN_CONNS (default 32),
 #        TOKEN_DURATION (s per token-table run, default DURATION), TOKEN_ROUNDS (default
 #        ROUNDS), ISSUE_SECONDS (s spent issuing tokens for the uncached row in each round,
 #        default 2 * TOKEN_DURATION).
@@ -62,6 +68,15 @@ agents:
   - { id: bench-bot, owner: bench@example.test, tenants: [bench], scopes: [llm.chat] }
 upstreams:
   mock: { base_url: "$mock_url", api_key_env: BENCH_UPSTREAM_KEY }
+  mock2: { base_url: "$mock_url", api_key_env: BENCH_UPSTREAM_KEY }
+  dead:
+    base_url: "http://127.0.0.1:1"
+    breaker: { failure_threshold: 1, open_for: 1h }
+chains:
+  healthy:
+    steps: [ { upstream: mock }, { upstream: mock2 } ]
+  sick:
+    steps: [ { upstream: dead }, { upstream: mock } ]
 routes:
   - match: { method: POST, path: /v1/chat/completions }
     action: llm.chat
@@ -69,6 +84,12 @@ routes:
   - match: { method: POST, path: /bench/governed/chat/completions }
     action: llm.governed
     forward: { upstream: mock, path: /v1/chat/completions }
+  - match: { method: POST, path: /bench/healthy/chat/completions }
+    action: llm.chat
+    forward: { chain: healthy, retry_safe: true }
+  - match: { method: POST, path: /bench/sick/chat/completions }
+    action: llm.chat
+    forward: { chain: sick, retry_safe: true }
   - match: { method: POST, path: /bench/token }
     action: bench.token
 actions:
@@ -300,7 +321,58 @@ controls_table() {
     [ -x "$build/ratelimit_mem" ] && "$build/ratelimit_mem" 1000000
 }
 
+# ---- resilience table ----------------------------------------------------------------------
+# cpu_run LABEL PATH [SCRIPT]: one wrk run against pep, appending "LABEL|req/s|ticks|requests"
+cpu_run() {
+    before=$(cpu_ticks "$pep")
+    wrk -t2 -c"$CONNS" -d"${DURATION}s" -s "${3:-$here/chat.lua}" "$data_url$2" >"$dir/wrk.out" 2>&1
+    after=$(cpu_ticks "$pep")
+    reqs=$(awk '/ requests in / {print $1}' "$dir/wrk.out")
+    rps=$(awk '/^Requests\/sec/ {print $2}' "$dir/wrk.out")
+    non2xx=$(awk '/Non-2xx/ {print $NF}' "$dir/wrk.out")
+    echo "$1|${rps:-0}|$((after - before))|${reqs:-0}" >>"$dir/resilience_results"
+    awk -v t=$((after - before)) -v hz="$hz" -v n="${reqs:-0}" -v w="$1" -v r="${rps:-0}" \
+        -v bad="${non2xx:-0}" \
+        'BEGIN { printf "  %-14s %9s req/s %7.1f us CPU/req  non-2xx %s\n", w, r, (n > 0 ? t * 1000000 / hz / n : 0), bad }'
+}
+
+# ttfb URL TOKEN: mean time to the first byte of a streamed chat answer over 50 calls, in µs
+ttfb() {
+    for _ in $(seq 1 50); do
+        curl -s -o /dev/null -w '%{time_starttransfer}\n' "$1" -H "Authorization: Bearer $2" \
+            -H 'Content-Type: application/json' \
+            -d '{"model":"m","stream":true,"messages":[{"role":"user","content":"hi"}]}'
+    done | awk '{ s += $1 } END { printf "%.0f", s / NR * 1000000 }'
+}
+
+resilience_table() {
+    echo "-- resilience: single upstream vs a two-step chain (healthy first step) vs a chain whose first step's breaker is open, $CONNS conns"
+    : >"$dir/resilience_results"
+    start_pep normal
+    # open the sick chain's breaker: one connection refused by 127.0.0.1:1
+    curl -s -o /dev/null "$data_url/bench/sick/chat/completions" -H "Authorization: Bearer $PEP_BENCH_TOKEN" \
+        -H 'Content-Type: application/json' -d '{"model":"m","messages":[]}'
+    for round in $(seq 1 "${RESILIENCE_ROUNDS:-2}"); do
+        cpu_run single /v1/chat/completions
+        cpu_run chain_healthy /bench/healthy/chat/completions
+        cpu_run breaker_open /bench/sick/chat/completions
+    done
+    awk -F'|' -v hz="$hz" '
+        { rps[$1] += $2; runs[$1]++; ticks[$1] += $3; reqs[$1] += $4 }
+        END {
+            for (k in rps) { us[k] = reqs[k] > 0 ? ticks[k] * 1000000 / hz / reqs[k] : 0; m[k] = rps[k] / runs[k] }
+            if (m["single"] > 0 && us["single"] > 0)
+                printf "(a) chain_healthy / single: %.3f x req/s, %.3f x CPU per request (target: within 5%%)\n", m["chain_healthy"] / m["single"], us["chain_healthy"] / us["single"]
+            if (m["chain_healthy"] > 0 && us["chain_healthy"] > 0)
+                printf "(b) breaker_open / chain_healthy: %.3f x req/s, %.3f x CPU per request (target: within 10%%)\n", m["breaker_open"] / m["chain_healthy"], us["breaker_open"] / us["chain_healthy"]
+        }' "$dir/resilience_results"
+    direct=$(ttfb "$mock_url/v1/chat/completions" none)
+    through=$(ttfb "$data_url/v1/chat/completions" "$PEP_BENCH_TOKEN")
+    echo "(c) streaming, time to first byte (mean of 50, 1 conn): direct ${direct} us, through pep ${through} us, added $((through - direct)) us"
+}
+
 [ -n "$BASELINE" ] && ab_allow
 [ -z "$ONLY" ] || [ "$ONLY" = controls ] && controls_table
+[ -z "$ONLY" ] || [ "$ONLY" = resilience ] && resilience_table
 [ -z "$ONLY" ] || [ "$ONLY" = tokens ] && token_table
 exit 0
