@@ -63,8 +63,9 @@ struct dispatch {
     struct chain_attempt history[DISPATCH_MAX_HISTORY];
     struct attempt_note notes[DISPATCH_MAX_HISTORY];
     size_t n;
-    struct chain_move end; /* the terminal move */
-    bool cancelled;        /* pep is stopping: nothing more was tried */
+    struct chain_move end;            /* the terminal move */
+    struct chain_breaker_view *views; /* one per step: the planner's view of the breakers */
+    bool cancelled;                   /* pep is stopping: nothing more was tried */
     /* streaming */
     struct stream_pipe *pipe;
     bool streaming;
@@ -80,15 +81,12 @@ void dispatch_free(struct dispatch *d) {
     free(d->body_owned);
     upstream_request_clear(&d->up);
     stream_pipe_free(d->pipe);
+    free(d->views);
     free(d);
 }
 
 void dispatch_closed(struct request *r) {
     if (r->dispatch && r->dispatch->pipe) stream_pipe_reader_gone(r->dispatch->pipe);
-}
-
-const char *dispatch_model(const struct request *r) {
-    return r->dispatch ? r->dispatch->up.model : "";
 }
 
 int dispatch_prepare(struct request *r) {
@@ -105,6 +103,8 @@ int dispatch_prepare(struct request *r) {
         d->chain = &d->single;
     }
     if (pep_random_bytes(&d->seed, sizeof d->seed) != 0) d->seed = (uint32_t)r->start_mono_us;
+    d->views = calloc(d->chain->steps_len ? d->chain->steps_len : 1, sizeof *d->views);
+    if (!d->views) return PEP_ENOMEM;
     return upstream_capture(r, &d->up);
 }
 
@@ -436,10 +436,9 @@ static void plan_next(struct dispatch *d) {
             finish(d);
             return;
         }
-        struct chain_breaker_view views[64], overflow;
-        size_t nsteps = d->chain->steps_len < 64 ? d->chain->steps_len : 64;
-        for (size_t i = 0; i < nsteps; i++)
-            breaker_view(d, &d->chain->steps[i], &views[i]);
+        struct chain_breaker_view overflow;
+        for (size_t i = 0; i < d->chain->steps_len; i++)
+            breaker_view(d, &d->chain->steps[i], &d->views[i]);
         breaker_view(d, d->chain->has_context_overflow ? &d->chain->context_overflow_step : NULL,
                      &overflow);
         struct chain_input in = {.chain = d->chain,
@@ -447,7 +446,7 @@ static void plan_next(struct dispatch *d) {
                                  .escalated = d->escalated,
                                  .history = d->history,
                                  .history_len = d->n,
-                                 .breakers = views,
+                                 .breakers = d->views,
                                  .overflow_breaker = &overflow,
                                  .now_ms = elapsed_ms(d),
                                  .seed = d->seed};

@@ -34,9 +34,6 @@ void dispatch_start(struct request *r);
 /* Queues r's answer (listener thread, r resumed). */
 enum MHD_Result dispatch_respond(struct request *r);
 
-/* The model the decision names for the record of a refused request, or "": nothing. */
-const char *dispatch_model(const struct request *r);
-
 /* libmicrohttpd is done with r: a stream still running stops (its reader is gone). */
 void dispatch_closed(struct request *r);
 
