@@ -1469,21 +1469,25 @@ static int pepctl_parse(int argc, char **argv, struct pepctl_args *a) {
 
 /* Finds the command and checks its arguments and flags.  NULL after a message. */
 static const struct pepctl_cmd *pepctl_check(const struct pepctl_args *a) {
-    if (a->npos < 2) {
-        pepctl_errorf(a->npos == 0 ? "no command given" : "'%s' needs a command word",
-                      a->npos ? a->pos[0] : "");
+    if (a->npos == 0) {
+        pepctl_errorf("no command given");
         return NULL;
     }
+    /* A group alone means its `list` (pepctl upstreams, pepctl escalations). */
+    const char *verb = a->npos >= 2 ? a->pos[1] : "list";
     const struct pepctl_cmd *cmd = NULL;
     for (size_t i = 0; i < PEP_ARRAY_LEN(pepctl_cmds) && !cmd; i++)
-        if (strcmp(pepctl_cmds[i].group, a->pos[0]) == 0 &&
-            strcmp(pepctl_cmds[i].verb, a->pos[1]) == 0)
+        if (strcmp(pepctl_cmds[i].group, a->pos[0]) == 0 && strcmp(pepctl_cmds[i].verb, verb) == 0)
             cmd = &pepctl_cmds[i];
+    if (!cmd && a->npos < 2) {
+        pepctl_errorf("'%s' needs a command word", a->pos[0]);
+        return NULL;
+    }
     if (!cmd) {
         pepctl_errorf("unknown command '%s %s'", a->pos[0], a->pos[1]);
         return NULL;
     }
-    if (a->npos - 2 != cmd->nargs) {
+    if ((a->npos >= 2 ? a->npos - 2 : 0) != cmd->nargs) {
         pepctl_errorf("'%s %s' takes %zu argument%s: pepctl %s", cmd->group, cmd->verb, cmd->nargs,
                       cmd->nargs == 1 ? "" : "s", cmd->synopsis);
         return NULL;
