@@ -69,6 +69,7 @@ struct dispatch {
     /* streaming */
     struct stream_pipe *pipe;
     bool streaming;
+    int stream_status; /* the status of the head relayed */
 };
 
 static int64_t elapsed_ms(const struct dispatch *d) {
@@ -569,7 +570,7 @@ static void on_attempt_done(struct forward_job *job, void *arg) {
     if (aborted_stream) { /* the agent has the head: the answer stays what it was */
         note->stream_aborted = true;
         a->outcome = CHAIN_OUTCOME_STATUS;
-        a->status = (int)job->status;
+        a->status = d->stream_status; /* the job's was cleared with its failure */
     }
     d->n++;
     bool transport = job->error != FORWARD_OK && job->error != FORWARD_CANCELLED &&
@@ -645,6 +646,7 @@ static bool on_answer_head(struct forward_job *job, void *arg) {
     d->pipe = stream_pipe_new(&hooks);
     if (!d->pipe) return false;
     d->streaming = true;
+    d->stream_status = a->status;
     d->end = m;
     /* The answer's head is built here, before the request resumes: from then on this
      * thread and the listener's share only the pipe. */
