@@ -108,7 +108,7 @@ static void test_example_compiles(void **state) {
     assert_string_equal(p->agents[0].scopes[1], "tool.search");
     assert_true(p->agents[0].enabled);
 
-    assert_int_equal(p->upstreams_len, 1);
+    assert_int_equal(p->upstreams_len, 2);
     struct upstream *mock = policy_find_upstream(p, "mock");
     assert_ptr_equal(mock, &p->upstreams[0]);
     assert_string_equal(mock->base_url, "http://127.0.0.1:9099");
@@ -118,7 +118,9 @@ static void test_example_compiles(void **state) {
     assert_string_equal(p->routes[0].method, "POST");
     assert_string_equal(p->routes[0].path, "/v1/chat/completions");
     assert_ptr_equal(p->routes[0].action, policy_find_action(p, "llm.chat"));
-    assert_ptr_equal(p->routes[0].upstream, mock);
+    assert_null(p->routes[0].upstream);
+    assert_ptr_equal(p->routes[0].chain, policy_find_chain(p, "chat"));
+    assert_true(p->routes[0].retry_safe);
     assert_null(p->routes[0].forward_path);
     assert_int_equal(p->routes[0].tenant_param, -1);
     assert_string_equal(p->routes[1].method, "GET");
@@ -126,7 +128,11 @@ static void test_example_compiles(void **state) {
     assert_ptr_equal(p->routes[1].upstream, mock);
     assert_string_equal(p->routes[1].forward_path, "/search");
     assert_int_equal(p->routes[1].tenant_param, 2);
-    assert_int_equal(p->chains_len, 0);
+    assert_int_equal(p->chains_len, 1);
+    assert_int_equal(p->chains[0].steps_len, 2);
+    assert_ptr_equal(p->chains[0].steps[0].upstream, mock);
+    assert_string_equal(p->chains[0].steps[1].model, "gpt-4o");
+    assert_true(mock->breaker.present);
 
     assert_int_equal(p->actions_len, 6);
     assert_string_equal(policy_find_action(p, "llm.chat")->scope, "llm.chat");
