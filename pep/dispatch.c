@@ -70,6 +70,7 @@ struct dispatch {
     struct stream_pipe *pipe;
     bool streaming;
     int stream_status; /* the status of the head relayed */
+    int64_t head_ms;   /* streaming: when the answer's head was ready (ms since receipt) */
 };
 
 static int64_t elapsed_ms(const struct dispatch *d) {
@@ -273,7 +274,8 @@ static void record_indicators(struct dispatch *d) {
     struct indicator_sample s = {
         .served = strcmp(code, "ok") == 0 || strcmp(code, "stream_aborted") == 0,
         .escalated = d->escalated,
-        .latency_ms = elapsed_ms(d),
+        /* SPEC 2: receipt to the answer's head — for a stream, not to its end. */
+        .latency_ms = d->streaming ? d->head_ms : elapsed_ms(d),
     };
     s.fallback = s.served && d->end.step != 0;
     if (d->n > 0) {
@@ -647,6 +649,7 @@ static bool on_answer_head(struct forward_job *job, void *arg) {
     if (!d->pipe) return false;
     d->streaming = true;
     d->stream_status = a->status;
+    d->head_ms = a->end_ms;
     d->end = m;
     /* The answer's head is built here, before the request resumes: from then on this
      * thread and the listener's share only the pipe. */
