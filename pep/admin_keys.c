@@ -10,11 +10,12 @@
  * signs can come after it:
  *
  *   retires_at = max(now, T + identity.clock_skew), where T is the latest `exp` of
- *     - the tokens the old key signed in this process (the ring counts them as it signs:
- *       this covers tokens whose record is still on its way to the store), and
  *     - the tokens the registry knows, not revoked, issued since the old key took over
  *       (less ADMIN_KEYS_ISSUE_MARGIN_S), or all of them for the data dir's first key:
- *       this covers tokens issued before a restart.
+ *       what the store knows, across restarts; and
+ *     - the tokens the old key signed lately whose jti the registry does not know yet (the
+ *       ring notes each token it signs for a minute): a token is signed before its record
+ *       is written, and one whose record is still on its way must count too.
  *   A token is accepted until exp + clock_skew, so no token of the old key can be valid
  *   once it retires.  A token revoked before the rotation does not hold the key back;
  *   one revoked after does (the bound is not recomputed): to retire a key sooner, revoke
@@ -43,6 +44,11 @@
 #include <stdlib.h>
 #include <string.h>
 
+/* Whether the registry knows the token (its record is written; revoked or not). */
+static bool admin_keys_recorded(void *registry, const char *jti) {
+    return registry_token_state(registry, jti) != REGISTRY_TOKEN_UNKNOWN;
+}
+
 enum MHD_Result admin_keys_rotate(struct request *r, const char *const *arg) {
     (void)arg;
     struct server *s = r->srv;
@@ -58,8 +64,8 @@ enum MHD_Result admin_keys_rotate(struct request *r, const char *const *arg) {
     int64_t since = keys_rotation_old_signs_since(rot);
     if (since != INT64_MIN) since -= ADMIN_KEYS_ISSUE_MARGIN_S;
     int64_t last = registry_latest_expiry(s->registry, since);
-    int64_t signed_here = keys_rotation_old_signed_exp_max(rot);
-    if (signed_here > last) last = signed_here;
+    int64_t unrecorded = keys_rotation_old_unrecorded_exp(rot, admin_keys_recorded, s->registry);
+    if (unrecorded > last) last = unrecorded;
     int64_t skew = r->policy->clock_skew_ms > 0 ? r->policy->clock_skew_ms / 1000 : 0;
     keys_rotation_set_retires_at(rot, last > 0 ? last + skew : now);
 

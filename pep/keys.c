@@ -30,8 +30,11 @@
  * base64url, then ES256 over "header.payload" with EVP_DigestSign and the DER signature
  * OpenSSL returns rewritten as the raw R‖S a JWS carries.  libjwt is not used: its encoder
  * re-parses the private PEM on every signature.  A token signature (claims with `exp`)
- * holds sign_lock for reading and raises its key's signed_exp_max; a rotation holds it for
- * writing, so once it has it the old key's signed_exp_max is final.
+ * holds sign_lock for reading and notes the token (jti, exp) in its key's list of recent
+ * signatures; a rotation holds it for writing, so once it has it what the old key signed is
+ * final.  The list is what the store may not know yet: a token's record is written after
+ * it is signed, and a rotation must count a token whose record is still on its way.  It
+ * keeps the last KEYS_RECENT_US of signatures (older ones are in the store, or failed).
  *
  * Threads: loading, creating and rotating do file I/O and belong to the main thread or
  * the admin handler doing a rotation (rotations are serialized by rotate_lock).  Lookups,
@@ -73,16 +76,28 @@ struct keys_entry {
     size_t private_pem_len;     /* bytes, without the trailing NUL kept after them */
     unsigned char *public_pem;  /* SubjectPublicKeyInfo PEM (tests cross-check libjwt) */
     size_t public_pem_len;
-    EVP_PKEY *pkey;           /* the parsed key pair: signs */
-    EVP_PKEY *public_key;     /* the public half alone, parsed from public_pem: verifies */
-    struct timespec mtime;    /* of the key file: orders keys without rotation records */
-    int64_t created_at_s;     /* the store's row, else the file's mtime; fixed once published
-                                 (keys_sql_load runs before the ring is shared) */
-    bool in_store;            /* the signing_keys table has a row for it (rotate_lock) */
-    int64_t rotated_out_at_s; /* atomic: when a rotation took it out; 0 never */
-    int64_t retires_at_s;     /* atomic: when it stops verifying tokens (not active) */
-    int64_t signed_exp_max;   /* atomic: latest `exp` it signed in this process, 0 none */
+    EVP_PKEY *pkey;             /* the parsed key pair: signs */
+    EVP_PKEY *public_key;       /* the public half alone, parsed from public_pem: verifies */
+    struct timespec mtime;      /* of the key file: orders keys without rotation records */
+    int64_t created_at_s;       /* the store's row, else the file's mtime; fixed once published
+                                   (keys_sql_load runs before the ring is shared) */
+    bool in_store;              /* the signing_keys table has a row for it (rotate_lock) */
+    int64_t rotated_out_at_s;   /* atomic: when a rotation took it out; 0 never */
+    int64_t retires_at_s;       /* atomic: when it stops verifying tokens (not active) */
+    struct keys_recent *recent; /* tokens it signed lately, oldest first (recent_lock) */
+    size_t recent_len, recent_cap;
 };
+
+/* A token a key signed: what a rotation needs to know of it until the store does. */
+struct keys_recent {
+    char jti[64];           /* its jti ("" when absent or longer: never known to the store) */
+    int64_t exp;            /* its exp claim */
+    int64_t signed_mono_us; /* when it was signed */
+};
+
+/* How long a signature stays in its key's recent list: far longer than a token's record
+ * takes to be written (a batch's fsync), or to fail. */
+#define KEYS_RECENT_US (60LL * 1000000)
 
 struct keyring {
     struct keys_entry *head;   /* atomic: newest first; never NULL once loaded */
@@ -92,6 +107,7 @@ struct keyring {
      * commit or abort: what the old key signed is final while the rotation decides. */
     pthread_rwlock_t sign_lock;
     pthread_mutex_t rotate_lock; /* one rotation at a time */
+    pthread_mutex_t recent_lock; /* every key's recent list */
     char dir[PATH_MAX];          /* DATA/keys; "" for a read-only ring (cannot rotate) */
 };
 
@@ -106,6 +122,7 @@ static void keys_entry_clear(struct keys_entry *e) {
     free(e->public_pem);
     EVP_PKEY_free(e->pkey);
     EVP_PKEY_free(e->public_key);
+    free(e->recent);
     memset(e, 0, sizeof *e);
 }
 
@@ -133,6 +150,7 @@ void keys_free(struct keyring *k) {
     }
     pthread_rwlock_destroy(&k->sign_lock);
     pthread_mutex_destroy(&k->rotate_lock);
+    pthread_mutex_destroy(&k->recent_lock);
     free(k);
 }
 
@@ -151,6 +169,12 @@ static struct keyring *keys_ring_new(void) {
         return NULL;
     }
     if (pthread_mutex_init(&k->rotate_lock, NULL) != 0) {
+        pthread_rwlock_destroy(&k->sign_lock);
+        free(k);
+        return NULL;
+    }
+    if (pthread_mutex_init(&k->recent_lock, NULL) != 0) {
+        pthread_mutex_destroy(&k->rotate_lock);
         pthread_rwlock_destroy(&k->sign_lock);
         free(k);
         return NULL;
@@ -826,8 +850,51 @@ int64_t keys_rotation_old_signs_since(const struct keys_rotation *rot) {
     return rot->old->in_store ? rot->old->created_at_s : INT64_MIN;
 }
 
-int64_t keys_rotation_old_signed_exp_max(const struct keys_rotation *rot) {
-    return __atomic_load_n(&rot->old->signed_exp_max, __ATOMIC_ACQUIRE);
+int64_t keys_rotation_old_unrecorded_exp(const struct keys_rotation *rot,
+                                         bool (*recorded)(void *arg, const char *jti), void *arg) {
+    struct keyring *k = rot->k;
+    int64_t latest = 0;
+    pthread_mutex_lock(&k->recent_lock);
+    for (size_t i = 0; i < rot->old->recent_len; i++) {
+        const struct keys_recent *r = &rot->old->recent[i];
+        if (r->exp > latest && !(r->jti[0] && recorded && recorded(arg, r->jti))) latest = r->exp;
+    }
+    pthread_mutex_unlock(&k->recent_lock);
+    return latest;
+}
+
+/* Notes a token e signed (caller holds sign_lock for reading): drops the signatures older
+ * than KEYS_RECENT_US from the front, appends this one.  Memory running out only costs the
+ * note (the rotation then relies on the store alone), so it is not an error. */
+static void keys_note_signature(const struct keyring *k, struct keys_entry *e, const json_t *claims,
+                                int64_t exp) {
+    pthread_mutex_t *lock = (pthread_mutex_t *)&k->recent_lock;
+    int64_t now = pep_mono_us();
+    const char *jti = json_string_value(json_object_get(claims, "jti"));
+    pthread_mutex_lock(lock);
+    size_t old = 0;
+    while (old < e->recent_len && now - e->recent[old].signed_mono_us > KEYS_RECENT_US)
+        old++;
+    if (old > 0) {
+        memmove(e->recent, e->recent + old, (e->recent_len - old) * sizeof *e->recent);
+        e->recent_len -= old;
+    }
+    if (e->recent_len == e->recent_cap) {
+        size_t ncap = e->recent_cap ? 2 * e->recent_cap : 16;
+        struct keys_recent *grown = realloc(e->recent, ncap * sizeof *grown);
+        if (grown) {
+            e->recent = grown;
+            e->recent_cap = ncap;
+        }
+    }
+    if (e->recent_len < e->recent_cap) {
+        struct keys_recent *r = &e->recent[e->recent_len++];
+        r->exp = exp;
+        r->signed_mono_us = now;
+        r->jti[0] = '\0';
+        if (jti && strlen(jti) < sizeof r->jti) memcpy(r->jti, jti, strlen(jti) + 1);
+    }
+    pthread_mutex_unlock(lock);
 }
 
 void keys_rotation_set_retires_at(struct keys_rotation *rot, int64_t retires_at_s) {
@@ -1201,13 +1268,7 @@ int keys_sign_claims(const struct keyring *k, const json_t *claims, char **jwt_o
     }
     jwt[signed_len] = '.';
     memcpy(jwt + signed_len + 1, sig64, strlen(sig64) + 1);
-    if (token) {
-        int64_t e = (int64_t)json_integer_value(exp);
-        int64_t seen = __atomic_load_n(&active->signed_exp_max, __ATOMIC_RELAXED);
-        while (e > seen && !__atomic_compare_exchange_n(&active->signed_exp_max, &seen, e, true,
-                                                        __ATOMIC_RELEASE, __ATOMIC_RELAXED)) {
-        }
-    }
+    if (token) keys_note_signature(k, active, claims, (int64_t)json_integer_value(exp));
     *jwt_out = jwt;
     jwt = NULL;
     rc = 0;

@@ -163,13 +163,19 @@ int keys_rotation_begin(struct keyring *k, int64_t now_s, struct keys_rotation *
 const char *keys_rotation_new_kid(const struct keys_rotation *rot);
 const char *keys_rotation_old_kid(const struct keys_rotation *rot);
 
-/* What the key that signs until the commit signed: its creation time, and since when
- * tokens may carry it — INT64_MIN when it is the data dir's first key, which signed every
- * token the store knows (seconds; tokens issued in the second or minute before it took
- * over may be its own: the caller keeps a margin).  And the latest `exp` of the tokens it
- * signed in this process (0 when none): final, since token signatures are held back. */
+/* What the key that signs until the commit signed, for working out when it retires.
+ *
+ * Since when tokens may carry it: its creation time (seconds; a token issued in the second
+ * or minute before it took over may be its own: the caller keeps a margin), or INT64_MIN
+ * when it is the data dir's first key, which signed every token the store knows.
+ *
+ * And what the store may not know yet: the latest `exp` (0 when none) of the tokens it
+ * signed lately (in the last minute) whose jti `recorded` (may be NULL) does not know —
+ * a token is signed before its record is written.  Final, since token signatures are held
+ * back; recorded(arg, jti) is called under the ring's lock and must not sign. */
 int64_t keys_rotation_old_signs_since(const struct keys_rotation *rot);
-int64_t keys_rotation_old_signed_exp_max(const struct keys_rotation *rot);
+int64_t keys_rotation_old_unrecorded_exp(const struct keys_rotation *rot,
+                                         bool (*recorded)(void *arg, const char *jti), void *arg);
 
 /* Sets when the old key retires (seconds; clamped to at least the rotation's now_s). */
 void keys_rotation_set_retires_at(struct keys_rotation *rot, int64_t retires_at_s);
@@ -214,8 +220,8 @@ int keys_sql_load(struct keyring *k, sqlite3 *db, struct pep_err *err);
  * {"alg":"ES256","kid":…,"typ":"JWT"}, header and claims serialized compact with sorted
  * keys (as libjwt writes them, so libjwt's jwt_decode verifies the result).  The one
  * signing path for agent/operator tokens and audit checkpoints; no PEM is parsed.  Claims
- * with an integer `exp` (tokens) wait while a rotation is in progress, and their exp is
- * remembered by the key that signed them (keys_rotation_old_signed_exp_max).
+ * with an integer `exp` (tokens) wait while a rotation is in progress, and the key that
+ * signed them remembers them for a minute (keys_rotation_old_unrecorded_exp).
  * Returns 0 and *jwt_out (malloc'd, caller frees), or a negative code with err. */
 int keys_sign_claims(const struct keyring *k, const json_t *claims, char **jwt_out,
                      struct pep_err *err);

@@ -400,6 +400,12 @@ static void test_kept_checkpoint_in_the_chain(void **state) {
 
 /* ---- rotation ----------------------------------------------------------------------------- */
 
+/* A store that knows the tokens sign_token makes (jti "j"). */
+static bool recorded_j(void *arg, const char *jti) {
+    (void)arg;
+    return strcmp(jti, "j") == 0;
+}
+
 static void test_rotation_states(void **state) {
     (void)state;
     char *dir = make_tmpdir();
@@ -418,7 +424,9 @@ static void test_rotation_states(void **state) {
     assert_string_not_equal(kid_b, kid_a);
     /* The data dir's first key signed every token: all of them count. */
     assert_true(keys_rotation_old_signs_since(rot) == INT64_MIN);
-    assert_int_equal(keys_rotation_old_signed_exp_max(rot), 1500);
+    assert_int_equal(keys_rotation_old_unrecorded_exp(rot, NULL, NULL), 1500);
+    /* Tokens the store knows are counted from the store, not from the note. */
+    assert_int_equal(keys_rotation_old_unrecorded_exp(rot, recorded_j, NULL), 0);
     /* Until the commit nothing changed: A signs (checkpoints do not wait), B is unknown. */
     assert_string_equal(keys_active_kid(k), kid_a);
     assert_int_equal(keys_state_of(k, kid_b, 1000), KEYS_UNKNOWN);
@@ -492,7 +500,7 @@ static void test_rotation_states(void **state) {
     assert_int_equal(keys_rotation_begin(k, 2000, &rot, &err), 0);
     assert_string_equal(keys_rotation_old_kid(rot), kid_b);
     assert_int_equal(keys_rotation_old_signs_since(rot), 1000);
-    assert_int_equal(keys_rotation_old_signed_exp_max(rot), 2500);
+    assert_int_equal(keys_rotation_old_unrecorded_exp(rot, NULL, NULL), 2500);
     keys_rotation_set_retires_at(rot, 2500);
     keys_rotation_commit(rot);
     assert_int_equal(keys_count(k), 3);
@@ -566,7 +574,7 @@ static void test_rotation_persists(void **state) {
     struct keys_rotation *rot = NULL;
     assert_int_equal(keys_rotation_begin(k2, 3000, &rot, &err), 0);
     assert_int_equal(keys_rotation_old_signs_since(rot), 2000);
-    assert_int_equal(keys_rotation_old_signed_exp_max(rot), 0);
+    assert_int_equal(keys_rotation_old_unrecorded_exp(rot, NULL, NULL), 0);
     keys_rotation_abort(rot);
 
     /* An empty table (no rotation recorded) changes nothing. */
@@ -725,7 +733,7 @@ static void test_rotation_holds_token_signatures(void **state) {
         assert_int_equal(pthread_create(&th[i], NULL, signer_main, &s[i]), 0);
     usleep(20000);
     assert_int_equal(keys_rotation_begin(k, 1000, &rot, &err), 0);
-    int64_t seen = keys_rotation_old_signed_exp_max(rot);
+    int64_t seen = keys_rotation_old_unrecorded_exp(rot, NULL, NULL);
     usleep(20000); /* signers wait meanwhile */
     keys_rotation_set_retires_at(rot, seen);
     keys_rotation_commit(rot);
