@@ -1056,6 +1056,7 @@ static void test_sighup_takes_effect_on_the_next_request(void **state) {
                                        "      - when: { body.amount: { gt: 100 } }\n"
                                        "        deny: amount over 100\n");
     sighup_to(&f, text, hash);
+    free(text);
     assert_int_equal(write_call(&f, tok, "{\"amount\":500}", code), 403);
     assert_string_equal(code, "denied_by_rule");
     assert_int_equal(write_call(&f, tok, "{\"amount\":5}", NULL), 200);
