@@ -827,6 +827,13 @@ static void test_kept_checkpoint_catches_rewrites(void **state) {
     sql_exec(copy, "DROP TRIGGER audit_no_delete; DELETE FROM audit WHERE seq = 9");
     expect_bad(f.dir, copy, NULL, cp, 9, "missing row");
 
+    /* The tail cut: the store's own checkpoints beyond it tell. */
+    snprintf(dir, sizeof dir, "%s/truncated", f.dir);
+    copy_store(&f, dir);
+    snprintf(copy, sizeof copy, "%s/pep.db", dir);
+    sql_exec(copy, "DROP TRIGGER audit_no_delete; DELETE FROM audit WHERE seq > 11");
+    expect_bad(f.dir, copy, NULL, NULL, 12, "truncated: checkpoint at seq");
+
     /* The tail cut, its checkpoints with it: the walk holds, only the kept one tells. */
     snprintf(dir, sizeof dir, "%s/cut", f.dir);
     copy_store(&f, dir);
