@@ -15,6 +15,7 @@
  * Threads: handlers on the admin listener thread; apply/done on the audit writer thread.
  */
 #include "pep/admin.h"
+#include "pep/admin_keys.h"
 #include "pep/approvals.h"
 #include "pep/breaker.h"
 #include "pep/escalations.h"
@@ -938,6 +939,10 @@ static const struct admin_route admin_routes[] = {
     {"GET", "/admin/v1/escalations/{id}", "admin", show_escalation},
     {"POST", "/admin/v1/escalations/{id}/resolve", "admin", resolve_escalation},
     {"GET", "/admin/v1/audit/verify", "auditor", get_audit_verify},
+    /* signing keys and signed checkpoints: pep/admin_keys.c */
+    {"GET", "/admin/v1/audit/checkpoints/latest", "auditor", admin_checkpoint_latest},
+    {"GET", "/admin/v1/keys", "auditor", admin_keys_list},
+    {"POST", "/admin/v1/keys/rotate", "admin", admin_keys_rotate},
     {"GET", "/admin/v1/policy", "admin", get_policy},
     {"POST", "/admin/v1/policy/reload", "admin", post_policy_reload},
 };

@@ -136,8 +136,8 @@ static int server_open(struct server *s, struct pep_err *err) {
         rc = pep_err_set(err, PEP_ENOMEM, "out of memory");
     if (rc == 0) metrics_set_breaker_source(s->metrics, breaker_gauge_source, s);
     char *schema = NULL;
-    if (rc == 0 && asprintf(&schema, "%s\n%s\n%s\n%s", registry_schema_sql(), APPROVALS_SCHEMA,
-                            IDEMPOTENCY_SCHEMA, ESCALATIONS_SCHEMA) < 0) {
+    if (rc == 0 && asprintf(&schema, "%s\n%s\n%s\n%s\n%s", registry_schema_sql(), APPROVALS_SCHEMA,
+                            IDEMPOTENCY_SCHEMA, ESCALATIONS_SCHEMA, KEYS_SCHEMA) < 0) {
         schema = NULL;
         rc = pep_err_set(err, PEP_ENOMEM, "out of memory");
     }
@@ -158,6 +158,7 @@ static int server_open(struct server *s, struct pep_err *err) {
         sqlite3 *db = NULL;
         rc = audit_open_reader(s->db_path, &db, err);
         if (rc == 0) rc = registry_load(s->registry, db, err);
+        if (rc == 0) rc = keys_sql_load(s->keys, db, err); /* what rotations did */
         if (rc == 0) rc = approval_store_load(s->approvals, db, pep_now_us(), err);
         if (rc == 0) rc = escalation_store_load(s->escalations, db, pep_now_us(), err);
         sqlite3_close(db);

@@ -413,6 +413,26 @@ bool registry_get_token(struct registry *r, const char *jti, struct token_rec *o
     return t != NULL;
 }
 
+struct latest_expiry {
+    int64_t since, latest;
+};
+
+static void latest_expiry_one(const char *key, void *value, void *arg) {
+    (void)key;
+    const struct token_rec *t = value;
+    struct latest_expiry *x = arg;
+    if (!t->revoked_at_s && t->issued_at_s >= x->since && t->expires_at_s > x->latest)
+        x->latest = t->expires_at_s;
+}
+
+int64_t registry_latest_expiry(struct registry *r, int64_t issued_since_s) {
+    struct latest_expiry x = {.since = issued_since_s, .latest = 0};
+    pthread_rwlock_rdlock(&r->lock);
+    strmap_each(r->tokens, latest_expiry_one, &x);
+    pthread_rwlock_unlock(&r->lock);
+    return x.latest;
+}
+
 /* Which records a listing keeps; NULL keeps all. */
 typedef bool (*keep_fn)(const void *value, const void *arg);
 

@@ -108,6 +108,11 @@ enum registry_token_state registry_token_state(struct registry *r, const char *j
 /* Copies the token record; returns false when unknown. */
 bool registry_get_token(struct registry *r, const char *jti, struct token_rec *out);
 
+/* The latest expiry (seconds) of the tokens of both kinds not revoked and issued at or
+ * after issued_since_s, or 0 when there is none: how long a rotated-out signing key must
+ * keep verifying (pep/admin_keys.c).  Any thread. */
+int64_t registry_latest_expiry(struct registry *r, int64_t issued_since_s);
+
 /* Lists as JSON arrays (new references), sorted by id (agents, operators) or by issue
  * time (tokens, oldest first).  agent_filter may be NULL. */
 json_t *registry_list_agents(struct registry *r);

@@ -306,13 +306,18 @@ static json_t *token_b64url_json(const char *s, size_t n) {
     return j;
 }
 
+/* token_parse's key_time for a checkpoint: any key of the ring, retired ones included. */
+#define TOKEN_ANY_KEY INT64_MIN
+
 /*
  * Steps 1–3 of the verification (see the top of the file), without the claim checks:
- * shape, header, kid, payload object.  On TOKEN_OK, p is filled and p->payload must be
- * released; otherwise p holds nothing to release.
+ * shape, header, kid, payload object.  The kid must name a key that verifies tokens at
+ * key_time (active or verifying), or, with TOKEN_ANY_KEY, any key of the ring (audit
+ * checkpoints: a retired key still verifies what it signed).  On TOKEN_OK, p is filled
+ * and p->payload must be released; otherwise p holds nothing to release.
  */
 static enum token_status token_parse(const struct keyring *k, const char *token, size_t len,
-                                     struct token_parsed *p) {
+                                     int64_t key_time, struct token_parsed *p) {
     json_t *header = NULL;
     enum token_status st = TOKEN_MALFORMED;
 
@@ -339,7 +344,8 @@ static enum token_status token_parse(const struct keyring *k, const char *token,
         json_object_get(header, "crit"))
         goto out; /* RFC 7515 4.1.11: we understand no critical extension */
     const char *kid = json_string_value(json_object_get(header, "kid"));
-    EVP_PKEY *key = keys_public_key(k, kid);
+    EVP_PKEY *key =
+        key_time == TOKEN_ANY_KEY ? keys_public_key(k, kid) : keys_token_key(k, kid, key_time);
     if (!key || strlen(kid) != KEYS_KID_LEN) {
         st = TOKEN_UNKNOWN_KID;
         goto out;
@@ -405,7 +411,7 @@ enum token_status token_verify_signature(const struct keyring *k, const char *jw
     if (!k || !jwt) return TOKEN_MALFORMED;
     size_t len = strnlen(jwt, TOKEN_MAX_LEN + 1);
     if (len == 0 || len > TOKEN_MAX_LEN) return TOKEN_MALFORMED;
-    enum token_status st = token_parse(k, jwt, len, &p);
+    enum token_status st = token_parse(k, jwt, len, TOKEN_ANY_KEY, &p);
     if (st != TOKEN_OK) return st;
     st = token_check_signature(jwt, &p);
     if (st == TOKEN_OK)
@@ -696,9 +702,9 @@ static bool token_cache_lookup(struct token_verifier *v, const struct keyring *k
     pthread_mutex_lock(&v->cache_lock);
     struct token_cache_entry *e = *token_cache_slot(v, digest);
     if (!e || strcmp(e->issuer, issuer) != 0 || strcmp(e->audience, audience) != 0) goto out;
-    /* SECURITY: a key dropped from the keyring must stop its tokens at once, cached or
-     * not. */
-    if (!keys_public_key(k, e->kid)) {
+    /* SECURITY: a key dropped from the keyring, or retired, must stop its tokens at once,
+     * cached or not. */
+    if (!keys_token_key(k, e->kid, now_s)) {
         token_cache_remove(v, e);
         goto out;
     }
@@ -788,7 +794,7 @@ enum token_status token_verify(struct token_verifier *v, const struct keyring *k
         if (token_cache_lookup(v, k, digest, issuer, audience, now_s, skew_s, claims, &st))
             return st;
     }
-    st = token_parse(k, token, len, &p);
+    st = token_parse(k, token, len, now_s, &p);
     if (st != TOKEN_OK) return st;
     st = token_claims_build(p.payload, issuer, audience, &c);
     json_decref(p.payload);

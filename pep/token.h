@@ -5,7 +5,8 @@
  * header {"alg":"ES256","kid":…,"typ":"JWT"}.  libjwt's jwt_decode verifies the result.
  *
  * Verify, cheapest first and the signature last: shape and size, the header (alg exactly
- * ES256, typ, crit), the kid (a key the keyring holds), the payload and, in token_verify,
+ * ES256, typ, crit), the kid (a key of the keyring that verifies tokens at `now`: active,
+ * or rotated out and not yet retired; keys.h), the payload and, in token_verify,
  * the claim types, iss, aud and times; then one ES256 verification with OpenSSL against
  * the kid's public key, parsed once when the keyring was loaded.  A token with several
  * faults gets the earliest fault's status.  SECURITY: the algorithm is ours, never the
@@ -17,7 +18,7 @@
  * one P-256 verification, ~50–60 µs here — what a forged token costs, and a valid one the
  * first time.  Verified claims are then cached, keyed by SHA-256 of the token bytes
  * (bounded, LRU-ish, entries dropped once expired).  A cache hit still re-checks
- * exp/nbf/iat against `now`, and that its kid is still held; revocation, the agent's
+ * exp/nbf/iat against `now`, and that its kid still verifies tokens; revocation, the agent's
  * enabled flag and its current scopes are the caller's live checks (registry).  Failures
  * are never cached.
  *
@@ -105,7 +106,8 @@ void token_verifier_flush(struct token_verifier *v);
  * the caller releases (otherwise *claims is NULL).  v may be NULL (no cache: tests).
  *
  * Checks, in order, the first failure answering: size and shape (MALFORMED), header alg
- * (BAD_ALG), header typ/crit (MALFORMED), kid (UNKNOWN_KID), payload JSON and claim types
+ * (BAD_ALG), header typ/crit (MALFORMED), kid (UNKNOWN_KID: not held, or retired at now_s),
+ * payload JSON and claim types
  * (MALFORMED), iss (WRONG_ISSUER), aud (WRONG_AUDIENCE), times (EXPIRED, NOT_YET_VALID),
  * signature (BAD_SIGNATURE).  So a forged token with expired claims answers EXPIRED.
  * Every part must be canonical base64url (RFC 4648 3.5); a signature must be exactly 64
@@ -131,7 +133,8 @@ enum token_status token_verify(struct token_verifier *v, const struct keyring *k
 /*
  * The signature half of token_verify, shared with audit checkpoints — the same parser and
  * the same OpenSSL verifier: structure, header (alg exactly "ES256", no "crit", typ absent
- * or "JWT"), kid held by k, payload a JSON object, then the ES256 signature by that key.
+ * or "JWT"), kid held by k in any state (a retired key verifies the checkpoints it signed),
+ * payload a JSON object, then the ES256 signature by that key.
  * Checks no claim.  On TOKEN_OK *claims_out is the payload object (a new reference the
  * caller decrefs); otherwise NULL.
  */

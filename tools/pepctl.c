@@ -17,12 +17,17 @@
  * JWTs are checked with pep's keys, read (never created or repaired) from --keys DIR or else from
  * the keys/ directory next to FILE (pep's data dir: DATA/pep.db, DATA/keys/<kid>.pem).  Without a
  * key the chain is still walked and a warning says the signatures went unchecked: the hash column
- * of a checkpoint row is unsigned, so a chain re-hashed after an edit passes such a walk.
+ * of a checkpoint row is unsigned, so a chain re-hashed after an edit passes such a walk.  Each
+ * `--checkpoint CFILE` (a checkpoint kept off the machine, as `audit checkpoint --out` saved
+ * it) must then be in the walked chain (audit/kept.h): a store rewritten whole, with
+ * checkpoints of its own signed by a key made for the forgery, passes its own walk but not
+ * that.  `keys rotate` and `keys list` manage pep's signing keys.
  *
  * Flags: global ones (--url, --token, --data-dir, --json, -h/--help) and the command's
  * own may appear anywhere after `pepctl`, in any order, as `--flag value` or `--flag=value`;
  * `--` ends the flags.  All flags are parsed in one pass against one table, so a flag's
- * value is never mistaken for a flag or a command word.
+ * value is never mistaken for a flag or a command word.  A flag given twice keeps its last
+ * value, except a repeatable one (--checkpoint), whose every value is kept in order.
  *
  * Exit status: 0 done; 1 the audit chain does not verify; 2 usage error, API error,
  * unreachable server, an answer that is not pep's admin API, or an unreadable file.
@@ -36,6 +41,7 @@
  * Threads: single-threaded.
  */
 #include "audit/audit.h"
+#include "audit/kept.h"
 #include "pep/keys.h"
 #include "pep/token.h"
 #include "pep/util.h"
@@ -59,6 +65,8 @@
 #define PEPCTL_MAX_ANSWER (64u << 20) /* bytes; a larger answer is refused, not buffered */
 #define PEPCTL_MAX_TOKEN_FILE 16384   /* bytes of DATA/admin.token we are willing to read */
 #define PEPCTL_MAX_POSITIONALS 8
+#define PEPCTL_MAX_REPEATS 16                  /* values of one repeatable flag */
+#define PEPCTL_MAX_CHECKPOINT_FILE (64u << 10) /* bytes of a kept checkpoint file */
 
 enum pepctl_exit { PEPCTL_OK = 0, PEPCTL_NOT_OK = 1, PEPCTL_FAIL = 2 };
 
@@ -83,6 +91,9 @@ enum pepctl_flag {
     F_STATE,
     F_REASON,
     F_NOTE,
+    /* signing keys and signed checkpoints */
+    F_CHECKPOINT,
+    F_OUT,
     F_COUNT
 };
 
@@ -90,6 +101,7 @@ struct pepctl_flag_def {
     const char *name;  /* "--owner" */
     const char *alias; /* "-h", or NULL */
     bool has_value;    /* takes a value (`--f v` or `--f=v`) rather than being a switch */
+    bool repeatable;   /* may be given several times; every value is kept (pepctl_args.all) */
 };
 
 static const struct pepctl_flag_def pepctl_flags[F_COUNT] = {
@@ -111,15 +123,24 @@ static const struct pepctl_flag_def pepctl_flags[F_COUNT] = {
     [F_STATE] = {"--state", NULL, true},
     [F_REASON] = {"--reason", NULL, true},
     [F_NOTE] = {"--note", NULL, true},
+    [F_CHECKPOINT] = {"--checkpoint", NULL, true, true},
+    [F_OUT] = {"--out", NULL, true},
 };
 
 #define BIT(f) (1u << (f))
 #define PEPCTL_GLOBAL_FLAGS                                                                        \
     (BIT(F_URL) | BIT(F_TOKEN) | BIT(F_DATA_DIR) | BIT(F_JSON) | BIT(F_HELP))
 
+/* Every value of a repeatable flag, in command-line order. */
+struct pepctl_values {
+    const char *v[PEPCTL_MAX_REPEATS];
+    size_t n;
+};
+
 /* The command line once parsed: flags by id, the rest in order. */
 struct pepctl_args {
-    const char *value[F_COUNT]; /* the flag's value ("" for a switch); NULL when not given */
+    const char *value[F_COUNT]; /* the flag's (last) value ("" for a switch); NULL when not given */
+    struct pepctl_values all[F_COUNT];       /* repeatable flags: each value given */
     const char *pos[PEPCTL_MAX_POSITIONALS]; /* GROUP, VERB, then the command's arguments */
     size_t npos;
 };
@@ -929,11 +950,12 @@ static int pepctl_print_verify(struct pepctl *ctx, const json_t *v) {
         pepctl_errorf("unexpected answer from the admin API: no 'ok'");
         return PEPCTL_FAIL;
     }
+    json_t *kept = json_object_get(v, "kept_checkpoints");
     if (ctx->json) {
         if (pepctl_print_json(v) != 0) return PEPCTL_FAIL;
     } else if (json_is_true(ok)) {
         printf("ok: %" JSON_INTEGER_FORMAT " records, head seq %" JSON_INTEGER_FORMAT
-               ", head hash %s%s\n",
+               ", head hash %s%s",
                json_integer_value(json_object_get(v, "records")),
                json_integer_value(json_object_get(v, "head_seq")),
                json_string_value(json_object_get(v, "head_hash"))
@@ -942,6 +964,10 @@ static int pepctl_print_verify(struct pepctl *ctx, const json_t *v) {
                json_is_true(json_object_get(v, "checkpoints_signed"))
                    ? ", checkpoint signatures valid"
                    : "");
+        if (json_array_size(kept) > 0)
+            printf(", %zu kept checkpoint%s in the chain", json_array_size(kept),
+                   json_array_size(kept) == 1 ? "" : "s");
+        printf("\n");
     } else {
         const char *reason = json_string_value(json_object_get(v, "reason"));
         printf("NOT OK: first bad seq %" JSON_INTEGER_FORMAT
@@ -949,6 +975,21 @@ static int pepctl_print_verify(struct pepctl *ctx, const json_t *v) {
                json_integer_value(json_object_get(v, "first_bad_seq")), reason ? " (" : "",
                reason ? reason : "", reason ? ")" : "",
                json_integer_value(json_object_get(v, "head_seq")));
+        /* Every kept checkpoint's own verdict, each naming its file. */
+        size_t i;
+        json_t *k;
+        json_array_foreach(kept, i, k) {
+            const char *why = json_string_value(json_object_get(k, "reason"));
+            if (json_is_true(json_object_get(k, "ok")))
+                printf("kept checkpoint %s: seq %" JSON_INTEGER_FORMAT " in the chain\n",
+                       json_string_value(json_object_get(k, "file")),
+                       json_integer_value(json_object_get(k, "seq")));
+            else
+                printf("kept checkpoint %s: NOT in the chain, first bad seq %" JSON_INTEGER_FORMAT
+                       " (%s)\n",
+                       json_string_value(json_object_get(k, "file")),
+                       json_integer_value(json_object_get(k, "first_bad_seq")), why ? why : "-");
+        }
     }
     return json_is_true(ok) ? PEPCTL_OK : PEPCTL_NOT_OK;
 }
@@ -1047,18 +1088,114 @@ static int pepctl_offline_keys(const char *db_path, const char *keys_dir, struct
     return 0;
 }
 
-/* audit verify --db FILE [--keys DIR]: the same walk as the API's, offline, on a snapshot of
- * FILE. */
-static int pepctl_audit_verify_offline(struct pepctl *ctx, const char *db_path,
-                                       const char *keys_dir) {
+/* Reads one --checkpoint file (as `pepctl audit checkpoint` saves it) into kc.  0, or
+ * PEPCTL_FAIL after a message naming it. */
+static int pepctl_read_kept(const char *file, struct audit_kept *kc) {
+    char *text = NULL, why[200];
+    size_t len = 0;
+    int frc = pep_read_file(file, PEPCTL_MAX_CHECKPOINT_FILE, &text, &len);
+    if (frc != 0) {
+        pepctl_errorf("--checkpoint %s: cannot read it: %s", file,
+                      frc == PEP_EIO ? strerror(errno) : "file too large");
+        return PEPCTL_FAIL;
+    }
+    int rc = audit_kept_parse(text, len, kc, why, sizeof why);
+    free(text);
+    if (rc != 0) {
+        pepctl_errorf("--checkpoint %s: not a checkpoint as `pepctl audit checkpoint` saves it: %s",
+                      file, why);
+        return PEPCTL_FAIL;
+    }
+    return 0;
+}
+
+/*
+ * Checks each kept checkpoint against the walked snapshot at copy (res: the walk) and adds
+ * to v, the walk's answer: "kept_checkpoints" [{file, seq, ok, first_bad_seq?, reason?}];
+ * and when a kept checkpoint fails before the walk's own first bad seq (or the walk held),
+ * ok false, first_bad_seq, reason "kept checkpoint FILE: …", and the last good seq and
+ * hash before it.  0, or PEPCTL_FAIL after a message.
+ */
+static int pepctl_check_kept(const char *copy, const struct audit_verify_result *res,
+                             struct keyring *keys, const struct pepctl_values *files,
+                             const struct audit_kept *kept, json_t *v) {
+    sqlite3 *db = NULL;
+    struct pep_err err = {0};
+    json_t *list = json_array();
+    int64_t first_bad = res->ok ? 0 : res->first_bad_seq;
+    char reason[600] = "";
+    int rc = PEPCTL_FAIL;
+    if (!list || json_object_set(v, "kept_checkpoints", list) != 0) {
+        pepctl_errorf("out of memory");
+        goto out;
+    }
+    if (audit_open_reader(copy, &db, &err) != 0) {
+        pepctl_errorf("%s", err.msg);
+        goto out;
+    }
+    for (size_t i = 0; i < files->n; i++) {
+        int64_t bad = 0;
+        char why[300] = "";
+        int krc = audit_kept_check(db, res, token_check_checkpoint, keys, &kept[i], &bad, why,
+                                   sizeof why);
+        if (krc < 0) {
+            pepctl_errorf("--checkpoint %s: %s", files->v[i], why);
+            goto out;
+        }
+        json_t *item = json_pack("{s:s, s:I, s:b}", "file", files->v[i], "seq",
+                                 (json_int_t)kept[i].seq, "ok", krc == 0);
+        if (item && krc != 0) {
+            json_object_set_new(item, "first_bad_seq", json_integer(bad));
+            json_object_set_new(item, "reason", json_string(why));
+        }
+        if (!item || json_array_append_new(list, item) != 0) {
+            pepctl_errorf("out of memory");
+            goto out;
+        }
+        if (krc != 0 && (first_bad == 0 || bad < first_bad)) {
+            first_bad = bad;
+            snprintf(reason, sizeof reason, "kept checkpoint %s: %s", files->v[i], why);
+        }
+    }
+    if (reason[0]) { /* a kept checkpoint is the first failure */
+        uint8_t h[32] = {0};
+        char hex[65];
+        if (first_bad > 1 && audit_row_hash(db, first_bad - 1, h) != 0) memset(h, 0, sizeof h);
+        pep_hex(h, sizeof h, hex);
+        if (json_object_set_new(v, "ok", json_false()) != 0 ||
+            json_object_set_new(v, "first_bad_seq", json_integer(first_bad)) != 0 ||
+            json_object_set_new(v, "reason", json_string(reason)) != 0 ||
+            json_object_set_new(v, "head_seq", json_integer(first_bad - 1)) != 0 ||
+            json_object_set_new(v, "head_hash", json_string(hex)) != 0) {
+            pepctl_errorf("out of memory");
+            goto out;
+        }
+    }
+    rc = 0;
+out:
+    json_decref(list);
+    sqlite3_close(db);
+    return rc;
+}
+
+/* audit verify --db FILE [--keys DIR] [--checkpoint CFILE]…: the same walk as the API's,
+ * offline, on a snapshot of FILE; then each kept checkpoint must be in the chain. */
+static int pepctl_audit_verify_offline(struct pepctl *ctx, const struct pepctl_args *a) {
+    const char *db_path = a->value[F_DB], *keys_dir = a->value[F_KEYS];
+    const struct pepctl_values *files = &a->all[F_CHECKPOINT];
     const char *tmp = getenv("TMPDIR");
     char dir[4096], copy[4200];
     struct audit_verify_result res;
+    struct audit_kept kept[PEPCTL_MAX_REPEATS] = {0};
     struct pep_err err = {0};
     struct keyring *keys = NULL;
     json_t *v = NULL;
     bool made_dir = false;
     int rc = PEPCTL_FAIL;
+    /* The kept checkpoints first: a file that cannot be read is a usage error, before any
+     * work. */
+    for (size_t i = 0; i < files->n; i++)
+        if (pepctl_read_kept(files->v[i], &kept[i]) != 0) goto out;
     snprintf(dir, sizeof dir, "%s/pepctl-verify-XXXXXX", tmp && *tmp ? tmp : "/tmp");
     if (!mkdtemp(dir)) {
         pepctl_errorf("cannot create a temporary directory in %s: %s", tmp && *tmp ? tmp : "/tmp",
@@ -1069,6 +1206,13 @@ static int pepctl_audit_verify_offline(struct pepctl *ctx, const char *db_path,
     snprintf(copy, sizeof copy, "%s/pep.db", dir);
     if (pepctl_snapshot(db_path, copy) != 0) goto out;
     if (pepctl_offline_keys(db_path, keys_dir, &keys) != 0) goto out;
+    if (files->n > 0 && !keys) {
+        /* A kept checkpoint is evidence only through its signature: not checked, it would
+         * be a file anyone could write. */
+        pepctl_errorf("--checkpoint: no key to check its signature with; name pep's keys with "
+                      "--keys DIR");
+        goto out;
+    }
     if (audit_verify_file_checked(copy, keys ? token_check_checkpoint : NULL, keys, &res, &err) !=
         0) {
         pepctl_errorf("%s is not a readable pep audit store: %s", db_path, res.reason);
@@ -1078,8 +1222,11 @@ static int pepctl_audit_verify_offline(struct pepctl *ctx, const char *db_path,
         pepctl_errorf("out of memory");
         goto out;
     }
+    if (files->n > 0 && pepctl_check_kept(copy, &res, keys, files, kept, v) != 0) goto out;
     rc = pepctl_print_verify(ctx, v);
 out:
+    for (size_t i = 0; i < files->n; i++)
+        audit_kept_clear(&kept[i]);
     json_decref(v);
     keys_free(keys);
     if (made_dir) pepctl_remove_snapshot(dir);
@@ -1333,10 +1480,12 @@ static int pepctl_escalations_resolve(struct pepctl *ctx, const struct pepctl_ar
 static void pepctl_usage(FILE *f);
 
 static int pepctl_audit_verify(struct pepctl *ctx, const struct pepctl_args *a) {
-    if (a->value[F_DB]) return pepctl_audit_verify_offline(ctx, a->value[F_DB], a->value[F_KEYS]);
-    if (a->value[F_KEYS]) {
+    if (a->value[F_DB]) return pepctl_audit_verify_offline(ctx, a);
+    if (a->value[F_KEYS] || a->value[F_CHECKPOINT]) {
         /* The server checks with its own keys; a directory here would be silently unused. */
-        pepctl_errorf("--keys goes with --db: pepctl audit verify --db FILE --keys DIR");
+        pepctl_errorf("%s goes with --db: pepctl audit verify --db FILE [--keys DIR] "
+                      "[--checkpoint CFILE]...",
+                      a->value[F_KEYS] ? "--keys" : "--checkpoint");
         pepctl_usage(stderr);
         return PEPCTL_FAIL;
     }
@@ -1345,6 +1494,103 @@ static int pepctl_audit_verify(struct pepctl *ctx, const struct pepctl_args *a) 
     if (pepctl_api(ctx, "GET", "/admin/v1/audit/verify", NULL, pepctl_shape_verify, &answer,
                    NULL) == 0)
         rc = pepctl_print_verify(ctx, answer);
+    json_decref(answer);
+    return rc;
+}
+
+/* ---- signing keys and signed checkpoints (SPEC 1, 5, 6.4) ------------------------------------ */
+
+/* {"seq": N, "hash": "<hex>", "jwt": "…"} (SPEC 8). */
+static const char *pepctl_shape_checkpoint(const json_t *answer) {
+    return json_is_integer(json_object_get(answer, "seq")) && pepctl_has_string(answer, "hash") &&
+                   pepctl_has_string(answer, "jwt")
+               ? NULL
+               : "no integer 'seq' with a string 'hash' and 'jwt'";
+}
+
+static const char *pepctl_shape_keys(const json_t *answer) {
+    return pepctl_is_list_of(answer, "keys", "kid") && pepctl_is_list_of(answer, "keys", "state")
+               ? NULL
+               : "no 'keys' array of objects with a string 'kid' and 'state'";
+}
+
+static const char *pepctl_shape_rotated(const json_t *answer) {
+    return pepctl_has_string(answer, "kid") && pepctl_has_string(answer, "old_kid")
+               ? NULL
+               : "no string 'kid' and 'old_kid'";
+}
+
+/* audit checkpoint [--out FILE]: the latest signed checkpoint as the API answers it, to
+ * keep off the machine (stdout, or FILE written atomically). */
+static int pepctl_audit_checkpoint(struct pepctl *ctx, const struct pepctl_args *a) {
+    json_t *answer = NULL;
+    char *text = NULL;
+    int rc = PEPCTL_FAIL;
+    if (pepctl_api(ctx, "GET", "/admin/v1/audit/checkpoints/latest", NULL, pepctl_shape_checkpoint,
+                   &answer, NULL) != 0)
+        goto out;
+    const char *out = a->value[F_OUT];
+    if (!out) {
+        rc = pepctl_print_json(answer);
+        goto out;
+    }
+    text = json_dumps(answer, JSON_INDENT(2));
+    size_t len = text ? strlen(text) : 0;
+    char *grown = text ? realloc(text, len + 2) : NULL;
+    if (!grown) {
+        pepctl_errorf("out of memory");
+        goto out;
+    }
+    text = grown;
+    text[len++] = '\n';
+    text[len] = '\0';
+    /* Not a secret: anyone may read a checkpoint (it is verified with the public JWKS). */
+    if (pep_write_file_atomic(out, text, len, 0644) != 0) {
+        pepctl_errorf("--out %s: cannot write it: %s", out, strerror(errno));
+        goto out;
+    }
+    if (ctx->json)
+        rc = pepctl_print_json(answer);
+    else {
+        printf("checkpoint at seq %" JSON_INTEGER_FORMAT " saved to %s\n",
+               json_integer_value(json_object_get(answer, "seq")), out);
+        rc = PEPCTL_OK;
+    }
+out:
+    free(text);
+    json_decref(answer);
+    return rc;
+}
+
+static int pepctl_keys_list(struct pepctl *ctx, const struct pepctl_args *a) {
+    (void)a;
+    static const char *const cols[] = {"kid", "state", "created_at", "retires_at"};
+    return pepctl_list_table(ctx, "/admin/v1/keys", pepctl_shape_keys, "keys", cols,
+                             PEP_ARRAY_LEN(cols));
+}
+
+static int pepctl_keys_rotate(struct pepctl *ctx, const struct pepctl_args *a) {
+    (void)a;
+    json_t *answer = NULL, *body = json_object();
+    int rc = PEPCTL_FAIL;
+    if (!body) {
+        pepctl_errorf("out of memory");
+        goto out;
+    }
+    if (pepctl_api(ctx, "POST", "/admin/v1/keys/rotate", body, pepctl_shape_rotated, &answer,
+                   NULL) != 0)
+        goto out;
+    if (ctx->json) {
+        rc = pepctl_print_json(answer);
+        goto out;
+    }
+    const char *until = json_string_value(json_object_get(answer, "old_retires_at"));
+    printf("key %s signs from now on; key %s verifies tokens until %s\n",
+           json_string_value(json_object_get(answer, "kid")),
+           json_string_value(json_object_get(answer, "old_kid")), until ? until : "-");
+    rc = PEPCTL_OK;
+out:
+    json_decref(body);
     json_decref(answer);
     return rc;
 }
@@ -1392,12 +1638,23 @@ static const struct pepctl_cmd pepctl_cmds[] = {
      "one escalation: chain, request, agent, every attempt", pepctl_escalations_show},
     {"escalations", "resolve", 1, BIT(F_NOTE), 0, "escalations resolve ID [--note TEXT]",
      "mark an escalation resolved (your operator id is recorded)", pepctl_escalations_resolve},
-    {"audit", "verify", 0, BIT(F_DB) | BIT(F_KEYS), 0, "audit verify [--db FILE [--keys DIR]]",
+    {"audit", "verify", 0, BIT(F_DB) | BIT(F_KEYS) | BIT(F_CHECKPOINT), 0,
+     "audit verify [--db FILE [--keys DIR] [--checkpoint CFILE]...]",
      "walk the audit hash chain and check the signed checkpoints (--db: offline, on a\n"
      "      snapshot of FILE, no server; checkpoint signatures checked with the keys in DIR,\n"
      "      else in the keys/ directory next to FILE, else not checked: a warning says so);\n"
-     "      exit 1 when it does not verify",
+     "      each --checkpoint CFILE (saved by `audit checkpoint`) must be in the chain, its\n"
+     "      signature valid with those keys; exit 1 when it does not verify",
      pepctl_audit_verify},
+    {"audit", "checkpoint", 0, BIT(F_OUT), 0, "audit checkpoint [--out FILE]",
+     "the latest signed checkpoint as JSON, to keep off the machine (--out: saved to FILE)",
+     pepctl_audit_checkpoint},
+    {"keys", "list", 0, 0, 0, "keys list",
+     "the signing keys: kid, state (active | verifying | retired), created_at, retires_at",
+     pepctl_keys_list},
+    {"keys", "rotate", 0, 0, 0, "keys rotate",
+     "a new signing key signs from now on; the old one verifies until its tokens expire",
+     pepctl_keys_rotate},
 };
 
 static void pepctl_usage(FILE *f) {
@@ -1413,8 +1670,8 @@ static void pepctl_usage(FILE *f) {
           "  --json           print the API's JSON answer as is, pretty\n"
           "  -h, --help       this help\n"
           "\nexit status: 0 done, 1 the audit chain does not verify, 2 usage error, API error,\n"
-          "unreachable admin API, an answer that is not pep's admin API, or a --db FILE or\n"
-          "--keys DIR that cannot be read\n",
+          "unreachable admin API, an answer that is not pep's admin API, or a --db FILE,\n"
+          "--keys DIR or --checkpoint CFILE that cannot be read\n",
           f);
 }
 
@@ -1463,6 +1720,15 @@ static int pepctl_parse(int argc, char **argv, struct pepctl_args *a) {
             pepctl_errorf("%s needs a value", pepctl_flags[f].name);
             return PEPCTL_FAIL;
         }
+        if (pepctl_flags[f].repeatable) {
+            struct pepctl_values *all = &a->all[f];
+            if (all->n == PEPCTL_MAX_REPEATS) {
+                pepctl_errorf("%s is given more than %d times", pepctl_flags[f].name,
+                              PEPCTL_MAX_REPEATS);
+                return PEPCTL_FAIL;
+            }
+            all->v[all->n++] = a->value[f];
+        }
     }
     return 0;
 }
@@ -1510,10 +1776,15 @@ static const struct pepctl_cmd *pepctl_check(const struct pepctl_args *a) {
         }
     }
     static const int non_empty[] = {F_URL, F_TOKEN, F_DATA_DIR, F_OWNER, F_TENANTS, F_ROLES,
-                                    F_TTL, F_ACR,   F_AGENT,    F_DB,    F_KEYS};
+                                    F_TTL, F_ACR,   F_AGENT,    F_DB,    F_KEYS,    F_OUT};
     for (size_t i = 0; i < PEP_ARRAY_LEN(non_empty); i++)
         if (a->value[non_empty[i]] && a->value[non_empty[i]][0] == '\0') {
             pepctl_errorf("%s needs a non-empty value", pepctl_flags[non_empty[i]].name);
+            return NULL;
+        }
+    for (size_t i = 0; i < a->all[F_CHECKPOINT].n; i++)
+        if (a->all[F_CHECKPOINT].v[i][0] == '\0') {
+            pepctl_errorf("--checkpoint needs a non-empty value");
             return NULL;
         }
     /* Malformed values are usage errors too: try them now, before any call is made. */
