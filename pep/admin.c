@@ -16,6 +16,7 @@
  */
 #include "pep/admin.h"
 #include "pep/approvals.h"
+#include "pep/audit_api.h"
 #include "pep/breaker.h"
 #include "pep/escalations.h"
 #include "pep/indicators.h"
@@ -937,6 +938,10 @@ static const struct admin_route admin_routes[] = {
     {"GET", "/admin/v1/escalations/{id}", "admin", show_escalation},
     {"POST", "/admin/v1/escalations/{id}/resolve", "admin", resolve_escalation},
     {"GET", "/admin/v1/audit/verify", "auditor", get_audit_verify},
+    /* audit reads for reviewers (pep/audit_api.c) */
+    {"GET", "/admin/v1/audit", "auditor", audit_api_query},
+    {"GET", "/admin/v1/audit/export", "auditor", audit_api_export},
+    {"GET", "/admin/v1/audit/trace/{request_id}", "auditor", audit_api_trace},
     {"GET", "/admin/v1/policy", "admin", get_policy},
     {"POST", "/admin/v1/policy/reload", "admin", post_policy_reload},
 };
