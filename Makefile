@@ -47,7 +47,7 @@ $(BUILD)/libpep.a: $(LIB_OBJ)
 $(BUILD)/pep: $(BUILD)/obj/pep/main.o $(BUILD)/libpep.a
 	$(CC) $(CFLAGS) -o $@ $^ $(LDLIBS)
 
-$(BUILD)/pepctl: tools/pepctl.c $(BUILD)/libpep.a $(HEADERS)
+$(BUILD)/pepctl: tools/pepctl.c tools/pepctl_audit.c $(BUILD)/libpep.a $(HEADERS)
 	$(CC) $(CFLAGS) -o $@ tools/pepctl.c $(BUILD)/libpep.a $(LDLIBS)
 
 $(BUILD)/mockllm: tools/mockllm.c $(HEADERS)
