@@ -878,8 +878,8 @@ static enum MHD_Result resolve_escalation(struct request *r, const char *const *
     enum escalation_resolve verdict = ESCALATION_RESOLVE_OK;
     int rc = escalation_resolve(r->srv->escalations, arg[0], r->claims->sub, note, pep_now_us(),
                                 &verdict, &op->escalation_before, &op->escalation_after);
-    json_decref(body);
     if (rc != 0 || verdict != ESCALATION_RESOLVE_OK) {
+        json_decref(body);
         admin_op_free(op);
         if (rc == PEP_ENOTFOUND) return not_found(r, "escalation", arg[0]);
         if (rc != 0) {
@@ -896,6 +896,7 @@ static enum MHD_Result resolve_escalation(struct request *r, const char *const *
     json_t *rec = admin_record(r, "escalations.resolve");
     json_object_set_new(rec, "escalation_id", json_string(arg[0]));
     if (note) json_object_set_new(rec, "reason", json_string(note));
+    json_decref(body); /* note pointed into it */
     r->admin_op = op;
     r->admin_op_free = admin_op_free;
     request_suspend(r);
