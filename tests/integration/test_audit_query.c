@@ -317,7 +317,10 @@ static int group_setup(void **state) {
     AUDITOR = operator_token("aud@example.test", "[\"auditor\"]");
     APPROVER = operator_token("ap@example.test", "[\"approver\"]");
     if (!BOT || !BOT2 || !AUDITOR || !APPROVER) return -1;
-    if (workload() != 0) return -1;
+    if (workload() != 0) {
+        h_print_tail(F.pep.err_path, 4000);
+        return -1;
+    }
     settled_count();
     return 0;
 }
