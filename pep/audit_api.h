@@ -12,11 +12,15 @@
  *       → {"request_id", "records":[…], "complete": bool}, 404 when no record has it
  *
  * Each request reads on a read-only connection of its own (DESIGN rule 2), never the
- * writer's.  A query page and a trace are bounded in time (AUDIT_API_*_BUDGET_US); an
- * export reads a batch per call of libmicrohttpd's content reader, each batch its own
- * short read transactions, so its memory is one batch whatever the size of the log.
+ * writer's.  A query page and a trace are bounded in time (AUDIT_API_*_BUDGET_US) and run
+ * on the listener thread.  An export is read by a thread of its own ("pep-export", at nice
+ * AUDIT_API_EXPORT_NICE, at most AUDIT_API_MAX_EXPORTS at once), a batch at a time, each
+ * batch its own short read transactions, into a bounded pipe the connection drains: its
+ * memory is one batch and the pipe whatever the size of the log, and a slow client slows
+ * the reading instead of growing memory.
  *
- * Threads: the admin listener's threads (handlers and the export's content reader).
+ * Threads: the admin listener's threads (handlers and the export's content reader); the
+ * export's reading thread.
  */
 #ifndef PEP_AUDIT_API_H
 #define PEP_AUDIT_API_H
@@ -32,6 +36,12 @@
 #define AUDIT_API_EXPORT_BATCH_ROWS 500
 #define AUDIT_API_EXPORT_BATCH_BYTES (256 * 1024)
 #define AUDIT_API_EXPORT_BATCH_US 20000
+/* Bytes handed to the connection's pipe at a time (its ring holds STREAM_PIPE_CAPACITY). */
+#define AUDIT_API_EXPORT_PIECE (16 * 1024)
+/* Exports reading at once; one more is answered 503. */
+#define AUDIT_API_MAX_EXPORTS 4
+/* The nice value of an export's reading thread: the request path comes first. */
+#define AUDIT_API_EXPORT_NICE 19
 
 /* The handlers, with the signature of admin.c's route table (arg: the path's {x}). */
 enum MHD_Result audit_api_query(struct request *r, const char *const *arg);
