@@ -87,7 +87,10 @@ run: deps $(TOOLS)
 $(BUILD)/ratelimit_mem: tools/bench/ratelimit_mem.c $(BUILD)/libpep.a $(HEADERS)
 	$(CC) $(CFLAGS) -o $@ tools/bench/ratelimit_mem.c $(BUILD)/libpep.a $(LDLIBS)
 
-bench: deps $(TOOLS) $(BUILD)/ratelimit_mem
+$(BUILD)/audit_gen: tools/bench/audit_gen.c $(BUILD)/libpep.a $(HEADERS)
+	$(CC) $(CFLAGS) -o $@ tools/bench/audit_gen.c $(BUILD)/libpep.a $(LDLIBS)
+
+bench: deps $(TOOLS) $(BUILD)/ratelimit_mem $(BUILD)/audit_gen
 	@BASELINE="$(BASELINE)" sh tools/bench/bench.sh $(BUILD)
 
 format:
