@@ -16,7 +16,9 @@
  *    role;
  *  - an NDJSON export is re-verified by the test's own SHA-256 chain (OpenSSL), from 32
  *    zero bytes to the head's hash in the file, one line per row; a CSV export parses
- *    back (RFC 4180) to the rows of the file, record text byte for byte;
+ *    back (RFC 4180) to the rows of the file, record text byte for byte; clients that go
+ *    away in the middle of exports (more of them than may run at once) leave pep able to
+ *    export again;
  *  - the trace of the approval's request and of the escalated one tell their stories;
  *  - pepctl audit query, export and trace, run as subprocesses, agree with the file.
  *
@@ -255,7 +257,8 @@ static int workload(void) {
     } while (0)
     for (int i = 0; i < 10; i++)
         EXPECT(200, call(&r, "/v1/chat/completions", BOT, CHAT, NULL));
-    for (int i = 0; i < 3; i++)
+    /* Enough records that an export is several times the connection pipe's 64 KiB. */
+    for (int i = 0; i < 200; i++)
         EXPECT(200, call(&r, "/v1/chat/completions", BOT2, CHAT, NULL));
     EXPECT(200, call(&r, "/v1/tenants/globex/notes", BOT, "{}", NULL));
     EXPECT(403, call(&r, "/v1/tenants/initech/notes", BOT, "{}", NULL)); /* tenant_mismatch */
@@ -587,6 +590,52 @@ static void test_export_ndjson(void **state) {
     h_resp_free(&r);
 }
 
+/* A client that goes away after the first bytes of an export. */
+static size_t first_bytes_only(char *ptr, size_t size, size_t nmemb, void *arg) {
+    (void)ptr;
+    *(size_t *)arg += size * nmemb;
+    return 0; /* curl aborts the transfer and closes the connection */
+}
+
+static void test_export_abandoned(void **state) {
+    (void)state;
+    /* More exports abandoned than may run at once: each one's reading thread must stop and
+     * give its place back, or the next export would be refused. */
+    char url[512], auth[2100];
+    snprintf(url, sizeof url, "%s/admin/v1/audit/export?format=ndjson", F.pep.admin_url);
+    fx_bearer(auth, sizeof auth, AUDITOR);
+    for (int i = 0; i < 12; i++) {
+        CURL *c = curl_easy_init();
+        assert_non_null(c);
+        struct curl_slist *h = curl_slist_append(NULL, auth);
+        size_t got = 0;
+        curl_easy_setopt(c, CURLOPT_URL, url);
+        curl_easy_setopt(c, CURLOPT_HTTPHEADER, h);
+        curl_easy_setopt(c, CURLOPT_NOPROXY, "*");
+        curl_easy_setopt(c, CURLOPT_BUFFERSIZE, 1024L);
+        curl_easy_setopt(c, CURLOPT_WRITEFUNCTION, first_bytes_only);
+        curl_easy_setopt(c, CURLOPT_WRITEDATA, &got);
+        curl_easy_setopt(c, CURLOPT_TIMEOUT_MS, 20000L);
+        assert_int_equal(curl_easy_perform(c), CURLE_WRITE_ERROR);
+        assert_true(got > 0);
+        curl_slist_free_all(h);
+        curl_easy_cleanup(c);
+    }
+    /* Whole exports still work (the slots came back), and pep answers the rest. */
+    for (int i = 0; i < 5; i++) {
+        struct h_resp r = {0};
+        bool ok = false;
+        for (int tries = 0; tries < 100 && !ok; tries++) {
+            admin_get(&r, AUDITOR, "/admin/v1/audit/export?format=ndjson");
+            ok = r.status == 200;
+            if (!ok) usleep(50000); /* a reading thread may still be finishing its batch */
+        }
+        assert_int_equal(r.status, 200);
+        assert_int_equal(verify_ndjson(r.body, r.body_len), fx_count_records(&F));
+        h_resp_free(&r);
+    }
+}
+
 /* Reads one RFC 4180 field list (a record) at *p; fields malloc'd into out. */
 static size_t csv_record(const char **p, char **out, size_t cap) {
     size_t n = 0;
@@ -826,7 +875,7 @@ static void test_pepctl(void **state) {
     static int64_t file[CAP];
 
     /* query --json: the API's shape, the records of the file. */
-    CTL(&r, "audit", "query", "--agent", "bot2", "--json");
+    CTL(&r, "audit", "query", "--agent", "bot2", "--limit", "1000", "--json");
     assert_int_equal(r.code, 0);
     json_t *ans = json_loads(r.out, 0, NULL);
     assert_non_null(ans);
@@ -918,8 +967,8 @@ int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_each_filter), cmocka_unit_test(test_pagination),
         cmocka_unit_test(test_refusals),    cmocka_unit_test(test_export_ndjson),
-        cmocka_unit_test(test_export_csv),  cmocka_unit_test(test_trace),
-        cmocka_unit_test(test_pepctl),
+        cmocka_unit_test(test_export_csv),  cmocka_unit_test(test_export_abandoned),
+        cmocka_unit_test(test_trace),       cmocka_unit_test(test_pepctl),
     };
     return cmocka_run_group_tests(tests, group_setup, group_teardown);
 }
