@@ -12,7 +12,9 @@
  * The window adapts to what a run costs: it doubles while runs end under
  * SCAN_FAST_RUN_US without filling their LIMIT (a sparse match through an index, or a
  * cheap scan) and halves when one takes over SCAN_SLOW_RUN_US, so that the time budget is
- * checked often enough and sparse matches still move quickly.
+ * checked often enough and sparse matches still move quickly.  A run still slower than
+ * SCAN_RUN_MAX_US (a wide window that met a dense stretch) is interrupted and read again in
+ * windows an eighth the size, keeping what it handed out: no run blocks longer than that.
  *
  * Threads: the caller's; one cursor on one thread at a time.
  */
@@ -26,6 +28,7 @@
 #define SCAN_FAST_RUN_US 2000
 #define SCAN_SLOW_RUN_US 20000
 #define SCAN_FIRST_WINDOW 4096
+#define SCAN_RUN_MAX_US 100000 /* one statement run at most */
 
 /* Runs a one-row, one-column integer statement; *out = its value (NULL reads 0).  st is
  * finalized.  SQLite's code. */
@@ -111,6 +114,11 @@ bool audit_scan_done(const struct audit_scan *sc) {
     return sc->after >= sc->head;
 }
 
+/* The progress handler of a window's statement run: past its deadline, interrupt it. */
+static int scan_progress(void *arg) {
+    return pep_mono_us() > *(const int64_t *)arg;
+}
+
 int audit_scan_next(struct audit_scan *sc, int64_t want, int64_t budget_us, audit_scan_row_fn row,
                     void *arg, int64_t *got, struct pep_err *err) {
     int64_t t0 = pep_mono_us();
@@ -120,6 +128,12 @@ int audit_scan_next(struct audit_scan *sc, int64_t want, int64_t budget_us, audi
         int64_t last =
             ts_plan || sc->head - sc->after <= sc->window ? sc->head : sc->after + sc->window;
         int64_t limit = want - *got, n = 0, t1 = pep_mono_us();
+        /* A window that grew while matches were sparse may land on a dense stretch: its run
+         * is cut at SCAN_RUN_MAX_US and retried smaller, so no run outlasts that.  (The ts
+         * plan's run is bounded by the count that chose it.) */
+        int64_t deadline = t1 + SCAN_RUN_MAX_US;
+        bool guard = !ts_plan && sc->window > AUDIT_SCAN_WINDOW_MIN; /* the smallest runs out */
+        if (guard) sqlite3_progress_handler(sc->db, 1000, scan_progress, &deadline);
         int src = audit_sql_bind(sc->st, &sc->sql, sc->after, last, limit);
         int stop = 0;
         while (src == SQLITE_OK && (src = sqlite3_step(sc->st)) == SQLITE_ROW) {
@@ -129,7 +143,9 @@ int audit_scan_next(struct audit_scan *sc, int64_t want, int64_t budget_us, audi
             sc->after = sqlite3_column_int64(sc->st, 0);
             if ((stop = row(arg, sc->st)) != 0) break;
         }
-        if (stop == 0 && src != SQLITE_DONE && src != SQLITE_OK) {
+        if (guard) sqlite3_progress_handler(sc->db, 0, NULL, NULL);
+        bool cut = stop == 0 && src == SQLITE_INTERRUPT;
+        if (stop == 0 && !cut && src != SQLITE_DONE && src != SQLITE_OK) {
             int rc =
                 pep_err_set(err, PEP_EDB, "audit: reading the log: %s", sqlite3_errmsg(sc->db));
             sqlite3_reset(sc->st);
@@ -139,7 +155,12 @@ int audit_scan_next(struct audit_scan *sc, int64_t want, int64_t budget_us, audi
         sqlite3_reset(sc->st);
         if (stop < 0) return pep_err_set(err, stop, "audit: %s", pep_strerror(stop));
         if (stop > 0) return 0;
-        if (n < limit) {
+        if (cut) {
+            /* The rows handed out stand (after is the last of them); the rest of the window
+             * is read again, in smaller windows. */
+            sc->window =
+                sc->window / 8 > AUDIT_SCAN_WINDOW_MIN ? sc->window / 8 : AUDIT_SCAN_WINDOW_MIN;
+        } else if (n < limit) {
             /* The whole window was read: nothing more matches up to its end. */
             sc->after = last;
             int64_t took = pep_mono_us() - t1;
