@@ -88,7 +88,15 @@ int audit_filter_set(struct audit_filter *f, enum audit_filter_mode mode, const 
         /* The ts column's own form (UTC, microseconds, fixed width): compared as text, so
          * a time whose UTC year has other than four digits (an offset past 9999 or before
          * 0000) cannot be compared and is refused too. */
-        if (len <= 64 && pep_parse_rfc3339(value, &us) == 0) {
+        /* A '+' of an offset left unescaped in a URL arrives as a space (form encoding):
+         * "…T10:00:00 01:00" is read as "…T10:00:00+01:00". */
+        char fixed[72];
+        snprintf(fixed, sizeof fixed, "%s", value);
+        if (len >= 7 && len <= 64 && fixed[len - 6] == ' ' && fixed[len - 3] == ':' &&
+            strspn(fixed + len - 5, "0123456789") == 2 &&
+            strspn(fixed + len - 2, "0123456789") == 2)
+            fixed[len - 6] = '+';
+        if (len <= 64 && pep_parse_rfc3339(fixed, &us) == 0) {
             pep_format_rfc3339_us(us, ts);
             if (strlen(ts) == 27 && ts[0] >= '0' && ts[0] <= '9') return 0;
         }

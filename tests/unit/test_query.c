@@ -128,6 +128,18 @@ static void test_filter_values(void **state) {
                                       why, sizeof why),
                      0);
     assert_string_equal(f.until, "2026-01-31T10:00:00.250000Z");
+    audit_filter_clear(&f);
+    /* An offset's '+' left unescaped in a URL arrives as a space. */
+    assert_int_equal(audit_filter_set(&f, AUDIT_FILTER_QUERY, "since", "2026-01-31T10:00:00 01:00",
+                                      why, sizeof why),
+                     0);
+    assert_string_equal(f.since, "2026-01-31T09:00:00.000000Z");
+    assert_int_equal(audit_filter_set(&f, AUDIT_FILTER_QUERY, "agent", "bot", why, sizeof why), 0);
+    assert_int_equal(audit_filter_set(&f, AUDIT_FILTER_QUERY, "request_id", "r1", why, sizeof why),
+                     0);
+    assert_int_equal(audit_filter_set(&f, AUDIT_FILTER_QUERY, "until", "2026-01-31T10:00:00.25Z",
+                                      why, sizeof why),
+                     0);
     assert_int_equal(audit_filter_set(&f, AUDIT_FILTER_QUERY, "after_seq", "42", why, sizeof why),
                      0);
     assert_string_equal(f.eq[AUDIT_F_AGENT], "bot");
