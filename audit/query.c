@@ -203,18 +203,14 @@ static void sql_add_param(struct audit_sql *q, size_t *at, const char *fragment,
 }
 
 void audit_sql_build(const struct audit_filter *f, enum audit_sql_columns cols,
-                     enum audit_sql_plan plan, struct audit_sql *out) {
+                     struct audit_sql *out) {
     size_t at = 0;
     memset(out, 0, sizeof *out);
     sql_add(out, &at,
             cols == AUDIT_SQL_EXPORT ? "SELECT seq, record, prev_hash, hash, ts, kind, agent, "
                                        "tenant, action, decision, code, request_id FROM audit"
                                      : "SELECT seq, record FROM audit");
-    /* The ts plan reads a bounded range of the ts index (the caller counted it); the window
-     * plans must never be given that index: see query.h. */
-    sql_add(out, &at,
-            plan == AUDIT_PLAN_TS ? " INDEXED BY audit_ts WHERE seq > ?1 AND seq <= ?2"
-                                  : " WHERE seq > ?1 AND seq <= ?2");
+    sql_add(out, &at, " WHERE seq > ?1 AND seq <= ?2");
     static const char *const eq_fragments[AUDIT_F_COUNT] = {
         [AUDIT_F_AGENT] = " AND agent = ",
         [AUDIT_F_TENANT] = " AND tenant = ",
@@ -226,9 +222,9 @@ void audit_sql_build(const struct audit_filter *f, enum audit_sql_columns cols,
     };
     for (size_t i = 0; i < AUDIT_F_COUNT; i++)
         if (f->eq[i]) sql_add_param(out, &at, eq_fragments[i], f->eq[i]);
-    bool ts = plan == AUDIT_PLAN_TS;
-    if (f->since[0]) sql_add_param(out, &at, ts ? " AND ts >= " : " AND +ts >= ", f->since);
-    if (f->until[0]) sql_add_param(out, &at, ts ? " AND ts < " : " AND +ts < ", f->until);
+    /* `+ts`: never through the ts index here (query.h). */
+    if (f->since[0]) sql_add_param(out, &at, " AND +ts >= ", f->since);
+    if (f->until[0]) sql_add_param(out, &at, " AND +ts < ", f->until);
     char limit[40];
     out->limit_slot = (int)out->nargs + 3;
     snprintf(limit, sizeof limit, " ORDER BY seq LIMIT ?%d", out->limit_slot);

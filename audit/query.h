@@ -18,15 +18,18 @@
  *  - trace.c, SQLite: everything recorded about one request, following the approvals and
  *    escalations its records name to the records of the operators who decided them.
  *
- * How a filter is read (the plan, chosen by audit_scan_open):
- *  - request_id, or agent: their index, in seq windows (`seq > ? AND seq <= ?`): an index on
- *    one column is ordered by (value, seq), so each window is a range of it, already in seq
- *    order;
- *  - since/until on a range of at most AUDIT_TS_PLAN_MAX rows (counted on the ts index, the
- *    count itself capped): the ts index, and SQLite sorts that bounded set by seq;
- *  - anything else: the table in seq windows.
- * The ts comparisons of the window plans are written `+ts`, so that SQLite never picks the
- * ts index there: a ts range of unknown size sorted by seq is unbounded work.
+ * How a filter is read (audit_scan_open): always in seq order, in seq windows
+ * (`seq > ? AND seq <= ?`), never sorted.
+ *  - request_id, or agent: their index: an index on one column is ordered by (value, seq),
+ *    so each window is a range of it, already in seq order;
+ *  - anything else: the table itself (its rowid is the seq).
+ *  - since/until first narrow the seqs to read: the ts index gives, in one index-only pass
+ *    over the time range (at most AUDIT_TS_BOUND_MAX entries, or no bound is taken), the
+ *    lowest and highest seq any record of the range has.  Exact whatever the clocks did:
+ *    records are in seq order, not necessarily in ts order, and no record outside
+ *    [lowest, highest] is in the range.
+ * The ts comparisons in the windows are written `+ts`, so that SQLite never reads them
+ * through the ts index: a ts range of unknown size sorted by seq is unbounded work.
  *
  * Semantics: since is inclusive, until exclusive ([since, until)), both compared with the
  * record's `ts` (RFC 3339 UTC, microseconds).  A run never reads past the head the cursor
@@ -45,8 +48,8 @@
 #define AUDIT_QUERY_LIMIT_DEFAULT 100
 #define AUDIT_QUERY_LIMIT_MAX 1000
 #define AUDIT_FILTER_VALUE_MAX 1024 /* bytes of one string filter value */
-/* A time range of at most this many rows is read through the ts index and sorted. */
-#define AUDIT_TS_PLAN_MAX 20000
+/* A time range of at most this many records bounds the seqs a scan reads (query.h). */
+#define AUDIT_TS_BOUND_MAX 500000
 
 /* What the filters are parsed for: a query page (`limit`), or an export (`format`). */
 enum audit_filter_mode { AUDIT_FILTER_QUERY, AUDIT_FILTER_EXPORT };
@@ -120,9 +123,6 @@ void audit_filter_clear(struct audit_filter *f);
  * (export: seq, record, prev_hash, hash, then ts … request_id as AUDIT_EXPORT_COLUMNS). */
 enum audit_sql_columns { AUDIT_SQL_RECORDS, AUDIT_SQL_EXPORT };
 
-/* How the rows are found (see the top of this file). */
-enum audit_sql_plan { AUDIT_PLAN_WINDOW, AUDIT_PLAN_TS };
-
 #define AUDIT_SQL_MAX_ARGS 16
 
 /*
@@ -138,9 +138,9 @@ struct audit_sql {
     int limit_slot; /* the LIMIT's parameter number */
 };
 
-/* Builds the statement of f for cols and plan.  Pure. */
+/* Builds the statement of f for cols.  Pure. */
 void audit_sql_build(const struct audit_filter *f, enum audit_sql_columns cols,
-                     enum audit_sql_plan plan, struct audit_sql *out);
+                     struct audit_sql *out);
 
 /* Binds q's values to st (prepared from q->text) with after, last and limit.  SQLite's
  * code. */
@@ -189,7 +189,7 @@ void audit_buf_csv_row(struct audit_buf *b, const struct audit_row *row);
 
 /* ---- the cursor (scan.c) -------------------------------------------------------------------- */
 
-/* A time budget per run and the statement windows' bounds. */
+/* The bounds of a statement window, in seqs. */
 #define AUDIT_SCAN_WINDOW_MIN 1024
 #define AUDIT_SCAN_WINDOW_MAX (INT64_C(1) << 22)
 
@@ -197,17 +197,17 @@ struct audit_scan {
     sqlite3 *db;          /* a read-only connection, not owned */
     sqlite3_stmt *st;     /* the filter's statement */
     struct audit_sql sql; /* its text and values (borrowed from the filter) */
-    enum audit_sql_plan plan;
-    int64_t after;  /* every matching row with seq <= after was handed out */
-    int64_t head;   /* the last seq the scan reads: the head when it opened */
-    int64_t window; /* seqs per statement run (window plans), adapted to the time a run takes */
+    int64_t after;        /* every matching row with seq <= after was handed out */
+    int64_t head;         /* the last seq the scan reads: the head when it opened, or the highest
+                             seq of the time range when that is lower */
+    int64_t window;       /* seqs per statement run, adapted to the time a run takes */
 };
 
 /*
  * Opens a cursor over the rows of db matching f (whose strings must outlive it), after
- * f->after_seq, up to the head as it is now; chooses the plan (counting, bounded, on the
- * ts and agent indexes).  Returns 0, or PEP_EDB with err (db is not an audit store, SQLite
- * failed).
+ * f->after_seq, up to the head as it is now, narrowed to the seqs of the time range when
+ * since/until are given (one bounded index-only pass).  Returns 0, or PEP_EDB with err (db
+ * is not an audit store, SQLite failed).
  */
 int audit_scan_open(struct audit_scan *sc, sqlite3 *db, const struct audit_filter *f,
                     enum audit_sql_columns cols, struct pep_err *err);

@@ -1,6 +1,6 @@
 /*
  * scan.c — the cursor over the audit rows that match a filter, and a query page on top of
- * it (see query.h for the plans and why they are bounded).
+ * it (see query.h for how a filter is read and why that is bounded).
  *
  * A run of the cursor is a series of statement runs, each over a window of seqs
  * (`seq > after AND seq <= after + window`), each its own implicit read transaction that
@@ -42,49 +42,40 @@ static int scan_one_int(sqlite3_stmt *st, int64_t *out) {
     return rc;
 }
 
-/* The number of rows a bounded count statement finds, at most cap + 1 (the statement's
- * LIMIT); cap + 1 too when the statement cannot be run (no such index: not worth it). */
-static int64_t scan_capped_count(sqlite3 *db, const char *sql, const char *a, const char *b,
-                                 int64_t cap) {
+/* Narrows the cursor to the seqs of f's time range: one index-only pass over the ts
+ * index, at most AUDIT_TS_BOUND_MAX entries (past that, no bound is taken: the range is a
+ * large part of the log anyway).  Exact: see query.h. */
+static void scan_bound_by_time(struct audit_scan *sc, const struct audit_filter *f) {
     sqlite3_stmt *st = NULL;
-    int64_t n = cap + 1;
-    if (sqlite3_prepare_v2(db, sql, -1, &st, NULL) != SQLITE_OK) {
-        sqlite3_finalize(st);
-        return n;
-    }
-    int slot = 1;
-    if (a) sqlite3_bind_text(st, slot++, a, -1, SQLITE_STATIC);
-    if (b) sqlite3_bind_text(st, slot++, b, -1, SQLITE_STATIC);
-    sqlite3_bind_int64(st, slot, cap + 1);
-    if (scan_one_int(st, &n) != SQLITE_OK) n = cap + 1;
-    return n;
-}
-
-/* The plan for f (query.h): the ts index for a small time range, unless the agent's own
- * rows are fewer; else windows. */
-static enum audit_sql_plan scan_plan(sqlite3 *db, const struct audit_filter *f) {
-    if (f->eq[AUDIT_F_REQUEST_ID] || (!f->since[0] && !f->until[0])) return AUDIT_PLAN_WINDOW;
     /* '' sorts before every ts and 'A' after (a ts starts with a digit). */
-    int64_t in_range =
-        scan_capped_count(db,
-                          "SELECT count(*) FROM (SELECT 1 FROM audit INDEXED BY audit_ts"
-                          " WHERE ts >= ?1 AND ts < ?2 LIMIT ?3)",
-                          f->since, f->until[0] ? f->until : "A", AUDIT_TS_PLAN_MAX);
-    if (in_range > AUDIT_TS_PLAN_MAX) return AUDIT_PLAN_WINDOW;
-    if (f->eq[AUDIT_F_AGENT] &&
-        scan_capped_count(db,
-                          "SELECT count(*) FROM (SELECT 1 FROM audit INDEXED BY audit_agent"
-                          " WHERE agent = ?1 LIMIT ?2)",
-                          f->eq[AUDIT_F_AGENT], NULL, in_range) <= in_range)
-        return AUDIT_PLAN_WINDOW;
-    return AUDIT_PLAN_TS;
+    if (sqlite3_prepare_v2(sc->db,
+                           "SELECT count(*), MIN(seq), MAX(seq) FROM (SELECT seq FROM audit"
+                           " INDEXED BY audit_ts WHERE ts >= ?1 AND ts < ?2 LIMIT ?3)",
+                           -1, &st, NULL) != SQLITE_OK) {
+        sqlite3_finalize(st); /* no ts index (not pep's schema): no bound, only slower */
+        return;
+    }
+    sqlite3_bind_text(st, 1, f->since, -1, SQLITE_STATIC);
+    sqlite3_bind_text(st, 2, f->until[0] ? f->until : "A", -1, SQLITE_STATIC);
+    sqlite3_bind_int64(st, 3, AUDIT_TS_BOUND_MAX + 1);
+    if (sqlite3_step(st) == SQLITE_ROW) {
+        int64_t n = sqlite3_column_int64(st, 0);
+        if (n == 0) {
+            sc->after = sc->head; /* nothing in the range: done */
+        } else if (n <= AUDIT_TS_BOUND_MAX) {
+            int64_t lo = sqlite3_column_int64(st, 1), hi = sqlite3_column_int64(st, 2);
+            if (sc->after < lo - 1) sc->after = lo - 1;
+            if (sc->head > hi) sc->head = hi;
+            if (sc->after > sc->head) sc->after = sc->head;
+        }
+    }
+    sqlite3_finalize(st);
 }
 
 int audit_scan_open(struct audit_scan *sc, sqlite3 *db, const struct audit_filter *f,
                     enum audit_sql_columns cols, struct pep_err *err) {
     memset(sc, 0, sizeof *sc);
     sc->db = db;
-    sc->after = f->after_seq;
     sc->window = SCAN_FIRST_WINDOW;
     sqlite3_stmt *st = NULL;
     if (sqlite3_prepare_v2(db, "SELECT MAX(seq) FROM audit", -1, &st, NULL) != SQLITE_OK) {
@@ -93,8 +84,9 @@ int audit_scan_open(struct audit_scan *sc, sqlite3 *db, const struct audit_filte
     }
     if (scan_one_int(st, &sc->head) != SQLITE_OK) /* finalizes st */
         return pep_err_set(err, PEP_EDB, "audit: cannot read the head: %s", sqlite3_errmsg(db));
-    sc->plan = scan_plan(db, f);
-    audit_sql_build(f, cols, sc->plan, &sc->sql);
+    sc->after = f->after_seq < sc->head ? f->after_seq : sc->head;
+    if ((f->since[0] || f->until[0]) && sc->after < sc->head) scan_bound_by_time(sc, f);
+    audit_sql_build(f, cols, &sc->sql);
     if (sqlite3_prepare_v2(db, sc->sql.text, -1, &sc->st, NULL) != SQLITE_OK) {
         int rc =
             pep_err_set(err, PEP_EDB, "audit: cannot prepare the query: %s", sqlite3_errmsg(db));
@@ -124,15 +116,12 @@ int audit_scan_next(struct audit_scan *sc, int64_t want, int64_t budget_us, audi
     int64_t t0 = pep_mono_us();
     *got = 0;
     while (*got < want && sc->after < sc->head) {
-        bool ts_plan = sc->plan == AUDIT_PLAN_TS;
-        int64_t last =
-            ts_plan || sc->head - sc->after <= sc->window ? sc->head : sc->after + sc->window;
+        int64_t last = sc->head - sc->after <= sc->window ? sc->head : sc->after + sc->window;
         int64_t limit = want - *got, n = 0, t1 = pep_mono_us();
         /* A window that grew while matches were sparse may land on a dense stretch: its run
-         * is cut at SCAN_RUN_MAX_US and retried smaller, so no run outlasts that.  (The ts
-         * plan's run is bounded by the count that chose it.) */
+         * is cut at SCAN_RUN_MAX_US and retried smaller, so no run outlasts that. */
         int64_t deadline = t1 + SCAN_RUN_MAX_US;
-        bool guard = !ts_plan && sc->window > AUDIT_SCAN_WINDOW_MIN; /* the smallest runs out */
+        bool guard = sc->window > AUDIT_SCAN_WINDOW_MIN; /* the smallest runs to its end */
         if (guard) sqlite3_progress_handler(sc->db, 1000, scan_progress, &deadline);
         int src = audit_sql_bind(sc->st, &sc->sql, sc->after, last, limit);
         int stop = 0;
