@@ -47,7 +47,7 @@ $(BUILD)/libpep.a: $(LIB_OBJ)
 $(BUILD)/pep: $(BUILD)/obj/pep/main.o $(BUILD)/libpep.a
 	$(CC) $(CFLAGS) -o $@ $^ $(LDLIBS)
 
-$(BUILD)/pepctl: tools/pepctl.c $(BUILD)/libpep.a $(HEADERS)
+$(BUILD)/pepctl: tools/pepctl.c tools/pepctl_audit.c $(BUILD)/libpep.a $(HEADERS)
 	$(CC) $(CFLAGS) -o $@ tools/pepctl.c $(BUILD)/libpep.a $(LDLIBS)
 
 $(BUILD)/mockllm: tools/mockllm.c $(HEADERS)
@@ -87,7 +87,10 @@ run: deps $(TOOLS)
 $(BUILD)/ratelimit_mem: tools/bench/ratelimit_mem.c $(BUILD)/libpep.a $(HEADERS)
 	$(CC) $(CFLAGS) -o $@ tools/bench/ratelimit_mem.c $(BUILD)/libpep.a $(LDLIBS)
 
-bench: deps $(TOOLS) $(BUILD)/ratelimit_mem
+$(BUILD)/audit_gen: tools/bench/audit_gen.c $(BUILD)/libpep.a $(HEADERS)
+	$(CC) $(CFLAGS) -o $@ tools/bench/audit_gen.c $(BUILD)/libpep.a $(LDLIBS)
+
+bench: deps $(TOOLS) $(BUILD)/ratelimit_mem $(BUILD)/audit_gen
 	@BASELINE="$(BASELINE)" sh tools/bench/bench.sh $(BUILD)
 
 format:

@@ -17,6 +17,7 @@
 #include "pep/admin.h"
 #include "pep/admin_keys.h"
 #include "pep/approvals.h"
+#include "pep/audit_api.h"
 #include "pep/breaker.h"
 #include "pep/escalations.h"
 #include "pep/indicators.h"
@@ -943,6 +944,10 @@ static const struct admin_route admin_routes[] = {
     {"GET", "/admin/v1/audit/checkpoints/latest", "auditor", admin_checkpoint_latest},
     {"GET", "/admin/v1/keys", "auditor", admin_keys_list},
     {"POST", "/admin/v1/keys/rotate", "admin", admin_keys_rotate},
+    /* audit reads for reviewers (pep/audit_api.c) */
+    {"GET", "/admin/v1/audit", "auditor", audit_api_query},
+    {"GET", "/admin/v1/audit/export", "auditor", audit_api_export},
+    {"GET", "/admin/v1/audit/trace/{request_id}", "auditor", audit_api_trace},
     {"GET", "/admin/v1/policy", "admin", get_policy},
     {"POST", "/admin/v1/policy/reload", "admin", post_policy_reload},
 };

@@ -93,6 +93,19 @@ enum pepctl_flag {
     F_NOTE,
     /* signing keys and signed checkpoints */
     F_CHECKPOINT,
+    /* audit query | export | trace (tools/pepctl_audit.c) */
+    F_TENANT,
+    F_ACTION,
+    F_DECISION,
+    F_CODE,
+    F_KIND,
+    F_REQUEST_ID,
+    F_SINCE,
+    F_UNTIL,
+    F_AFTER_SEQ,
+    F_LIMIT,
+    F_ALL,
+    F_FORMAT,
     F_OUT,
     F_COUNT
 };
@@ -124,10 +137,23 @@ static const struct pepctl_flag_def pepctl_flags[F_COUNT] = {
     [F_REASON] = {"--reason", NULL, true},
     [F_NOTE] = {"--note", NULL, true},
     [F_CHECKPOINT] = {"--checkpoint", NULL, true, true},
-    [F_OUT] = {"--out", NULL, true},
+    [F_TENANT] = {"--tenant", NULL, true},
+    [F_ACTION] = {"--action", NULL, true},
+    [F_DECISION] = {"--decision", NULL, true},
+    [F_CODE] = {"--code", NULL, true},
+    [F_KIND] = {"--kind", NULL, true},
+    [F_REQUEST_ID] = {"--request-id", NULL, true},
+    [F_SINCE] = {"--since", NULL, true},
+    [F_UNTIL] = {"--until", NULL, true},
+    [F_AFTER_SEQ] = {"--after-seq", NULL, true},
+    [F_LIMIT] = {"--limit", NULL, true},
+    [F_ALL] = {"--all", NULL, false},
+    [F_FORMAT] = {"--format", NULL, true},
+    [F_OUT] = {"--out", "-o", true},
 };
 
-#define BIT(f) (1u << (f))
+/* 64 bits: more than 32 flags. */
+#define BIT(f) (UINT64_C(1) << (f))
 #define PEPCTL_GLOBAL_FLAGS                                                                        \
     (BIT(F_URL) | BIT(F_TOKEN) | BIT(F_DATA_DIR) | BIT(F_JSON) | BIT(F_HELP))
 
@@ -163,8 +189,8 @@ struct pepctl_cmd {
     const char *group;
     const char *verb;
     size_t nargs;      /* positional arguments after GROUP VERB, exactly */
-    unsigned flags;    /* BIT()s of the command's own flags (globals are always allowed) */
-    unsigned required; /* BIT()s of the flags it cannot do without */
+    uint64_t flags;    /* BIT()s of the command's own flags (globals are always allowed) */
+    uint64_t required; /* BIT()s of the flags it cannot do without */
     const char *synopsis;
     const char *what;
     pepctl_run_fn run;
@@ -1595,6 +1621,9 @@ out:
     return rc;
 }
 
+/* audit query | export | trace: one translation unit with this file (see its top). */
+#include "tools/pepctl_audit.c"
+
 static const struct pepctl_cmd pepctl_cmds[] = {
     {"agents", "add", 1, BIT(F_OWNER) | BIT(F_TENANTS) | BIT(F_SCOPES) | BIT(F_DISABLED),
      BIT(F_OWNER) | BIT(F_TENANTS) | BIT(F_SCOPES),
@@ -1655,6 +1684,22 @@ static const struct pepctl_cmd pepctl_cmds[] = {
     {"keys", "rotate", 0, 0, 0, "keys rotate",
      "a new signing key signs from now on; the old one verifies until its tokens expire",
      pepctl_keys_rotate},
+    {"audit", "query", 0, PEPCTL_AUDIT_FILTER_FLAGS | BIT(F_LIMIT) | BIT(F_ALL), 0,
+     "audit query [--agent ID] [--tenant T] [--action A] [--decision allow|deny] [--code C]\n"
+     "      [--kind decision|outcome|admin|system] [--request-id ID] [--since T] [--until T]\n"
+     "      [--after-seq N] [--limit N] [--all]",
+     "audit records, oldest first, as a table (--json: the API's answer); T is RFC 3339 or\n"
+     "      a duration back from now (--since 1h, --since 7d); --all follows every page",
+     pepctl_audit_query},
+    {"audit", "export", 0, PEPCTL_AUDIT_FILTER_FLAGS | BIT(F_FORMAT) | BIT(F_OUT), BIT(F_FORMAT),
+     "audit export --format ndjson|csv [the filters of audit query] [-o FILE]",
+     "stream the matching records to FILE (or stdout): NDJSON with each record's text and\n"
+     "      hashes (the chain can be recomputed from it), or CSV with a header row",
+     pepctl_audit_export},
+    {"audit", "trace", 1, 0, 0, "audit trace REQUEST_ID",
+     "everything recorded about one request, in order: its decision, the approval created,\n"
+     "      decided and used, the outcome with every attempt, the escalation",
+     pepctl_audit_trace},
 };
 
 static void pepctl_usage(FILE *f) {

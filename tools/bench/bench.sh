@@ -22,8 +22,11 @@
 # Then the token table (token_table below): what a request costs pep in CPU by the token
 # it carries, none / garbage / unknown kid / forged signature / valid (cached) / valid
 # (uncached), each against "no token".
+# Then the audit table (tools/bench/audit_bench.sh): with a million records in the store, a
+# filtered query's time, the export and verify rates, and the request path's throughput while
+# an export runs beside it.
 # Knobs: DURATION (s per run, default 5), CONNS (default 64), ROUNDS (default 2),
-#        ONLY (paths | controls | resilience | tokens: run one part; default all),
+#        ONLY (paths | controls | resilience | tokens | audit: run one part; default all),
 #        TOKEN_CONNS (default 32),
 #        TOKEN_DURATION (s per token-table run, default DURATION), TOKEN_ROUNDS (default
 #        ROUNDS), ISSUE_SECONDS (s spent issuing tokens for the uncached row in each round,
@@ -375,4 +378,6 @@ resilience_table() {
 [ -z "$ONLY" ] || [ "$ONLY" = controls ] && controls_table
 [ -z "$ONLY" ] || [ "$ONLY" = resilience ] && resilience_table
 [ -z "$ONLY" ] || [ "$ONLY" = tokens ] && token_table
+# The audit table runs its own mockllm and pep (a store of a million records).
+[ -z "$ONLY" ] || [ "$ONLY" = audit ] && sh "$here/audit_bench.sh" "$build"
 exit 0
