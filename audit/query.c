@@ -318,7 +318,10 @@ void audit_buf_json_string(struct audit_buf *b, const char *s, size_t len) {
 
 void audit_buf_csv_field(struct audit_buf *b, const char *s, size_t len) {
     if (!s) return; /* SQL NULL: an empty field */
-    if (len == strcspn(s, ",\"\r\n")) {
+    bool plain = true;
+    for (size_t i = 0; i < len && plain; i++)
+        plain = s[i] != ',' && s[i] != '"' && s[i] != '\r' && s[i] != '\n';
+    if (plain) {
         audit_buf_add(b, s, len);
         return;
     }

@@ -81,7 +81,8 @@ start_pep
 stop_pep
 gen=$("$build/audit_gen" "$dir/data/pep.db" "$AUDIT_RECORDS" "$AUDIT_AGENTS" "$AUDIT_DAYS" 2>&1) ||
     { echo "audit bench: audit_gen failed: $gen"; exit 0; }
-echo "store: $gen"
+echo "store: $(echo "$gen" | sed -n 1p)"
+span_start=$(echo "$gen" | sed -n 's/^span \([^ ]*\) .*/\1/p')
 start_pep
 token=$(cat "$dir/data/admin.token")
 auth="Authorization: Bearer $token"
@@ -91,8 +92,11 @@ echo "store: $head records, $(awk -v b="$records" -v n="${head:-1}" 'BEGIN {prin
      "(pep.db); pep started on it in ${start_s} s (the whole chain verified at open)"
 
 # ---- a filtered query: one agent, one day --------------------------------------------------------
-since=$(date -u -d "@$(( $(date +%s) - 2 * 86400 ))" +%Y-%m-%dT00:00:00Z)
-until=$(date -u -d "@$(( $(date +%s) - 1 * 86400 ))" +%Y-%m-%dT00:00:00Z)
+# The generated records run forward from pep's own first ones over AUDIT_DAYS days (their ts
+# follow their seqs, as in a real log): the day queried is the one before the last two.
+t0s=$(date -u -d "$span_start" +%s)
+since=$(date -u -d "@$(( t0s + (AUDIT_DAYS - 2) * 86400 ))" +%Y-%m-%dT00:00:00Z)
+until=$(date -u -d "@$(( t0s + (AUDIT_DAYS - 1) * 86400 ))" +%Y-%m-%dT00:00:00Z)
 q="agent=agent-007&since=$since&until=$until&limit=1000"
 : >"$dir/q.times"
 for _ in 1 2 3 4 5; do
@@ -106,7 +110,7 @@ t0=$(date +%s.%N)
 all=$("$build/pepctl" --url "$admin_url" --data-dir "$dir/data" audit query --agent agent-007 \
     --since "$since" --until "$until" --all --json 2>/dev/null | grep -c '"seq":')
 echo "$(date +%s.%N) $t0 $all" | awk '{printf "  every page of it (pepctl audit query --all): %d records in %.1f ms\n", $3, ($1 - $2) * 1000}'
-for filt in "kind=admin" "decision=deny&since=$since"; do
+for filt in "kind=admin" "decision=deny&since=$since" "code=insufficient_scope&agent=agent-007"; do
     curl -s -o "$dir/q2.json" -w '%{time_total}\n' -H "$auth" "$admin_url/admin/v1/audit?$filt&limit=100" >"$dir/q2.time"
     echo "  $filt, first page: $(grep -o '"seq":' "$dir/q2.json" | wc -l) records in" \
         "$(awk '{printf "%.1f ms", $1 * 1000}' "$dir/q2.time")" \

@@ -6,9 +6,11 @@
  * pep's own and verifies; they look like a data plane's: for each request a decision record
  * and, when allowed (9 in 10), an outcome record with one attempt, the fields and sizes of
  * what pep writes (policy_hash, reason, path, attempts …).  AGENTS agents (default 50) over
- * 5 tenants; timestamps spread evenly over the last DAYS days (default 30), the newest now.
+ * 5 tenants; timestamps spread evenly over DAYS days (default 30) from the ts of the store's
+ * last record (now for an empty store), so that they follow the seqs as a real log's do.
  * DB is normally the pep.db of a data dir pep created (stopped): the chain continues from
- * its head, and pep serves the result.
+ * its head, and pep serves the result.  The last line printed is
+ * "span FIRST_TS LAST_TS" (RFC 3339), for the benchmark's time filters.
  *
  * Submitting does not wait for each record (fire-and-forget items, durability normal,
  * large batches); it pauses while the writer's queue is long, so memory stays bounded.
@@ -18,6 +20,7 @@
 #include "audit/audit.h"
 #include "pep/util.h"
 
+#include <sqlite3.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -51,6 +54,23 @@ static json_t *gen_outcome(int64_t ts_us, const char *agent, const char *tenant,
                      "gpt-4o-mini", "status", 200, "ms", ms);
 }
 
+/* The ts of the store's last record (us), or now when there is none. */
+static int64_t gen_last_ts(const char *path) {
+    sqlite3 *db = NULL;
+    sqlite3_stmt *st = NULL;
+    int64_t ts = pep_now_us();
+    if (sqlite3_open_v2(path, &db, SQLITE_OPEN_READONLY, NULL) == SQLITE_OK &&
+        sqlite3_prepare_v2(db,
+                           "SELECT json_extract(record, '$.ts') FROM audit ORDER BY seq DESC"
+                           " LIMIT 1",
+                           -1, &st, NULL) == SQLITE_OK &&
+        sqlite3_step(st) == SQLITE_ROW && sqlite3_column_text(st, 0))
+        pep_parse_rfc3339((const char *)sqlite3_column_text(st, 0), &ts);
+    sqlite3_finalize(st);
+    sqlite3_close(db);
+    return ts;
+}
+
 int main(int argc, char **argv) {
     if (argc < 3) {
         fprintf(stderr, "usage: audit_gen DB N [AGENTS] [DAYS]\n");
@@ -64,6 +84,7 @@ int main(int argc, char **argv) {
         fprintf(stderr, "audit_gen: N, AGENTS and DAYS must be positive\n");
         return 2;
     }
+    int64_t start = gen_last_ts(path) + 1000;
     struct audit_options opt = {.durability_full = false, .max_batch = 4096, .linger_us = -1};
     struct audit_store *s = NULL;
     struct pep_err err = {0};
@@ -73,9 +94,9 @@ int main(int argc, char **argv) {
         return 1;
     }
     int64_t opened_us = pep_mono_us() - t0;
-    int64_t now = pep_now_us(), span = (int64_t)days * 86400 * 1000000;
+    int64_t span = (int64_t)days * 86400 * 1000000;
     int64_t step = span / n;
-    int64_t ts = now - span;
+    int64_t ts = start;
     long long written = 0;
     unsigned seed = 12345;
     t0 = pep_mono_us();
@@ -115,8 +136,12 @@ int main(int argc, char **argv) {
     int64_t head = audit_head_seq(s);
     audit_close(s);
     double secs = (double)(pep_mono_us() - t0) / 1e6;
+    char first[32], last[32];
+    pep_format_rfc3339_us(start, first);
+    pep_format_rfc3339_us(ts - step, last);
     printf("generated %lld records in %.1f s (%.0f records/s); head seq %lld; opening the store "
-           "took %.2f s\n",
-           written, secs, (double)written / secs, (long long)head, (double)opened_us / 1e6);
+           "took %.2f s\nspan %s %s\n",
+           written, secs, (double)written / secs, (long long)head, (double)opened_us / 1e6, first,
+           last);
     return 0;
 }
