@@ -4,8 +4,10 @@
  *
  *   pepctl [global flags] GROUP VERB [ARGS] [flags]     (see pepctl_usage for the list)
  *
- * Every command is one HTTP call (libcurl easy, bounded: connect 5 s, whole call 30 s, no
- * proxy, http/https only) whose JSON answer is printed either as is (--json, pretty) or as
+ * A command is one HTTP call (libcurl easy, bounded: connect 5 s, whole call 30 s, no proxy,
+ * http/https only; `audit query --all` makes one per page, and `audit export` streams with a
+ * 60 s stall limit instead of a whole-call one) whose JSON answer is printed as is (--json,
+ * pretty) or as
  * aligned text meant for people — but only once it is known to be pep's: the answer must carry
  * the Pep-Request-Id header every pep answer has (SPEC 3.5) and have the shape SPEC 5 and 8
  * give the endpoint (errors: SPEC 3.3), else pepctl says the other end is not pep's admin API
