@@ -18,6 +18,7 @@
  */
 #include "pep/approvals.h"
 #include "pep/registry.h"
+#include "pep/sqlrun.h"
 #include "pep/strmap.h"
 #include "pep/util.h"
 
@@ -542,40 +543,6 @@ const char APPROVALS_SCHEMA[] =
     " request_id TEXT NOT NULL, used_by TEXT, used_at_us INTEGER);"
     /* approval_store_load reads only the recent ones. */
     "CREATE INDEX IF NOT EXISTS approvals_expires ON approvals(expires_at_us);";
-
-/* One bound parameter: text (NULL binds NULL), integer, or a time (0 binds NULL). */
-struct sql_arg {
-    char type; /* 's', 'i', 't' */
-    const char *s;
-    int64_t i;
-};
-#define SQL_S(v)                                                                                   \
-    { 's', (v), 0 }
-#define SQL_I(v)                                                                                   \
-    { 'i', NULL, (v) }
-#define SQL_T(v)                                                                                   \
-    { 't', NULL, (v) }
-
-/* Runs one statement with args bound as ?1…?n.  With one_row, exactly one row must
- * change: an UPDATE whose WHERE no longer holds is a refusal, not a success.  0 or
- * PEP_EDB. */
-static int sql_run(sqlite3 *db, const char *sql, const struct sql_arg *args, int n, bool one_row) {
-    sqlite3_stmt *st = NULL;
-    int rc = sqlite3_prepare_v2(db, sql, -1, &st, NULL);
-    for (int i = 0; rc == SQLITE_OK && i < n; i++) {
-        const struct sql_arg *a = &args[i];
-        if (a->type == 's')
-            rc = sqlite3_bind_text(st, i + 1, a->s, -1, SQLITE_STATIC); /* NULL → NULL */
-        else if (a->type == 't' && a->i == 0)
-            rc = sqlite3_bind_null(st, i + 1);
-        else
-            rc = sqlite3_bind_int64(st, i + 1, a->i);
-    }
-    if (rc == SQLITE_OK) rc = sqlite3_step(st);
-    sqlite3_finalize(st);
-    if (rc != SQLITE_DONE) return PEP_EDB;
-    return !one_row || sqlite3_changes(db) == 1 ? 0 : PEP_EDB;
-}
 
 int approval_apply_insert(sqlite3 *db, void *arg) {
     const struct approval *a = arg;

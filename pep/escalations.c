@@ -18,6 +18,7 @@
  * contend briefly.
  */
 #include "pep/escalations.h"
+#include "pep/sqlrun.h"
 #include "pep/strmap.h"
 #include "pep/util.h"
 
@@ -375,40 +376,6 @@ const char ESCALATIONS_SCHEMA[] =
     /* escalation_store_load reads the open ones and the recent resolutions. */
     "CREATE INDEX IF NOT EXISTS escalations_state ON escalations(state, resolved_at_us);";
 
-/* One bound parameter: text (NULL binds NULL), or an integer (0 binds NULL with 'z'). */
-struct sql_arg {
-    char type; /* 's', 'i', 'z' */
-    const char *s;
-    int64_t i;
-};
-#define SQL_S(v)                                                                                   \
-    { 's', (v), 0 }
-#define SQL_I(v)                                                                                   \
-    { 'i', NULL, (v) }
-#define SQL_Z(v)                                                                                   \
-    { 'z', NULL, (v) }
-
-/* Runs one statement with args bound as ?1…?n.  With one_row, exactly one row must
- * change: an UPDATE whose WHERE no longer holds is a refusal, not a success.  0 or
- * PEP_EDB. */
-static int sql_run(sqlite3 *db, const char *sql, const struct sql_arg *args, int n, bool one_row) {
-    sqlite3_stmt *st = NULL;
-    int rc = sqlite3_prepare_v2(db, sql, -1, &st, NULL);
-    for (int i = 0; rc == SQLITE_OK && i < n; i++) {
-        const struct sql_arg *a = &args[i];
-        if (a->type == 's')
-            rc = sqlite3_bind_text(st, i + 1, a->s, -1, SQLITE_STATIC); /* NULL → NULL */
-        else if (a->type == 'z' && a->i == 0)
-            rc = sqlite3_bind_null(st, i + 1);
-        else
-            rc = sqlite3_bind_int64(st, i + 1, a->i);
-    }
-    if (rc == SQLITE_OK) rc = sqlite3_step(st);
-    sqlite3_finalize(st);
-    if (rc != SQLITE_DONE) return PEP_EDB;
-    return !one_row || sqlite3_changes(db) == 1 ? 0 : PEP_EDB;
-}
-
 int escalation_apply_insert(sqlite3 *db, void *arg) {
     const struct escalation *e = arg;
     if (e->state != ESCALATION_OPEN) return PEP_EINVAL;
@@ -416,7 +383,7 @@ int escalation_apply_insert(sqlite3 *db, void *arg) {
     if (!attempts) return PEP_ENOMEM;
     const struct sql_arg args[] = {SQL_S(e->id),    SQL_S(e->chain),       SQL_S(e->request_id),
                                    SQL_S(e->agent), SQL_S(e->action),      SQL_S(e->tenant),
-                                   SQL_S(attempts), SQL_Z(e->last_status), SQL_I(e->created_at_us)};
+                                   SQL_S(attempts), SQL_T(e->last_status), SQL_I(e->created_at_us)};
     int rc = sql_run(db,
                      "INSERT INTO escalations(id, state, chain, request_id, agent, action, tenant,"
                      " attempts, last_status, created_at_us) VALUES(?1, 'open', ?2, ?3, ?4, ?5,"
