@@ -303,6 +303,15 @@ out:
     return rc;
 }
 
+/* A table column's title: the member's name in capitals (malloc'd; NULL when out of
+ * memory, which pepctl_table_add reports). */
+static char *pepctl_column_title(const char *member) {
+    char *title = strdup(member);
+    for (char *p = title; p && *p; p++)
+        *p = (char)(*p >= 'a' && *p <= 'z' ? *p - 32 : *p);
+    return title;
+}
+
 /* Prints an object as "key  value" lines, keys aligned, in the server's order. */
 static int pepctl_print_object(const json_t *obj) {
     struct pepctl_table t = {.ncols = 2};
@@ -488,8 +497,8 @@ static const char *pepctl_shape_approvals(const json_t *answer) {
                : "no 'approvals' array of objects with a string 'id' and 'state'";
 }
 
-/* One approval, as shown or decided. */
-static const char *pepctl_shape_approval(const json_t *answer) {
+/* One approval or escalation, as shown or changed: {id, state, …}. */
+static const char *pepctl_shape_item(const json_t *answer) {
     return pepctl_has_string(answer, "id") && pepctl_has_string(answer, "state")
                ? NULL
                : "no string 'id' and 'state'";
@@ -1264,99 +1273,6 @@ out:
 /* ---- approvals --------------------------------------------------------------------------------
  */
 
-static int pepctl_approvals_list(struct pepctl *ctx, const struct pepctl_args *a) {
-    json_t *answer = NULL;
-    char *path = NULL, *esc = NULL;
-    int rc = PEPCTL_FAIL;
-    const char *state = a->value[F_STATE] ? a->value[F_STATE] : "pending";
-    if (!ctx->curl && !(ctx->curl = curl_easy_init())) goto oom;
-    esc = curl_easy_escape(ctx->curl, state, 0);
-    if (!esc || asprintf(&path, "/admin/v1/approvals?state=%s", esc) < 0) {
-        path = NULL;
-        goto oom;
-    }
-    if (pepctl_api(ctx, "GET", path, NULL, pepctl_shape_approvals, &answer, NULL) != 0) goto out;
-    if (ctx->json) {
-        rc = pepctl_print_json(answer);
-        goto out;
-    }
-    static const char *const cols[] = {"id",     "state", "agent",      "tenant",    "action",
-                                       "method", "path",  "created_at", "expires_at"};
-    struct pepctl_table t = {.ncols = PEP_ARRAY_LEN(cols)};
-    char *header[PEP_ARRAY_LEN(cols)];
-    for (size_t c = 0; c < PEP_ARRAY_LEN(cols); c++) {
-        header[c] = strdup(cols[c]);
-        for (char *p = header[c]; p && *p; p++)
-            *p = (char)(*p >= 'a' && *p <= 'z' ? *p - 32 : *p);
-    }
-    pepctl_table_add(&t, header);
-    size_t i;
-    json_t *item;
-    json_array_foreach(json_object_get(answer, "approvals"), i, item) {
-        char *row[PEP_ARRAY_LEN(cols)];
-        for (size_t c = 0; c < PEP_ARRAY_LEN(cols); c++)
-            row[c] = pepctl_cell(json_object_get(item, cols[c]));
-        pepctl_table_add(&t, row);
-    }
-    rc = pepctl_table_print(&t);
-    goto out;
-oom:
-    pepctl_errorf("out of memory");
-out:
-    curl_free(esc);
-    free(path);
-    json_decref(answer);
-    return rc;
-}
-
-/* show (verb NULL), approve or deny one approval; prints it as it stands after the call. */
-static int pepctl_approval_call(struct pepctl *ctx, const struct pepctl_args *a, const char *verb) {
-    json_t *answer = NULL, *body = NULL;
-    int rc = PEPCTL_FAIL;
-    char *path = pepctl_path(ctx, "approvals", a->pos[2], verb);
-    if (verb) {
-        body = json_object();
-        if (body && a->value[F_REASON] &&
-            json_object_set_new(body, "reason", json_string(a->value[F_REASON])) != 0) {
-            pepctl_errorf("--reason: not valid UTF-8");
-            goto out;
-        }
-    }
-    if (!path || (verb && !body)) {
-        pepctl_errorf("out of memory");
-        goto out;
-    }
-    if (pepctl_api(ctx, verb ? "POST" : "GET", path, body, pepctl_shape_approval, &answer, NULL) !=
-        0)
-        goto out;
-    if (ctx->json) {
-        rc = pepctl_print_json(answer);
-        goto out;
-    }
-    if (verb)
-        printf("approval %s %s\n", a->pos[2], strcmp(verb, "approve") == 0 ? "approved" : "denied");
-    rc = pepctl_print_object(answer);
-out:
-    free(path);
-    json_decref(body);
-    json_decref(answer);
-    return rc;
-}
-
-static int pepctl_approvals_show(struct pepctl *ctx, const struct pepctl_args *a) {
-    return pepctl_approval_call(ctx, a, NULL);
-}
-
-static int pepctl_approvals_approve(struct pepctl *ctx, const struct pepctl_args *a) {
-    return pepctl_approval_call(ctx, a, "approve");
-}
-
-static int pepctl_approvals_deny(struct pepctl *ctx, const struct pepctl_args *a) {
-    return pepctl_approval_call(ctx, a, "deny");
-}
-
-/* ---- upstreams, chains, escalations -------------------------------------------------------- */
-
 /* GET path (checked by shape) and prints the array `list` as a table of the members cols
  * (headers are the member names in capitals), or the JSON with --json. */
 static int pepctl_list_table(struct pepctl *ctx, const char *path, pepctl_shape_fn shape,
@@ -1369,11 +1285,8 @@ static int pepctl_list_table(struct pepctl *ctx, const char *path, pepctl_shape_
     } else {
         struct pepctl_table t = {.ncols = ncols};
         char *header[16];
-        for (size_t c = 0; c < ncols; c++) {
-            header[c] = strdup(cols[c]);
-            for (char *p = header[c]; p && *p; p++)
-                *p = (char)(*p >= 'a' && *p <= 'z' ? *p - 32 : *p);
-        }
+        for (size_t c = 0; c < ncols; c++)
+            header[c] = pepctl_column_title(cols[c]);
         pepctl_table_add(&t, header);
         size_t i;
         json_t *item;
@@ -1388,6 +1301,87 @@ static int pepctl_list_table(struct pepctl *ctx, const char *path, pepctl_shape_
     json_decref(answer);
     return rc;
 }
+
+/* GET /admin/v1/COLLECTION?state=S (S from --state, else default_state) as a table. */
+static int pepctl_state_list(struct pepctl *ctx, const struct pepctl_args *a,
+                             const char *collection, const char *default_state,
+                             pepctl_shape_fn shape, const char *const *cols, size_t ncols) {
+    char *path = NULL, *esc = NULL;
+    int rc = PEPCTL_FAIL;
+    const char *state = a->value[F_STATE] ? a->value[F_STATE] : default_state;
+    if (!ctx->curl && !(ctx->curl = curl_easy_init())) goto oom;
+    esc = curl_easy_escape(ctx->curl, state, 0);
+    if (!esc || asprintf(&path, "/admin/v1/%s?state=%s", collection, esc) < 0) {
+        path = NULL;
+        goto oom;
+    }
+    rc = pepctl_list_table(ctx, path, shape, collection, cols, ncols);
+    goto out;
+oom:
+    pepctl_errorf("out of memory");
+out:
+    curl_free(esc);
+    free(path);
+    return rc;
+}
+
+/* GET /admin/v1/COLLECTION/ID, or POST …/ID/VERB with {body_key: the value of body_flag}
+ * when given; prints the item as it stands after the call ("<what> ID <done>" first for a
+ * change). */
+static int pepctl_item_call(struct pepctl *ctx, const struct pepctl_args *a, const char *collection,
+                            const char *what, const char *verb, const char *done,
+                            const char *body_key, enum pepctl_flag body_flag) {
+    json_t *answer = NULL, *body = NULL;
+    int rc = PEPCTL_FAIL;
+    char *path = pepctl_path(ctx, collection, a->pos[2], verb);
+    if (verb) {
+        body = json_object();
+        if (body && a->value[body_flag] &&
+            json_object_set_new(body, body_key, json_string(a->value[body_flag])) != 0) {
+            pepctl_errorf("%s: not valid UTF-8", pepctl_flags[body_flag].name);
+            goto out;
+        }
+    }
+    if (!path || (verb && !body)) {
+        pepctl_errorf("out of memory");
+        goto out;
+    }
+    if (pepctl_api(ctx, verb ? "POST" : "GET", path, body, pepctl_shape_item, &answer, NULL) != 0)
+        goto out;
+    if (ctx->json) {
+        rc = pepctl_print_json(answer);
+        goto out;
+    }
+    if (verb) printf("%s %s %s\n", what, a->pos[2], done);
+    rc = pepctl_print_object(answer);
+out:
+    free(path);
+    json_decref(body);
+    json_decref(answer);
+    return rc;
+}
+
+static int pepctl_approvals_list(struct pepctl *ctx, const struct pepctl_args *a) {
+    static const char *const cols[] = {"id",     "state", "agent",      "tenant",    "action",
+                                       "method", "path",  "created_at", "expires_at"};
+    return pepctl_state_list(ctx, a, "approvals", "pending", pepctl_shape_approvals, cols,
+                             PEP_ARRAY_LEN(cols));
+}
+
+static int pepctl_approvals_show(struct pepctl *ctx, const struct pepctl_args *a) {
+    return pepctl_item_call(ctx, a, "approvals", "approval", NULL, NULL, "reason", F_REASON);
+}
+
+static int pepctl_approvals_approve(struct pepctl *ctx, const struct pepctl_args *a) {
+    return pepctl_item_call(ctx, a, "approvals", "approval", "approve", "approved", "reason",
+                            F_REASON);
+}
+
+static int pepctl_approvals_deny(struct pepctl *ctx, const struct pepctl_args *a) {
+    return pepctl_item_call(ctx, a, "approvals", "approval", "deny", "denied", "reason", F_REASON);
+}
+
+/* ---- upstreams, chains, escalations -------------------------------------------------------- */
 
 static int pepctl_upstreams(struct pepctl *ctx, const struct pepctl_args *a) {
     (void)a;
@@ -1415,11 +1409,8 @@ static int pepctl_chains(struct pepctl *ctx, const struct pepctl_args *a) {
                                           "p95_ms"};
         struct pepctl_table t = {.ncols = 2 + PEP_ARRAY_LEN(ind)};
         char *header[2 + PEP_ARRAY_LEN(ind)] = {strdup("CHAIN"), strdup("WINDOW")};
-        for (size_t c = 0; c < PEP_ARRAY_LEN(ind); c++) {
-            header[2 + c] = strdup(ind[c]);
-            for (char *p = header[2 + c]; p && *p; p++)
-                *p = (char)(*p >= 'a' && *p <= 'z' ? *p - 32 : *p);
-        }
+        for (size_t c = 0; c < PEP_ARRAY_LEN(ind); c++)
+            header[2 + c] = pepctl_column_title(ind[c]);
         pepctl_table_add(&t, header);
         size_t i;
         json_t *chain;
@@ -1441,68 +1432,19 @@ static int pepctl_chains(struct pepctl *ctx, const struct pepctl_args *a) {
 }
 
 static int pepctl_escalations_list(struct pepctl *ctx, const struct pepctl_args *a) {
-    char *path = NULL, *esc = NULL;
-    int rc = PEPCTL_FAIL;
-    const char *state = a->value[F_STATE] ? a->value[F_STATE] : "open";
-    if (!ctx->curl && !(ctx->curl = curl_easy_init())) goto oom;
-    esc = curl_easy_escape(ctx->curl, state, 0);
-    if (!esc || asprintf(&path, "/admin/v1/escalations?state=%s", esc) < 0) {
-        path = NULL;
-        goto oom;
-    }
     static const char *const cols[] = {"id",    "state",  "chain",     "request_id",
                                        "agent", "action", "created_at"};
-    rc = pepctl_list_table(ctx, path, pepctl_shape_escalations, "escalations", cols,
-                           PEP_ARRAY_LEN(cols));
-    goto out;
-oom:
-    pepctl_errorf("out of memory");
-out:
-    curl_free(esc);
-    free(path);
-    return rc;
-}
-
-/* show (verb NULL) or resolve one escalation; prints it as it stands after the call. */
-static int pepctl_escalation_call(struct pepctl *ctx, const struct pepctl_args *a,
-                                  const char *verb) {
-    json_t *answer = NULL, *body = NULL;
-    int rc = PEPCTL_FAIL;
-    char *path = pepctl_path(ctx, "escalations", a->pos[2], verb);
-    if (verb) {
-        body = json_object();
-        if (body && a->value[F_NOTE] &&
-            json_object_set_new(body, "note", json_string(a->value[F_NOTE])) != 0) {
-            pepctl_errorf("--note: not valid UTF-8");
-            goto out;
-        }
-    }
-    if (!path || (verb && !body)) {
-        pepctl_errorf("out of memory");
-        goto out;
-    }
-    if (pepctl_api(ctx, verb ? "POST" : "GET", path, body, pepctl_shape_approval, &answer, NULL) !=
-        0)
-        goto out;
-    if (ctx->json) {
-        rc = pepctl_print_json(answer);
-        goto out;
-    }
-    if (verb) printf("escalation %s resolved\n", a->pos[2]);
-    rc = pepctl_print_object(answer);
-out:
-    free(path);
-    json_decref(body);
-    json_decref(answer);
-    return rc;
+    return pepctl_state_list(ctx, a, "escalations", "open", pepctl_shape_escalations, cols,
+                             PEP_ARRAY_LEN(cols));
 }
 
 static int pepctl_escalations_show(struct pepctl *ctx, const struct pepctl_args *a) {
-    return pepctl_escalation_call(ctx, a, NULL);
+    return pepctl_item_call(ctx, a, "escalations", "escalation", NULL, NULL, "note", F_NOTE);
 }
 
 static int pepctl_escalations_resolve(struct pepctl *ctx, const struct pepctl_args *a) {
-    return pepctl_escalation_call(ctx, a, "resolve");
+    return pepctl_item_call(ctx, a, "escalations", "escalation", "resolve", "resolved", "note",
+                            F_NOTE);
 }
 
 static void pepctl_usage(FILE *f);

@@ -146,11 +146,8 @@ static const char *const pepctl_audit_cols[] = {"seq",    "ts",       "kind", "a
 
 static void pepctl_audit_header(struct pepctl_table *t) {
     char *row[PEPCTL_AUDIT_NCOLS];
-    for (size_t c = 0; c < PEPCTL_AUDIT_NCOLS; c++) {
-        row[c] = strdup(pepctl_audit_cols[c]);
-        for (char *p = row[c]; p && *p; p++)
-            *p = (char)(*p >= 'a' && *p <= 'z' ? *p - 32 : *p);
-    }
+    for (size_t c = 0; c < PEPCTL_AUDIT_NCOLS; c++)
+        row[c] = pepctl_column_title(pepctl_audit_cols[c]);
     pepctl_table_add(t, row);
 }
 
